@@ -1,0 +1,194 @@
+"""The `promptbake` command line: a thin layer over the library.
+
+Every user error becomes one line on stderr and exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from promptbake.errors import PromptbakeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Bake a system prompt into a LoRA adapter (OPCD).")
+console = Console(stderr=True)
+out = Console()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def friendly(fn):
+    """Run a command; PromptbakeError -> one line + exit 2, Ctrl-C -> exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PromptbakeError as e:
+            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _rate_table(title: str, rates: dict[str, dict[str, float]]) -> Table:
+    table = Table(title=title)
+    conds = list(rates)
+    table.add_column("check")
+    for cond in conds:
+        table.add_column(cond, justify="right")
+    if "teacher" in rates and "baked" in rates:
+        table.add_column("baked/teacher", justify="right")
+    names = list(next(iter(rates.values())).keys()) if rates else []
+    for name in names:
+        row = [name] + [f"{rates[c][name]:.0%}" for c in conds]
+        if "teacher" in rates and "baked" in rates:
+            t = rates["teacher"][name]
+            row.append(f"{rates['baked'][name] / t:.2f}" if t > 0 else "n/a")
+        table.add_row(*row)
+    return table
+
+
+@app.command("compile")
+@friendly
+def compile_cmd(
+    prompt: Annotated[Path, typer.Argument(help="Prompt file (Markdown with optional YAML front matter).")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default build/<name>).")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help="Query file (.jsonl/.txt/.csv); default from front matter.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model: default name, HF folder, .gguf file or hub id.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Separate teacher model sharing the student's tokenizer.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Queries per step.")] = None,
+    rollouts: Annotated[Optional[int], typer.Option(help="Samples per query.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest sampled response.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    kl: Annotated[Optional[str], typer.Option(help="full | topk | sampled")] = None,
+    topk: Annotated[Optional[int], typer.Option(help="k for --kl topk.")] = None,
+    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    heldout: Annotated[Optional[int], typer.Option(help="Held-out queries.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
+    no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Recompute the prompt for every teacher call.")] = False,
+    var: Annotated[list[str], typer.Option("--var", help="Template variable key=value (repeatable).")] = [],
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) weights.")] = False,
+) -> None:
+    """Bake PROMPT into a LoRA adapter with on-policy context distillation."""
+    _quiet_libraries()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from promptbake.bake import compile_prompt, prepare
+    from promptbake.spec import parse_var_overrides
+
+    variables = parse_var_overrides(var)
+    overrides = dict(
+        steps=steps, batch_size=batch_size, rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
+        lr=lr, kl=kl, topk=topk, lora_r=lora_r, heldout=heldout, seed=seed, precision=precision,
+        prefix_cache=False if no_prefix_cache else None,
+    )
+    spec, config, _, _ = prepare(prompt, queries=queries, model=model, teacher=teacher, overrides=overrides, variables=variables)
+    progress = Progress(
+        TextColumn("[bold]step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("KL {task.fields[kl]:.4f}  {task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task = progress.add_task("train", total=config.steps, kl=float("nan"), tps=0.0)
+    interactive = console.is_terminal
+
+    def on_step(entry) -> None:
+        progress.update(task, completed=entry.step, kl=entry.kl, tps=entry.tokens_per_s)
+        if not interactive and (entry.step == 1 or entry.step % 10 == 0 or entry.step == config.steps):
+            console.print(f"step {entry.step}/{config.steps}  KL {entry.kl:.4f}  {entry.tokens_per_s:.0f} tok/s  {entry.seconds:.2f} s/step")
+
+    def on_stage(msg: str) -> None:
+        console.print(f"[dim]{msg}[/]" if not msg.startswith("warning") else f"[yellow]{msg}[/]")
+        if msg.startswith("training") and interactive:
+            progress.start()
+        elif progress.live.is_started:
+            progress.stop()
+
+    try:
+        result = compile_prompt(
+            prompt, out=out_dir, queries=queries, model=model, teacher=teacher, overrides=overrides,
+            variables=variables, force=force, trust_pickle=trust_pickle, on_step=on_step, on_stage=on_stage,
+        )
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    m = result.manifest
+    summary = m.loss_summary
+    out.print(f"[bold green]baked[/] {m.name} -> {result.out_dir}")
+    out.print(
+        f"train: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f} s "
+        f"({summary.get('median_step_seconds', 0):.2f} s/step, {summary.get('tokens_per_s', 0):.0f} tokens/s), "
+        f"precision {m.precision}"
+    )
+    if m.heldout_kl_before is not None:
+        out.print(f"held-out reverse KL to the prompted teacher: {m.heldout_kl_before:.4f} -> {m.heldout_kl_after:.4f}")
+    if m.check_rates and any(m.check_rates.values()):
+        out.print(_rate_table(f"checks on {len(m.heldout_ids)} held-out queries (greedy)", m.check_rates))
+    out.print(f"prompt tokens saved per request: {m.prompt_tokens}")
+
+
+@app.command()
+@friendly
+def chat(
+    adapter: Annotated[Path, typer.Argument(help="Baked adapter folder.")],
+    message: Annotated[Optional[str], typer.Option("--message", "-m", help="One message, print the answer, exit.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    base: Annotated[bool, typer.Option(help="Talk to the base model without the adapter, for comparison.")] = False,
+) -> None:
+    """Talk to a baked adapter, with no system prompt sent."""
+    _quiet_libraries()
+    from promptbake.local_chat import LocalChat
+
+    bot = LocalChat.load(adapter, use_adapter=not base)
+    if message is not None:
+        out.print(bot.reply([{"role": "user", "content": message}], max_new_tokens, temperature), highlight=False)
+        return
+    history: list[dict[str, str]] = []
+    console.print(f"chatting with {adapter} ({'base, adapter off' if base else 'baked'}); empty line or Ctrl-D ends")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        answer = bot.reply(history, max_new_tokens, temperature)
+        history.append({"role": "assistant", "content": answer})
+        out.print(f"[bold]bot>[/] {answer}", highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

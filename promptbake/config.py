@@ -1,0 +1,72 @@
+"""`BakeConfig`: every knob of a compile, documented once and validated in one place.
+
+The prompt file's `train:` block and the CLI flags are both partial overrides of this model; the merged
+result is stored verbatim in the manifest so a bake can be reproduced.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class BakeConfig(BaseModel):
+    """Hyper-parameters of one OPCD compile. Defaults are sized for a 2-core CPU and a 135M model."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # What is trained and against what.
+    method: Literal["opcd"] = Field("opcd", description="Training objective. opcd: on-policy reverse KL to the prompted teacher.")
+    teacher: str | None = Field(None, description="Teacher model; default: the base model itself with the adapter disabled.")
+    kl: Literal["full", "topk", "sampled"] = Field(
+        "topk",
+        description="Reverse-KL estimator: full vocabulary, the student's top-k tokens (paper), or the sampled token only.",
+    )
+    topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
+
+    # Sampling.
+    steps: int = Field(40, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(4, gt=0, description="Queries per step.")
+    rollouts: int = Field(1, gt=0, description="Student samples per query.")
+    max_new_tokens: int = Field(48, gt=0, description="Longest sampled response; tokens after EOS are masked.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; both logits are divided by it in the loss.")
+
+    # Optimisation.
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate (LoRA wants more than full fine-tuning's 5e-6).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+
+    # Adapter.
+    lora_r: int = Field(16, gt=0, description="LoRA rank. vLLM serves ranks 1, 8, 16, 32, 64, 128, 256, 320, 512.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), description="Modules that get LoRA.")
+
+    # Data and run.
+    heldout: int = Field(24, ge=0, description="Queries kept out of training for the before/after comparison.")
+    eval_max_new_tokens: int = Field(48, gt=0, description="Response length for check pass rates on held-out queries.")
+    seed: int = Field(0, description="Seeds the split, sampling and LoRA init.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware has fast bf16 (AMX/AVX-512 CPUs, CUDA), else fp32."
+    )
+    prefix_cache: bool = Field(True, description="Compute the teacher's system-prompt KV cache once and reuse it.")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BakeConfig":
+        if self.lora_r not in VLLM_LORA_RANKS:
+            raise ValueError(f"lora_r={self.lora_r} cannot be served by vLLM; use one of {list(VLLM_LORA_RANKS)}")
+        if not self.lora_targets:
+            raise ValueError("lora_targets must name at least one module")
+        return self
+
+    def merged(self, overrides: dict) -> "BakeConfig":
+        """A copy with `overrides` applied (None values ignored), validated as a whole."""
+        data = self.model_dump()
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return BakeConfig.model_validate(data)

@@ -1,0 +1,69 @@
+"""Per-token reverse KL(student || teacher) estimators, and the masked mean over response tokens.
+
+Shapes: B batch, T response positions, V vocabulary. Inputs are log-probabilities already divided by the
+temperature and log-softmaxed. Gradients flow through the student only; teacher inputs are detached.
+
+- full:    sum_v p_s(v) (log p_s(v) - log p_t(v)) over the whole vocabulary (exact).
+- topk:    the same sum restricted to the student's top-k tokens, log-probs from the full softmax and not
+           renormalised (as the OPCD reference code does); a lower bound that is tight when the tail is small.
+- sampled: only the sampled token y ~ p_s is known on the teacher side (a teacher behind an API that returns
+           log-probs of given tokens). The value is the k3 estimator exp(r) - 1 - r with r = log p_t(y) - log p_s(y),
+           unbiased and non-negative; its gradient is the score-function estimator (log p_s(y) - log p_t(y)) *
+           grad log p_s(y), whose expectation under p_s is the exact gradient of the per-token reverse KL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def full_reverse_kl(student_logp_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor) -> torch.Tensor:
+    p_student_BTV = student_logp_BTV.exp()
+    return (p_student_BTV * (student_logp_BTV - teacher_logp_BTV.detach())).sum(-1)
+
+
+def topk_reverse_kl(student_logp_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, student_logp_BTV.shape[-1])
+    top_idx_BTK = student_logp_BTV.detach().topk(k, dim=-1).indices
+    student_top_BTK = student_logp_BTV.gather(-1, top_idx_BTK)
+    teacher_top_BTK = teacher_logp_BTV.detach().gather(-1, top_idx_BTK)
+    return (student_top_BTK.exp() * (student_top_BTK - teacher_top_BTK)).sum(-1)
+
+
+def sampled_reverse_kl(student_logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor) -> torch.Tensor:
+    """k3 value with the score-function gradient; both inputs are log-probs of the sampled tokens."""
+    log_ratio_BT = (student_logp_BT - teacher_logp_BT.detach()).detach()
+    k3_BT = torch.expm1(-log_ratio_BT) + log_ratio_BT
+    surrogate_BT = log_ratio_BT * student_logp_BT
+    return k3_BT + surrogate_BT - surrogate_BT.detach()
+
+
+def reverse_kl(
+    kind: str,
+    student_logits_BTV: torch.Tensor,
+    teacher_logits_BTV: torch.Tensor | None,
+    sampled_ids_BT: torch.Tensor,
+    temperature: float = 1.0,
+    topk: int = 256,
+    teacher_sampled_logp_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token reverse KL (kl_BT) from raw logits, dividing both sides by the temperature."""
+    student_logp_BTV = torch.log_softmax(student_logits_BTV.float() / temperature, dim=-1)
+    if kind == "sampled":
+        if teacher_sampled_logp_BT is None:
+            teacher_logp_BTV = torch.log_softmax(teacher_logits_BTV.float() / temperature, dim=-1)
+            teacher_sampled_logp_BT = teacher_logp_BTV.gather(-1, sampled_ids_BT.unsqueeze(-1)).squeeze(-1)
+        student_sampled_BT = student_logp_BTV.gather(-1, sampled_ids_BT.unsqueeze(-1)).squeeze(-1)
+        return sampled_reverse_kl(student_sampled_BT, teacher_sampled_logp_BT)
+    teacher_logp_BTV = torch.log_softmax(teacher_logits_BTV.float() / temperature, dim=-1)
+    if kind == "full":
+        return full_reverse_kl(student_logp_BTV, teacher_logp_BTV)
+    if kind == "topk":
+        return topk_reverse_kl(student_logp_BTV, teacher_logp_BTV, topk)
+    raise ValueError(f"unknown KL estimator '{kind}'")
+
+
+def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Mean over valid response tokens of the whole batch (long answers weigh more, as in the paper)."""
+    mask_BT = mask_BT.to(values_BT.dtype)
+    return (values_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1.0)

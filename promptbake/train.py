@@ -1,0 +1,158 @@
+"""The OPCD training loop: the student samples, the prompted teacher scores, the student minimises reverse KL.
+
+One step:
+    1. sample `batch_size` train queries, `rollouts` responses each, from the student without the prompt;
+    2. teacher logits over those exact tokens, with the prompt (adapter off, prefix cache);
+    3. student logits with gradient, per-token reverse KL, mean over valid response tokens;
+    4. clip the gradient norm, AdamW step.
+The loop goes through `accelerate`, so `accelerate launch` runs it data-parallel without changes: each
+process draws its own queries and gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+
+from promptbake.chat import ChatRenderer
+from promptbake.config import BakeConfig
+from promptbake.losses import masked_mean, reverse_kl
+from promptbake.queries import Query
+from promptbake.rollout import HFRolloutEngine, autocast, eos_token_ids, response_logits
+from promptbake.teacher import PromptedTeacher
+
+
+@dataclass
+class StepLog:
+    step: int
+    kl: float
+    grad_norm: float
+    lr: float
+    response_tokens: int
+    mean_response_len: float
+    seconds: float
+    sample_seconds: float
+    teacher_seconds: float
+    student_seconds: float
+    tokens_per_s: float
+
+    def to_json(self) -> str:
+        return json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in self.__dict__.items()})
+
+
+@dataclass
+class TrainResult:
+    log: list[StepLog] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        if not self.log:
+            return {}
+        kls = [s.kl for s in self.log]
+        n = max(1, len(kls) // 5)
+        return {
+            "steps": len(self.log),
+            "kl_first": kls[0],
+            "kl_last": kls[-1],
+            "kl_first_fifth_mean": sum(kls[:n]) / n,
+            "kl_last_fifth_mean": sum(kls[-n:]) / n,
+            "seconds": self.seconds,
+            "median_step_seconds": sorted(s.seconds for s in self.log)[len(self.log) // 2],
+            "response_tokens": sum(s.response_tokens for s in self.log),
+            "tokens_per_s": sum(s.response_tokens for s in self.log) / max(self.seconds, 1e-9),
+        }
+
+
+def train_opcd(
+    student,
+    teacher: PromptedTeacher,
+    renderer: ChatRenderer,
+    tokenizer,
+    train_queries: list[Query],
+    config: BakeConfig,
+    *,
+    bf16: bool,
+    engine: HFRolloutEngine | None = None,
+    log_path: Path | None = None,
+    on_step: Callable[[StepLog], None] | None = None,
+) -> TrainResult:
+    """Run `config.steps` OPCD steps on `student` (a PEFT model) in place."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, config.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    wrapped, optimizer = accelerator.prepare(student, optimizer)
+    policy = accelerator.unwrap_model(wrapped)
+    engine = engine or HFRolloutEngine(policy, bf16=bf16)
+    engine.sync()
+    rng = random.Random(config.seed * 1000 + accelerator.process_index)
+    eos_ids = eos_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id
+    student_prompts = {q.id: renderer.student_ids(q.messages) for q in train_queries}
+    result = TrainResult()
+    log_file = open(log_path, "a") if log_path and accelerator.is_main_process else None
+    started = time.perf_counter()
+    try:
+        for step in range(1, config.steps + 1):
+            t0 = time.perf_counter()
+            batch = [q for q in rng.sample(train_queries, config.batch_size) for _ in range(config.rollouts)]
+            prompts = [student_prompts[q.id] for q in batch]
+            rollout = engine.sample(
+                prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_ids=eos_ids, pad_id=pad_id,
+            )
+            t1 = time.perf_counter()
+            teacher_logits_BTV = teacher.logits(batch, rollout)
+            t2 = time.perf_counter()
+            wrapped.train()
+            with autocast(accelerator.device, bf16):
+                student_logits_BTV = response_logits(wrapped, prompts, rollout, pad_id)
+            device = student_logits_BTV.device
+            kl_BT = reverse_kl(
+                config.kl, student_logits_BTV, teacher_logits_BTV.to(device), rollout.response_ids_BT.to(device),
+                temperature=config.temperature, topk=config.topk,
+            )
+            loss = masked_mean(kl_BT, rollout.response_mask_BT.to(device))
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            engine.sync()
+            t3 = time.perf_counter()
+            tokens = rollout.num_tokens
+            entry = StepLog(
+                step=step,
+                kl=float(accelerator.reduce(loss.detach(), "mean")),
+                grad_norm=float(grad_norm),
+                lr=scheduler.get_last_lr()[0],
+                response_tokens=tokens,
+                mean_response_len=tokens / len(batch),
+                seconds=t3 - t0,
+                sample_seconds=t1 - t0,
+                teacher_seconds=t2 - t1,
+                student_seconds=t3 - t2,
+                tokens_per_s=tokens / max(t3 - t0, 1e-9),
+            )
+            if not math.isfinite(entry.kl):
+                raise FloatingPointError(f"KL became {entry.kl} at step {step}; lower the learning rate")
+            result.log.append(entry)
+            if log_file:
+                log_file.write(entry.to_json() + "\n")
+                log_file.flush()
+            if on_step:
+                on_step(entry)
+    finally:
+        if log_file:
+            log_file.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
