@@ -1,0 +1,153 @@
+"""The CLI on a tiny real model: artifacts, --force, and every bad input as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_prompt
+from promptbake.artifact import read_manifest
+from promptbake.cli import app
+
+FAST = ["--steps", "2", "--batch-size", "4", "--heldout", "4", "--max-new-tokens", "8"]
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment: str):
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], text
+    assert text.splitlines()[-1] == errors[0]  # nothing after the error
+
+
+@pytest.fixture
+def prompt(tmp_path):
+    return write_prompt(tmp_path / "p", front="name: tinybake\nqueries: queries.txt\nchecks:\n  - {name: short, max_words: 5}\n")
+
+
+def test_compile_writes_a_loadable_adapter_and_respects_force(tmp_path, prompt, tiny_model_dir):
+    out = tmp_path / "out"
+    result = run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "baked tinybake" in result.output
+    manifest = read_manifest(out)
+    assert manifest.name == "tinybake" and manifest.config["steps"] == 2
+    assert len(manifest.heldout_ids) == 4 and manifest.num_queries == 40
+    assert set(manifest.check_rates) == {"base", "teacher", "baked"}
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2]
+
+    from peft import PeftModel
+
+    from promptbake.models import load_model
+
+    model = PeftModel.from_pretrained(load_model(tiny_model_dir), str(out))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and not cfg.get("modules_to_save") and not cfg.get("use_dora")
+
+    before = (out / "adapter_model.safetensors").read_bytes()
+    again = run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST)
+    assert_one_line_error(again, "already exists")
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    forced = run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST, "--seed", "5", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert read_manifest(out).seed == 5
+    assert not list(out.parent.glob(".out.*")), "temporary folders left behind"
+
+
+def test_same_seed_gives_the_same_adapter(tmp_path, prompt, tiny_model_dir):
+    for name in ("a", "b"):
+        assert run("compile", prompt, "--model", tiny_model_dir, "--out", tmp_path / name, *FAST, "--precision", "fp32").exit_code == 0
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.fixture
+def other_tokenizer_model(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-tok"
+    shutil.copytree(tiny_model_dir, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<promptbake-extra-token>"])
+    tok.save_pretrained(other)
+    return other
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--steps", "-1"], "steps"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--kl", "nope"], "kl"),
+        (["--lora-r", "12"], "lora_r"),
+        (["--batch-size", "64"], "a batch needs 64"),
+        (["--queries", "missing.jsonl"], "not found"),
+        (["--var", "oops"], "key=value"),
+        (["--topk", "100000"], "larger than the vocabulary"),
+        (["--model", "no/such-model-offline"], "hub download failed"),
+        (["--model", "./no-such-folder"], "unknown model"),
+    ],
+)
+def test_bad_flags(tmp_path, prompt, tiny_model_dir, extra, fragment):
+    out = tmp_path / "out"
+    args = ["compile", prompt, "--out", out, *FAST]
+    if "--model" not in extra:
+        args += ["--model", tiny_model_dir]
+    result = run(*args, *extra)
+    assert_one_line_error(result, fragment)
+    assert not out.exists()
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path, prompt, tiny_model_dir, other_tokenizer_model):
+    out = tmp_path / "out"
+    result = run("compile", prompt, "--model", tiny_model_dir, "--teacher", other_tokenizer_model, "--out", out, *FAST)
+    assert_one_line_error(result, "different tokenizer")
+    assert not out.exists()
+
+
+def test_prompt_too_long_for_context(tmp_path, tiny_model_dir):
+    small_ctx = tmp_path / "small-ctx"
+    shutil.copytree(tiny_model_dir, small_ctx)
+    cfg = json.loads((small_ctx / "config.json").read_text())
+    cfg["max_position_embeddings"] = 128
+    (small_ctx / "config.json").write_text(json.dumps(cfg))
+    prompt = write_prompt(tmp_path / "p", body="rule " * 200)
+    result = run("compile", prompt, "--model", small_ctx, "--out", tmp_path / "o", *FAST)
+    assert_one_line_error(result, "over the model's context of 128")
+
+
+def test_prompt_without_queries(tmp_path, tiny_model_dir):
+    prompt = write_prompt(tmp_path / "p", front="name: x\n")
+    assert_one_line_error(run("compile", prompt, "--model", tiny_model_dir), "no queries")
+
+
+def test_pickle_weights_are_refused(tmp_path, tiny_model_dir):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, pickled / f.name)
+    (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    prompt = write_prompt(tmp_path / "p")
+    assert_one_line_error(run("compile", prompt, "--model", pickled, "--out", tmp_path / "o", *FAST), "--trust-pickle")
+
+
+def test_real_process_exit_code_and_stderr(tmp_path):
+    """The installed entry point itself: one line on stderr, exit 2, no traceback."""
+    exe = Path(sys.executable).with_name("promptbake")
+    proc = subprocess.run([str(exe), "compile", str(tmp_path / "missing.md")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "prompt file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""

@@ -1,0 +1,132 @@
+"""KL estimators against brute-force float64 computations, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptbake.losses import full_reverse_kl, masked_mean, reverse_kl, sampled_reverse_kl, topk_reverse_kl
+
+
+def brute_kl(student_logits, teacher_logits, temperature=1.0, only=None):
+    """sum_v p_s(v) (log p_s(v) - log p_t(v)) with explicit per-row loops, float64."""
+    B, T, V = student_logits.shape
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            s = student_logits[b, t].double() / temperature
+            q = teacher_logits[b, t].double() / temperature
+            ls = s - torch.logsumexp(s, 0)
+            lt = q - torch.logsumexp(q, 0)
+            vocab = range(V) if only is None else only[b][t]
+            out[b, t] = sum(ls[v].exp() * (ls[v] - lt[v]) for v in vocab)
+    return out
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 11, generator=g) * 2, torch.randn(2, 3, 11, generator=g) * 2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_full_matches_brute_force(logits, temperature):
+    s, t = logits
+    got = reverse_kl("full", s, t, torch.zeros(2, 3, dtype=torch.long), temperature=temperature)
+    torch.testing.assert_close(got.double(), brute_kl(s, t, temperature), atol=1e-5, rtol=1e-5)
+    assert (got >= -1e-6).all()
+
+
+def test_full_gradient_matches_brute_force(logits):
+    s, t = logits
+    s1 = s.clone().double().requires_grad_(True)
+    s2 = s.clone().double().requires_grad_(True)
+    full_reverse_kl(torch.log_softmax(s1, -1), torch.log_softmax(t.double(), -1)).sum().backward()
+    brute_kl(s2, t).sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad, atol=1e-8, rtol=1e-6)
+
+
+def test_teacher_gets_no_gradient(logits):
+    s, t = logits
+    t = t.clone().requires_grad_(True)
+    for kind in ("full", "topk", "sampled"):
+        reverse_kl(kind, s.clone().requires_grad_(True), t, torch.zeros(2, 3, dtype=torch.long), topk=4).sum().backward()
+        assert t.grad is None
+
+
+def test_topk_matches_brute_force_over_student_top_tokens(logits):
+    s, t = logits
+    k = 4
+    only = s.topk(k, dim=-1).indices.tolist()
+    s1 = s.clone().requires_grad_(True)
+    got = reverse_kl("topk", s1, t, torch.zeros(2, 3, dtype=torch.long), topk=k)
+    s2 = s.clone().double().requires_grad_(True)
+    want = brute_kl(s2, t, only=only)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(s1.grad.double(), s2.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_topk_with_k_equal_vocab_is_full(logits):
+    s, t = logits
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    torch.testing.assert_close(reverse_kl("topk", s, t, ids, topk=11), reverse_kl("full", s, t, ids))
+    torch.testing.assert_close(reverse_kl("topk", s, t, ids, topk=1000), reverse_kl("full", s, t, ids))
+
+
+def test_topk_is_not_renormalised(logits):
+    s, t = logits
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    # Renormalising over k tokens would give a different (non-lower-bound) value.
+    small = reverse_kl("topk", s, t, ids, topk=2)
+    ls = torch.log_softmax(s, -1)
+    lt = torch.log_softmax(t, -1)
+    idx = s.topk(2, -1).indices
+    direct = (ls.gather(-1, idx).exp() * (ls.gather(-1, idx) - lt.gather(-1, idx))).sum(-1)
+    torch.testing.assert_close(small, direct)
+
+
+def test_sampled_estimator_is_unbiased_in_value_and_gradient(logits):
+    """Enumerate every possible sampled token, weight by p_s: E[k3] = KL and E[grad] = grad KL."""
+    s, t = logits
+    B, T, V = s.shape
+    ls = torch.log_softmax(s.double(), -1)
+    expected_value = torch.zeros(B, T, dtype=torch.float64)
+    expected_grad = torch.zeros_like(s, dtype=torch.float64)
+    for y in range(V):
+        s_var = s.clone().double().requires_grad_(True)
+        ids = torch.full((B, T), y, dtype=torch.long)
+        per_token = reverse_kl("sampled", s_var, t.double(), ids)
+        weight = ls[..., y].exp()
+        expected_value += weight * per_token.detach()
+        (per_token * weight).sum().backward()
+        expected_grad += s_var.grad
+    torch.testing.assert_close(expected_value, brute_kl(s, t), atol=1e-6, rtol=1e-6)
+    s_ref = s.clone().double().requires_grad_(True)
+    brute_kl(s_ref, t).sum().backward()
+    torch.testing.assert_close(expected_grad, s_ref.grad, atol=1e-8, rtol=1e-6)
+
+
+def test_sampled_value_is_k3_and_non_negative():
+    ls = torch.tensor([[-1.0, -2.0, -0.1]])
+    lt = torch.tensor([[-1.5, -0.5, -0.1]])
+    r = lt - ls
+    torch.testing.assert_close(sampled_reverse_kl(ls, lt), r.exp() - 1 - r)
+    assert (sampled_reverse_kl(ls, lt) >= 0).all()
+
+
+def test_masked_mean_counts_only_valid_tokens():
+    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(values, mask).item() == pytest.approx(2.0)
+    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_identical_distributions_have_zero_kl(logits):
+    s, _ = logits
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    for kind in ("full", "topk", "sampled"):
+        assert reverse_kl(kind, s, s.clone(), ids, topk=5).abs().max() < 1e-6
+    assert full_reverse_kl(torch.log_softmax(s, -1), torch.log_softmax(s, -1)).abs().max() < 1e-6
+    assert topk_reverse_kl(torch.log_softmax(s, -1), torch.log_softmax(s, -1), 3).abs().max() < 1e-6

@@ -1,0 +1,138 @@
+"""Sampling, masking, the shared batch layout, the teacher's prefix cache and the bf16 rollout engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from promptbake.chat import ChatRenderer
+from promptbake.queries import Query
+from promptbake.rollout import HFRolloutEngine, Rollout, left_pad, mask_after_eos, response_logits, sample
+from promptbake.teacher import PromptedTeacher
+
+EOS = 2
+
+
+def test_mask_after_eos_keeps_first_eos_and_drops_the_rest():
+    ids = torch.tensor([[5, 6, EOS, 7, EOS], [5, 6, 7, 8, 9], [EOS, 1, 1, 1, 1]])
+    assert mask_after_eos(ids, [EOS]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_mask_after_eos_with_several_stop_ids():
+    ids = torch.tensor([[5, 9, 6, EOS]])
+    assert mask_after_eos(ids, [EOS, 9]).tolist() == [[1, 1, 0, 0]]
+
+
+def test_left_pad_right_aligns():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_sample_pads_and_masks_everything_after_eos(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10]]
+    # A very peaked EOS preference makes early stops certain for some rows.
+    out = sample(model, prompts, max_new_tokens=12, temperature=1.0, eos_ids=[EOS], pad_id=0)
+    assert out.response_ids_BT.shape[0] == 3 and out.response_ids_BT.shape[1] <= 12
+    for ids, mask in zip(out.response_ids_BT.tolist(), out.response_mask_BT.tolist()):
+        if EOS in ids:
+            cut = ids.index(EOS)
+            assert mask == [1] * (cut + 1) + [0] * (len(ids) - cut - 1)
+            assert all(t == 0 for t in ids[cut + 1:])
+        else:
+            assert all(mask)
+
+
+def test_greedy_sample_is_deterministic_and_matches_unbatched(tiny):
+    model, tok = tiny
+    prompts = [[1, 5, 6, 7, 11, 12], [1, 8]]
+    batched = sample(model, prompts, max_new_tokens=6, temperature=1.0, eos_ids=[EOS], pad_id=0, greedy=True)
+    for row, prompt in enumerate(prompts):
+        alone = sample(model, [prompt], max_new_tokens=6, temperature=1.0, eos_ids=[EOS], pad_id=0, greedy=True)
+        n = int(alone.response_mask_BT.sum())
+        assert batched.response_ids_BT[row, :n].tolist() == alone.response_ids_BT[0, :n].tolist()
+
+
+def test_response_logits_align_with_unpadded_forward(tiny):
+    """Column t of response_logits predicts response token t, for every row despite left padding."""
+    model, _ = tiny
+    prompts = [[1, 5, 6, 7, 11], [1, 8]]
+    rollout = Rollout(torch.tensor([[20, 21, 22], [30, 31, EOS]]), torch.ones(2, 3, dtype=torch.long))
+    with torch.no_grad():
+        got = response_logits(model, prompts, rollout, pad_id=0)
+        for row, prompt in enumerate(prompts):
+            full = torch.tensor([prompt + rollout.response_ids_BT[row].tolist()])
+            ref = model(input_ids=full).logits[0, len(prompt) - 1: len(prompt) + 2]
+            torch.testing.assert_close(got[row], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def peft_tiny(tiny_model_dir):
+    from promptbake.models import load_model
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    return get_peft_model(load_model(tiny_model_dir), lora)
+
+
+def _queries():
+    texts = ["What is two plus two?", "Name a colour.", "Why is the sea salty and the sky blue?"]
+    return [Query(i, [{"role": "user", "content": t}]) for i, t in enumerate(texts)]
+
+
+def test_teacher_prefix_cache_equals_uncached_forward(peft_tiny, tiny):
+    _, tok = tiny
+    renderer = ChatRenderer.for_tokenizer(tok, "You are a careful assistant. " * 20, 8192)
+    queries = _queries()
+    rollout = Rollout(torch.tensor([[40, 41, 42, EOS], [50, EOS, 0, 0], [60, 61, 62, 63]]),
+                      torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]))
+    cached = PromptedTeacher(peft_tiny, renderer, tok.pad_token_id, is_student=True, bf16=False, prefix_cache=True)
+    plain = PromptedTeacher(peft_tiny, renderer, tok.pad_token_id, is_student=True, bf16=False, prefix_cache=False)
+    cached.prepare(queries, 16, "test")
+    plain.prepare(queries, 16, "test")
+    assert len(cached.prefix_ids) > 100 and plain.prefix_ids == []
+    a = cached.logits(queries, rollout)
+    b = plain.logits(queries, rollout)
+    mask = rollout.response_mask_BT.bool()
+    assert (a - b).abs()[mask].max() < 1e-4
+    # The prefix stops before any query text and the adapter is off for the teacher.
+    assert tok.decode(cached.prefix_ids).rstrip().endswith("user")
+    with peft_tiny.disable_adapter(), torch.no_grad():
+        ids = renderer.teacher_ids(queries[0].messages)
+        ref = peft_tiny(input_ids=torch.tensor([ids + rollout.response_ids_BT[0].tolist()])).logits[0, len(ids) - 1: len(ids) + 3]
+    torch.testing.assert_close(a[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_rollout_engine_bf16_copy_matches_peft_model_under_autocast(peft_tiny):
+    engine = HFRolloutEngine(peft_tiny, bf16=True)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = peft_tiny(input_ids=ids).logits.float()
+        got = engine.model(input_ids=ids).logits.float()
+        with peft_tiny.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_base = peft_tiny(input_ids=ids).logits.float()
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (got - ref_base).abs().max() > (got - ref).abs().max()  # the LoRA delta really is merged
+    engine.sync(with_adapter=False)
+    with torch.no_grad():
+        base_got = engine.model(input_ids=ids).logits.float()
+    assert (base_got - ref_base).abs().max() < 0.05 * ref_base.abs().max()
+
+
+def test_rollout_engine_follows_weight_updates(peft_tiny):
+    engine = HFRolloutEngine(peft_tiny, bf16=True)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        before = engine.model(input_ids=ids).logits.float()
+        for name, p in peft_tiny.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+        stale = engine.model(input_ids=ids).logits.float()
+        engine.sync()
+        after = engine.model(input_ids=ids).logits.float()
+    torch.testing.assert_close(before, stale)
+    assert (after - before).abs().max() > 0.1
