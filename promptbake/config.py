@@ -32,6 +32,7 @@ class BakeConfig(BaseModel):
     steps: int = Field(40, gt=0, description="Optimizer steps.")
     batch_size: int = Field(4, gt=0, description="Queries per step.")
     rollouts: int = Field(1, gt=0, description="Student samples per query.")
+    micro_batch_size: int = Field(4, gt=0, description="Rows per student forward/backward; bounds memory, not the math.")
     max_new_tokens: int = Field(48, gt=0, description="Longest sampled response; tokens after EOS are masked.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; both logits are divided by it in the loss.")
 

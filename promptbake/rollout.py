@@ -24,6 +24,12 @@ class Rollout:
     def num_tokens(self) -> int:
         return int(self.response_mask_BT.sum())
 
+    def select(self, rows: list[int]) -> "Rollout":
+        """The given rows, trimmed to their longest live response (no all-padding columns)."""
+        ids_BT, mask_BT = self.response_ids_BT[rows], self.response_mask_BT[rows]
+        width = max(1, int(mask_BT.sum(-1).max()))
+        return Rollout(ids_BT[:, :width], mask_BT[:, :width])
+
 
 def eos_token_ids(tokenizer) -> list[int]:
     """Every id that ends a turn: the tokenizer's EOS plus the end-of-turn markers of common chat formats."""

