@@ -76,6 +76,18 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a file via a temporary sibling and a rename, so readers never see half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def check_output_free(out_dir: Path, force: bool) -> None:
     """Refuse early, before any work, when an artifact is already there."""
     if out_dir.exists() and not force:

@@ -25,7 +25,7 @@ from promptbake.artifact import BakeManifest, check_output_free, sha256_file, wr
 from promptbake.chat import ChatRenderer
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
-from promptbake.measure import check_rates, condition_responses, heldout_kl
+from promptbake.measure import check_rates, condition_ids, decode_all, kl_to_teacher
 from promptbake.models import (
     DEFAULT_MODEL, check_same_tokenizer, load_model, load_tokenizer, resolve_model, weights_sha256,
 )
@@ -184,7 +184,7 @@ def compile_prompt(
     if heldout_queries:
         stage(f"measuring held-out KL on {len(heldout_queries)} queries")
         t = time.perf_counter()
-        kl_before = heldout_kl(student, engine, teacher, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw)
+        kl_before = kl_to_teacher(student, engine, teacher, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean
         timings["measure_before_s"] = time.perf_counter() - t
 
     # 4. Train.
@@ -200,9 +200,9 @@ def compile_prompt(
         if heldout_queries:
             stage("measuring held-out KL and checks after training")
             t = time.perf_counter()
-            kl_after = heldout_kl(student, engine, teacher, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw)
-            responses = condition_responses(engine, tokenizer, renderer, heldout_queries,
-                                            max_new_tokens=config.eval_max_new_tokens)
+            kl_after = kl_to_teacher(student, engine, teacher, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean
+            responses = decode_all(tokenizer, condition_ids(engine, tokenizer, renderer, heldout_queries,
+                                                            max_new_tokens=config.eval_max_new_tokens))
             rates = check_rates(spec.checks, responses)
             timings["measure_after_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start

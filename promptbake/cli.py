@@ -153,6 +153,56 @@ def compile_cmd(
 
 @app.command()
 @friendly
+def verify(
+    adapter: Annotated[Path, typer.Argument(help="Baked adapter folder.")],
+    prompt: Annotated[Optional[Path], typer.Option(help="Prompt file (default: the one in the manifest).")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help="Query file (default: the manifest's held-out queries).")] = None,
+    min_kl_gap_closed: Annotated[Optional[float], typer.Option(help="Minimum 1 - KL(baked)/KL(base).")] = None,
+    min_check_ratio: Annotated[Optional[float], typer.Option(help="Minimum baked/teacher pass rate, each check.")] = None,
+    min_exact_match: Annotated[Optional[float], typer.Option(help="Minimum greedy exact-match rate with the teacher.")] = None,
+    min_token_agreement: Annotated[Optional[float], typer.Option(help="Minimum greedy token agreement with the teacher.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N queries.")] = None,
+    agreement_tokens: Annotated[int, typer.Option(help="Tokens compared for agreement.")] = 32,
+    allow_prompt_change: Annotated[bool, typer.Option(help="Compare even if the prompt changed since baking.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+) -> None:
+    """Compare a baked adapter with its prompted baseline; exit 1 when a threshold fails."""
+    _quiet_libraries()
+    from promptbake.artifact import write_text_atomic
+    from promptbake.verify import verify_adapter
+
+    report = verify_adapter(
+        adapter, prompt=prompt, queries=queries, allow_prompt_change=allow_prompt_change, limit=limit,
+        agreement_tokens=agreement_tokens,
+        thresholds=dict(min_kl_gap_closed=min_kl_gap_closed, min_check_ratio=min_check_ratio,
+                        min_exact_match=min_exact_match, min_token_agreement=min_token_agreement),
+    )
+    table = Table(title=f"verify {adapter} on {report.num_queries} queries (95% bootstrap CI)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, est in report.metrics.items():
+        pct = name.startswith(("exact", "token"))
+        table.add_row(name, est.fmt(percent=pct))
+    out.print(table)
+    if report.checks:
+        checks = Table(title="checks (greedy)")
+        for col in ("check", "base", "teacher", "baked", "baked/teacher"):
+            checks.add_column(col, justify="right" if col != "check" else "left")
+        for name, rates in report.checks.items():
+            checks.add_row(name, rates["base"].fmt(), rates["teacher"].fmt(), rates["baked"].fmt(),
+                           report.check_ratios[name].fmt(percent=False))
+        out.print(checks)
+    if json_out:
+        write_text_atomic(json_out, report.to_json() + "\n")
+    if report.failures:
+        for failure in report.failures:
+            console.print(f"[bold red]FAIL[/] {failure}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"[bold green]PASS[/] {len(report.thresholds)} threshold(s) hold" if report.thresholds else "no thresholds set")
+
+
+@app.command()
+@friendly
 def chat(
     adapter: Annotated[Path, typer.Argument(help="Baked adapter folder.")],
     message: Annotated[Optional[str], typer.Option("--message", "-m", help="One message, print the answer, exit.")] = None,

@@ -1,4 +1,4 @@
-"""Measurements shared by compile and verify: held-out reverse KL and check pass rates per condition.
+"""Measurements shared by compile and verify: KL to the prompted teacher and responses per condition.
 
 Conditions:
     base    the base model, no system prompt (adapter off, student rendering)
@@ -9,14 +9,15 @@ Conditions:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from promptbake.chat import ChatRenderer
 from promptbake.checks import Check, pass_rates
-from promptbake.losses import masked_mean, reverse_kl
+from promptbake.losses import full_reverse_kl
 from promptbake.queries import Query
-from promptbake.rollout import HFRolloutEngine, autocast, eos_token_ids, response_logits
+from promptbake.rollout import HFRolloutEngine, Rollout, autocast, eos_token_ids, response_logits
 from promptbake.teacher import PromptedTeacher
 
 CONDITIONS = ("base", "teacher", "baked")
@@ -31,8 +32,22 @@ def _chunks(items: list, size: int):
         yield items[i:i + size]
 
 
+@dataclass
+class KLResult:
+    """Per-query mean per-token KL and each query's token count."""
+
+    per_query: list[float]
+    tokens: list[int]
+
+    @property
+    def mean(self) -> float:
+        """Mean over all response tokens (long answers weigh more, as in training)."""
+        total = sum(self.tokens)
+        return sum(k * n for k, n in zip(self.per_query, self.tokens)) / max(total, 1)
+
+
 @torch.no_grad()
-def heldout_kl(
+def kl_to_teacher(
     model,
     engine: HFRolloutEngine,
     teacher: PromptedTeacher,
@@ -46,59 +61,74 @@ def heldout_kl(
     seed: int,
     bf16: bool,
     batch_size: int = 16,
-) -> float:
-    """Mean per-token full reverse KL(policy || teacher) on the policy's own samples (same seed, same queries)."""
+    on_teacher_samples: bool = False,
+) -> KLResult:
+    """KL between a policy (adapter on = baked, off = base; never prompted) and the prompted teacher.
+
+    Default: reverse KL(policy || teacher) on the policy's own samples (what OPCD minimises).
+    `on_teacher_samples`: forward KL(teacher || policy) on the teacher's samples.
+    """
     eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
-    total, count = 0.0, 0
-    engine.sync(with_adapter=adapter)
+    device = next(model.parameters()).device
+    per_query: list[float] = []
+    tokens: list[int] = []
+    engine.sync(with_adapter=adapter and not on_teacher_samples)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for chunk in _chunks(queries, batch_size):
             prompts = [renderer.student_ids(q.messages) for q in chunk]
-            rollout = engine.sample(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    eos_ids=eos_ids, pad_id=pad_id)
-            with _adapter(model, adapter):
-                with autocast(next(model.parameters()).device, bf16):
-                    student_BTV = response_logits(model, prompts, rollout, pad_id)
+            sampler_prompts = [teacher.prompt_ids(q) for q in chunk] if on_teacher_samples else prompts
+            rollout: Rollout = engine.sample(sampler_prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                             eos_ids=eos_ids, pad_id=pad_id)
+            with _adapter(model, adapter), autocast(device, bf16):
+                policy_BTV = response_logits(model, prompts, rollout, pad_id)
             teacher_BTV = teacher.logits(chunk, rollout)
-            kl_BT = reverse_kl("full", student_BTV, teacher_BTV, rollout.response_ids_BT.to(student_BTV.device), temperature)
-            n = rollout.num_tokens
-            total += float(masked_mean(kl_BT, rollout.response_mask_BT.to(kl_BT.device))) * n
-            count += n
+            policy_logp = torch.log_softmax(policy_BTV.float() / temperature, -1)
+            teacher_logp = torch.log_softmax(teacher_BTV.float().to(policy_logp.device) / temperature, -1)
+            if on_teacher_samples:
+                kl_BT = full_reverse_kl(teacher_logp, policy_logp)
+            else:
+                kl_BT = full_reverse_kl(policy_logp, teacher_logp)
+            mask_BT = rollout.response_mask_BT.to(kl_BT.device).float()
+            counts = mask_BT.sum(-1)
+            per_query += ((kl_BT * mask_BT).sum(-1) / counts.clamp(min=1)).tolist()
+            tokens += counts.long().tolist()
     engine.sync()
-    return total / max(count, 1)
+    return KLResult(per_query, tokens)
 
 
 @torch.no_grad()
-def generate_texts(
+def generate_ids(
     engine: HFRolloutEngine, tokenizer, prompts: list[list[int]], *, adapter: bool, max_new_tokens: int, batch_size: int = 16
-) -> list[str]:
-    """Greedy responses, decoded without special tokens."""
+) -> list[list[int]]:
+    """Greedy response token ids (up to and including EOS)."""
     eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
-    texts: list[str] = []
+    out: list[list[int]] = []
     engine.sync(with_adapter=adapter)
     for chunk in _chunks(prompts, batch_size):
         rollout = engine.sample(chunk, max_new_tokens=max_new_tokens, temperature=1.0, eos_ids=eos_ids,
                                 pad_id=pad_id, greedy=True)
         for ids, mask in zip(rollout.response_ids_BT, rollout.response_mask_BT):
-            texts.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip())
-    return texts
-
-
-def condition_responses(
-    engine: HFRolloutEngine, tokenizer, renderer: ChatRenderer, queries: list[Query], *, max_new_tokens: int,
-    conditions: tuple[str, ...] = CONDITIONS,
-) -> dict[str, list[str]]:
-    """Greedy responses of each condition to the same queries."""
-    out: dict[str, list[str]] = {}
-    for cond in conditions:
-        if cond == "teacher":
-            prompts = [renderer.teacher_ids(q.messages) for q in queries]
-        else:
-            prompts = [renderer.student_ids(q.messages) for q in queries]
-        out[cond] = generate_texts(engine, tokenizer, prompts, adapter=cond == "baked", max_new_tokens=max_new_tokens)
+            out.append(ids[mask.bool()].tolist())
     engine.sync()
     return out
+
+
+def condition_ids(
+    engine: HFRolloutEngine, tokenizer, renderer: ChatRenderer, queries: list[Query], *, max_new_tokens: int,
+    conditions: tuple[str, ...] = CONDITIONS,
+) -> dict[str, list[list[int]]]:
+    """Greedy response ids of each condition to the same queries."""
+    out: dict[str, list[list[int]]] = {}
+    for cond in conditions:
+        render = renderer.teacher_ids if cond == "teacher" else renderer.student_ids
+        prompts = [render(q.messages) for q in queries]
+        out[cond] = generate_ids(engine, tokenizer, prompts, adapter=cond == "baked", max_new_tokens=max_new_tokens)
+    return out
+
+
+def decode_all(tokenizer, ids: dict[str, list[list[int]]]) -> dict[str, list[str]]:
+    return {cond: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows] for cond, rows in ids.items()}
 
 
 def check_rates(checks: list[Check], responses: dict[str, list[str]]) -> dict[str, dict[str, float]]:

@@ -1,0 +1,70 @@
+"""Confidence intervals for rates and means measured over a few dozen queries (bootstrap over queries)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    lo: float
+    hi: float
+    n: int
+
+    def fmt(self, percent: bool = True) -> str:
+        if percent:
+            return f"{self.value:.0%} [{self.lo:.0%}, {self.hi:.0%}]"
+        return f"{self.value:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "ci95": [self.lo, self.hi], "n": self.n}
+
+
+def bootstrap(
+    columns: Sequence[Sequence[float]],
+    statistic: Callable[..., float],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> Estimate:
+    """Percentile 95 % interval of `statistic(*columns)`, resampling rows (queries) jointly, so paired
+    measurements (baked and base on the same query) stay paired."""
+    arrays = [np.asarray(c, dtype=float) for c in columns]
+    n = len(arrays[0])
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    value = float(statistic(*arrays))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    stats = np.array([statistic(*(a[i] for a in arrays)) for i in idx], dtype=float)
+    stats = stats[np.isfinite(stats)]
+    if stats.size == 0:
+        return Estimate(value, float("nan"), float("nan"), n)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return Estimate(value, float(lo), float(hi), n)
+
+
+def mean_ci(values: Sequence[float], **kw) -> Estimate:
+    return bootstrap([values], lambda a: float(a.mean()), **kw)
+
+
+def ratio_of_means_ci(numerator: Sequence[float], denominator: Sequence[float], **kw) -> Estimate:
+    """mean(numerator) / mean(denominator), paired by query."""
+    def ratio(a, b):
+        d = b.mean()
+        return float(a.mean() / d) if d != 0 else float("nan")
+    return bootstrap([numerator, denominator], ratio, **kw)
+
+
+def gap_closed_ci(kl_baked: Sequence[float], kl_base: Sequence[float], tokens_baked: Sequence[float],
+                  tokens_base: Sequence[float], **kw) -> Estimate:
+    """1 - KL(baked)/KL(base), each a token-weighted mean, resampling queries jointly."""
+    def gap(kb, kB, nb, nB):
+        base = (kB * nB).sum() / max(nB.sum(), 1)
+        baked = (kb * nb).sum() / max(nb.sum(), 1)
+        return float(1 - baked / base) if base > 0 else float("nan")
+    return bootstrap([kl_baked, kl_base, tokens_baked, tokens_base], gap, **kw)

@@ -1,0 +1,174 @@
+"""`verify`: does a baked adapter still behave like its prompted baseline? A CI gate with exit codes.
+
+On the manifest's held-out queries (or a given query file) it compares base (no prompt), teacher (prompt)
+and baked (adapter, no prompt):
+- reverse KL(baked || teacher) on the baked model's samples, forward KL(teacher || baked) on the teacher's,
+  the same for the base, and the KL gap closed = 1 - KL(baked)/KL(base);
+- greedy agreement with the teacher over the first N tokens: exact match and token-level agreement;
+- each check's pass rate per condition and the baked/teacher ratio;
+all with 95 % bootstrap intervals over queries. Thresholds come from the prompt's `verify:` block or flags.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from promptbake.artifact import read_manifest
+from promptbake.bake import use_bf16
+from promptbake.chat import ChatRenderer
+from promptbake.errors import PromptbakeError
+from promptbake.measure import condition_ids, decode_all, kl_to_teacher
+from promptbake.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model, weights_sha256
+from promptbake.queries import load_queries
+from promptbake.rollout import HFRolloutEngine
+from promptbake.spec import VerifyThresholds, load_spec
+from promptbake.stats import Estimate, gap_closed_ci, mean_ci, ratio_of_means_ci
+from promptbake.teacher import PromptedTeacher
+
+
+@dataclass
+class VerifyReport:
+    adapter: str
+    num_queries: int
+    metrics: dict[str, Estimate] = field(default_factory=dict)
+    checks: dict[str, dict[str, Estimate]] = field(default_factory=dict)
+    check_ratios: dict[str, Estimate] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    samples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "adapter": self.adapter,
+            "num_queries": self.num_queries,
+            "passed": self.passed,
+            "failures": self.failures,
+            "thresholds": self.thresholds,
+            "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
+            "checks": {c: {k: v.to_dict() for k, v in d.items()} for c, d in self.checks.items()},
+            "check_ratios": {k: v.to_dict() for k, v in self.check_ratios.items()},
+            "samples": {k: v[:5] for k, v in self.samples.items()},
+        }, indent=2)
+
+
+def token_agreement(a: list[int], b: list[int], n: int) -> float:
+    """Fraction of the first n positions where both sequences hold the same token (missing = disagree)."""
+    width = min(n, max(len(a), len(b)))
+    if width == 0:
+        return 1.0
+    return sum(1 for i in range(width) if i < len(a) and i < len(b) and a[i] == b[i]) / width
+
+
+def apply_thresholds(report: VerifyReport, thresholds: VerifyThresholds) -> None:
+    """Fill `report.failures` with each metric under its minimum (value and threshold named)."""
+    limits = {k: v for k, v in thresholds.model_dump().items() if v is not None}
+    report.thresholds = limits
+    simple = {"min_kl_gap_closed": "kl_gap_closed", "min_exact_match": "exact_match", "min_token_agreement": "token_agreement"}
+    for key, metric in simple.items():
+        if key in limits and not report.metrics[metric].value >= limits[key]:
+            report.failures.append(f"{metric} = {report.metrics[metric].value:.3f} < {key} {limits[key]}")
+    if "min_check_ratio" in limits:
+        for name, ratio in report.check_ratios.items():
+            if not ratio.value >= limits["min_check_ratio"]:
+                report.failures.append(f"check '{name}' baked/teacher = {ratio.value:.3f} < min_check_ratio {limits['min_check_ratio']}")
+
+
+def verify_adapter(
+    adapter_dir: str | Path,
+    *,
+    prompt: str | Path | None = None,
+    queries: str | Path | None = None,
+    thresholds: dict[str, float | None] | None = None,
+    allow_prompt_change: bool = False,
+    limit: int | None = None,
+    agreement_tokens: int = 32,
+    max_new_tokens: int | None = None,
+    seed: int = 1234,
+) -> VerifyReport:
+    adapter_dir = Path(adapter_dir)
+    manifest = read_manifest(adapter_dir)
+    spec = load_spec(prompt or manifest.prompt_file)
+    if spec.prompt_sha256 != manifest.prompt_sha256 and not allow_prompt_change:
+        raise PromptbakeError(
+            f"{spec.path}: rendered prompt differs from the one {adapter_dir} was baked from "
+            f"(sha256 {spec.prompt_sha256[:12]} vs {manifest.prompt_sha256[:12]}); rebake, or pass --allow-prompt-change"
+        )
+    if queries:
+        query_list = load_queries(queries)
+    else:
+        query_list = load_queries(manifest.queries_file)
+        by_id = {q.id: q for q in query_list}
+        missing = [i for i in manifest.heldout_ids if i not in by_id]
+        if missing:
+            raise PromptbakeError(f"{manifest.queries_file}: held-out ids {missing[:5]} from the manifest are not in the file")
+        query_list = [by_id[i] for i in manifest.heldout_ids]
+    if limit is not None:
+        if limit <= 0:
+            raise PromptbakeError(f"--limit must be positive, got {limit}")
+        query_list = query_list[:limit]
+    if not query_list:
+        raise PromptbakeError(f"{adapter_dir}: no held-out queries to verify on; pass --queries")
+
+    model_dir = resolve_model(manifest.base_model_path if Path(manifest.base_model_path).is_dir() else manifest.base_model)
+    if weights_sha256(model_dir) != manifest.base_weights_sha256:
+        raise PromptbakeError(f"{model_dir}: base weights differ from the ones {adapter_dir} was baked on (sha256 mismatch)")
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(model_dir)
+    model = PeftModel.from_pretrained(load_model(model_dir), str(adapter_dir))
+    model.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    bf16 = use_bf16(manifest.config.get("precision", "auto"), device)
+    max_context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    renderer = ChatRenderer.for_tokenizer(tokenizer, spec.system_prompt, max_context)
+    new_tokens = max_new_tokens or int(manifest.config.get("max_new_tokens", 48))
+    if manifest.teacher_model:
+        teacher_dir = resolve_model(manifest.teacher_model)
+        check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir), manifest.teacher_model)
+        teacher = PromptedTeacher(load_model(teacher_dir).to(device), renderer, tokenizer.pad_token_id, is_student=False, bf16=bf16)
+    else:
+        teacher = PromptedTeacher(model, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16)
+    teacher.prepare(query_list, new_tokens, str(queries or manifest.queries_file))
+    engine = HFRolloutEngine(model, bf16=bf16)
+    temperature = float(manifest.config.get("temperature", 1.0))
+    kw = dict(max_new_tokens=new_tokens, temperature=temperature, seed=seed, bf16=bf16)
+
+    report = VerifyReport(str(adapter_dir), len(query_list))
+    kl = {}
+    for name, adapter, on_teacher in [("reverse_kl_baked", True, False), ("reverse_kl_base", False, False),
+                                      ("forward_kl_baked", True, True), ("forward_kl_base", False, True)]:
+        kl[name] = kl_to_teacher(model, engine, teacher, renderer, tokenizer, query_list, adapter=adapter,
+                                 on_teacher_samples=on_teacher, **kw)
+        report.metrics[name] = mean_ci(kl[name].per_query)
+    report.metrics["kl_gap_closed"] = gap_closed_ci(kl["reverse_kl_baked"].per_query, kl["reverse_kl_base"].per_query,
+                                                    kl["reverse_kl_baked"].tokens, kl["reverse_kl_base"].tokens)
+    report.metrics["forward_kl_gap_closed"] = gap_closed_ci(kl["forward_kl_baked"].per_query, kl["forward_kl_base"].per_query,
+                                                            kl["forward_kl_baked"].tokens, kl["forward_kl_base"].tokens)
+
+    ids = condition_ids(engine, tokenizer, renderer, query_list, max_new_tokens=max(new_tokens, agreement_tokens))
+    exact = [float(b[:agreement_tokens] == t[:agreement_tokens]) for b, t in zip(ids["baked"], ids["teacher"])]
+    agree = [token_agreement(b, t, agreement_tokens) for b, t in zip(ids["baked"], ids["teacher"])]
+    base_agree = [token_agreement(b, t, agreement_tokens) for b, t in zip(ids["base"], ids["teacher"])]
+    report.metrics["exact_match"] = mean_ci(exact)
+    report.metrics["token_agreement"] = mean_ci(agree)
+    report.metrics["token_agreement_base"] = mean_ci(base_agree)
+
+    texts = decode_all(tokenizer, ids)
+    report.samples = texts
+    for check in spec.checks:
+        passed = {cond: [float(check.passes(t)) for t in texts[cond]] for cond in texts}
+        report.checks[check.name] = {cond: mean_ci(v) for cond, v in passed.items()}
+        report.check_ratios[check.name] = ratio_of_means_ci(passed["baked"], passed["teacher"])
+
+    merged = spec.verify.model_copy(update={k: v for k, v in (thresholds or {}).items() if v is not None})
+    apply_thresholds(report, merged)
+    return report
