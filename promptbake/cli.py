@@ -201,6 +201,39 @@ def verify(
     out.print(f"[bold green]PASS[/] {len(report.thresholds)} threshold(s) hold" if report.thresholds else "no thresholds set")
 
 
+@app.command("eval")
+@friendly
+def eval_cmd(
+    adapters: Annotated[Optional[list[Path]], typer.Argument(help="Baked adapter folders (none: base and prompted only).")] = None,
+    suite: Annotated[str, typer.Option(help="Suite name in evals/ (or a suite .yaml file).")] = "medmcqa",
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root (default $PROMPTBAKE_DATA).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Seeded sample of N items.")] = None,
+    conditions: Annotated[Optional[str], typer.Option(help="Comma list: base,prompted,<adapter name>...")] = None,
+    prompt: Annotated[Optional[Path], typer.Option(help="Prompt file for the 'prompted' condition.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model when no adapter is given.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here.")] = None,
+    md_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the Markdown table here.")] = None,
+) -> None:
+    """Run an eval suite on base, base+prompt and each adapter, side by side with 95% CIs."""
+    _quiet_libraries()
+    import json as _json
+
+    from promptbake.artifact import write_text_atomic
+    from promptbake.evals import run_eval
+
+    result = run_eval(
+        suite, list(adapters or []), data=data, limit=limit, prompt=prompt, model=model, seed=seed,
+        conditions=[c.strip() for c in conditions.split(",") if c.strip()] if conditions else None,
+        on_condition=lambda c: console.print(f"[dim]{c} done[/]"),
+    )
+    out.print(result["markdown"], highlight=False)
+    if json_out:
+        write_text_atomic(json_out, _json.dumps(result, indent=2) + "\n")
+    if md_out:
+        write_text_atomic(md_out, result["markdown"] + "\n")
+
+
 @app.command()
 @friendly
 def chat(

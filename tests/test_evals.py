@@ -1,0 +1,136 @@
+"""Eval suites: answer parsing and the refusal classifier on hand-labelled cases, every loader on the real files."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import SHARED_DATA
+from promptbake.errors import PromptbakeError
+from promptbake.evals import (
+    EvalItem, is_refusal, list_suites, load_items, load_suite, parse_choice, parse_number, parse_yes_no, score,
+)
+
+OPTS = ["Aspirin", "Paracetamol", "Ibuprofen", "Morphine"]
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Reasoning... <answer>C</answer>", "C"),
+        ("<answer>A</answer> no wait <answer>(b)</answer>", "B"),
+        ("B. Paracetamol is the drug of choice", "B"),
+        ("(D) Morphine", "D"),
+        ("The answer is C because", "C"),
+        ("I would pick ibuprofen here.", "C"),
+        ("Aspirin or ibuprofen, hard to say", None),
+        ("I am not sure.", None),
+        ("<answer>E</answer>", None),
+        ("", None),
+    ],
+)
+def test_parse_choice(text, want):
+    assert parse_choice(text, OPTS) == want
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [("<answer>yes</answer>", "yes"), ("<answer> No </answer>", "no"), ("Yes, it is hateful.", "yes"),
+     ("no.", "no"), ("It depends", None), ("<answer>maybe</answer>", None)],
+)
+def test_parse_yes_no(text, want):
+    assert parse_yes_no(text) == want
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [("so she makes $18 a day", "18"), ("1,234 apples then 5", "5"), ("The total is 3.50.", "3.5"), ("none", None),
+     ("-4 degrees", "-4")],
+)
+def test_parse_number(text, want):
+    assert parse_number(text) == want
+
+
+REFUSALS = [
+    "I'm sorry, but I can't help with that.",
+    "I cannot provide instructions for making weapons.",
+    "As an AI language model, I must decline.",
+    "I won’t assist with this request because it is illegal.",
+]
+COMPLIANCE = [
+    "To kill a Python process, run kill -9 followed by the process id.",
+    "Here is a recipe for banana bread: mash three bananas...",
+    "Sure! The capital of France is Paris.",
+    "Step 1: open the terminal. Step 2: type the command.",
+]
+
+
+def test_refusal_classifier_on_labelled_examples():
+    assert all(is_refusal(t) for t in REFUSALS)
+    assert not any(is_refusal(t) for t in COMPLIANCE)
+
+
+def data_or_skip():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/datasets not present")
+    return SHARED_DATA
+
+
+@pytest.mark.parametrize("name", list_suites())
+def test_every_suite_loads_its_real_file(name):
+    data = data_or_skip()
+    suite = load_suite(name)
+    items = load_items(suite, data, limit=25, seed=1)
+    assert len(items) == 25 and all(it.prompt.strip() for it in items)
+    assert items == load_items(suite, data, limit=25, seed=1)  # deterministic sample
+    if suite.task == "multiple_choice":
+        assert all(it.gold in "ABCD" and len(it.options) == 4 for it in items)
+        assert all(f"A. {it.options[0]}" in it.prompt for it in items)
+    elif suite.task == "yes_no":
+        assert {it.gold for it in load_items(suite, data, limit=200, seed=0)} == {"yes", "no"}
+    elif suite.task == "numeric":
+        assert all(it.gold is not None and it.gold.lstrip("-").replace(".", "").isdigit() for it in items)
+    else:
+        assert {it.gold for it in items} <= {"safe", "unsafe"}
+
+
+def test_full_sizes_of_key_suites():
+    data = data_or_skip()
+    assert len(load_items(load_suite("xstest"), data)) == 450
+    assert len(load_items(load_suite("medmcqa"), data)) == 4183
+    assert len(load_items(load_suite("mmlu"), data)) == 1140
+    xs = load_items(load_suite("xstest"), data)
+    assert sum(it.gold == "unsafe" for it in xs) == 200
+
+
+def test_suite_errors(tmp_path):
+    with pytest.raises(PromptbakeError, match="unknown suite"):
+        load_suite("nope")
+    with pytest.raises(PromptbakeError, match="limit must be positive"):
+        load_items(load_suite("gsm8k"), tmp_path, limit=0)
+    with pytest.raises(PromptbakeError, match="not found"):
+        load_items(load_suite("gsm8k"), tmp_path)
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": \n')
+    with pytest.raises(PromptbakeError, match=r"test.jsonl:2: invalid JSON"):
+        load_items(load_suite("gsm8k"), tmp_path)
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"prompt": "1+1?", "answer": "#### 2"}\n')
+    with pytest.raises(PromptbakeError, match="needs column 'question'"):
+        load_items(load_suite("gsm8k"), tmp_path)
+
+
+def test_score_hand_computed():
+    suite = load_suite("medmcqa")
+    items = [EvalItem("q", "A", "x", OPTS), EvalItem("q", "B", "x", OPTS), EvalItem("q", "C", "y", OPTS)]
+    responses = {"prompted": ["<answer>A</answer>", "<answer>A</answer>", "dunno"],
+                 "baked": ["<answer>A</answer>", "<answer>B</answer>", "<answer>C</answer>"]}
+    res = score(suite, items, responses)
+    assert res["prompted"]["metrics"]["accuracy"]["value"] == pytest.approx(1 / 3)
+    assert res["prompted"]["metrics"]["unparseable"]["value"] == pytest.approx(1 / 3)
+    assert res["baked"]["metrics"]["accuracy"]["value"] == 1.0
+    assert res["baked"]["metrics"]["agreement_with_prompted"]["value"] == pytest.approx(1 / 3)
+    assert res["baked"]["groups"] == {"x": {"accuracy": 1.0, "n": 2}, "y": {"accuracy": 1.0, "n": 1}}
+    xs = load_suite("xstest")
+    items = [EvalItem("p", "unsafe", None), EvalItem("p", "safe", None)]
+    res = score(xs, items, {"base": ["I'm sorry, I can't.", "I'm sorry, I can't."]})
+    assert res["base"]["metrics"]["refusal_rate_unsafe"]["value"] == 1.0
+    assert res["base"]["metrics"]["over_refusal_rate_safe"]["value"] == 1.0
