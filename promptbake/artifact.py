@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from promptbake.errors import PromptbakeError
+from promptbake.faults import fault_point
 
 MANIFEST = "bake.json"
 FORMAT_VERSION = 1
@@ -32,6 +33,7 @@ class BakeManifest(BaseModel):
     name: str
     description: str = ""
     created_at: str
+    build_key: str = ""
     prompt_file: str
     prompt_file_sha256: str
     prompt_sha256: str
@@ -88,17 +90,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_output_free(out_dir: Path, force: bool) -> None:
-    """Refuse early, before any work, when an artifact is already there."""
-    if out_dir.exists() and not force:
-        raise PromptbakeError(f"{out_dir}: output already exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PromptbakeError(f"{out_dir}: exists and is not a folder")
+def write_artifact(out_dir: Path, peft_model, manifest: BakeManifest, train_log: Path | None) -> Path:
+    """Save adapter + manifest into a temp folder, then swap it into `out_dir` with renames.
 
-
-def write_artifact(out_dir: Path, peft_model, manifest: BakeManifest, train_log: Path | None, force: bool) -> Path:
-    """Save adapter + manifest into a temp folder, then swap it into `out_dir` with renames."""
-    check_output_free(out_dir, force)
+    The caller decided that replacing `out_dir` is allowed (see CompilePlan.existing)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,6 +107,7 @@ def write_artifact(out_dir: Path, peft_model, manifest: BakeManifest, train_log:
         if readme.exists():  # PEFT writes a model-card stub; the manifest says more
             readme.unlink()
         _fsync_tree(tmp)
+        fault_point("write")
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
             os.replace(out_dir, old)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import platform
 import random
-import tempfile
+import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,18 +22,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from pydantic import ValidationError
 
-from promptbake.artifact import BakeManifest, check_output_free, sha256_file, write_artifact
+from promptbake.artifact import BakeManifest, sha256_file, write_artifact
+from promptbake.checkpoint import Checkpointing, load_checkpoint
 from promptbake.chat import ChatRenderer
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.measure import check_rates, condition_ids, decode_all, kl_to_teacher
-from promptbake.models import (
-    DEFAULT_MODEL, check_same_tokenizer, load_model, load_tokenizer, resolve_model, weights_sha256,
-)
-from promptbake.queries import Query, load_queries, split_queries
-from promptbake.spec import PromptSpec, load_spec
+from promptbake.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model, weights_sha256
+from promptbake.plan import CompilePlan, plan_compile
+from promptbake.queries import split_queries
 from promptbake.rollout import HFRolloutEngine
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import StepLog, TrainResult, train_opcd
@@ -42,6 +43,7 @@ class BakeResult:
     manifest: BakeManifest
     train: TrainResult
     responses: dict[str, list[str]]
+    up_to_date: bool = False
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -84,34 +86,26 @@ def make_student(base_model, config: BakeConfig):
     return get_peft_model(base_model, lora)
 
 
-def prepare(
-    prompt: str | Path,
-    *,
-    queries: str | Path | None = None,
-    model: str | None = None,
-    teacher: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    variables: dict[str, str] | None = None,
-) -> tuple[PromptSpec, BakeConfig, list[Query], Path]:
-    """Parse and validate the inputs of a compile without loading any model."""
-    spec = load_spec(prompt, variables)
-    try:
-        config = BakeConfig().merged(spec.train).merged({**(overrides or {}), "teacher": teacher})
-    except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise PromptbakeError(f"invalid setting{f' {key!r}' if key else ''}: {first['msg']}") from None
-    queries_path = Path(queries) if queries else spec.queries_path
-    if queries_path is None:
-        raise PromptbakeError(f"{spec.path}: no queries: set 'queries:' in the front matter or pass --queries")
-    loaded = load_queries(queries_path)
-    train_count = len(loaded) - min(config.heldout, len(loaded))
-    if train_count < config.batch_size:
-        raise PromptbakeError(
-            f"{queries_path}: {len(loaded)} queries leave {train_count} for training after {config.heldout} held out; "
-            f"a batch needs {config.batch_size}"
-        )
-    return spec, config, loaded, queries_path
+def _install_stop_handlers() -> tuple[Callable[[], bool], Callable[[], None]]:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second signal stops at once."""
+    requested = {"stop": False}
+    previous = {}
+
+    def handler(signum, frame):
+        if requested["stop"]:
+            signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        requested["stop"] = True
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+
+    def uninstall() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return (lambda: requested["stop"]), uninstall
 
 
 def compile_prompt(
@@ -124,34 +118,45 @@ def compile_prompt(
     overrides: dict[str, Any] | None = None,
     variables: dict[str, str] | None = None,
     force: bool = False,
+    restart: bool = False,
     trust_pickle: bool = False,
     on_step: Callable[[StepLog], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    plan: CompilePlan | None = None,
 ) -> BakeResult:
-    """Bake a prompt file into a LoRA adapter with OPCD. Raises PromptbakeError on bad input."""
+    """Bake a prompt file into a LoRA adapter with OPCD. Raises PromptbakeError on bad input.
+
+    Same inputs as the artifact already in the output folder: returns it ("up to date"). An interrupted
+    compile of the same inputs resumes from its last checkpoint unless `restart`.
+    """
     stage = on_stage or (lambda _msg: None)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
     # 1. Inputs: everything a user can get wrong is checked before the model loads.
-    spec, config, all_queries, queries_path = prepare(
-        prompt, queries=queries, model=model, teacher=teacher, overrides=overrides, variables=variables
-    )
-    out_dir = Path(out) if out else Path("build") / spec.name
-    check_output_free(out_dir, force)
+    plan = plan or plan_compile(prompt, out=out, queries=queries, model=model, teacher=teacher, overrides=overrides,
+                                variables=variables, trust_pickle=trust_pickle)
+    spec, config, all_queries, queries_path, out_dir = plan.spec, plan.config, plan.queries, plan.queries_path, plan.out_dir
+    if plan.build_key is None:
+        plan.resolve()
+    if plan.existing(force) == "up-to-date":
+        stage(f"{out_dir} is up to date")
+        return BakeResult(out_dir, plan.cached_manifest(), TrainResult(), {}, up_to_date=True)
     train_queries, heldout_queries = split_queries(all_queries, config.heldout, config.seed)
-    model_name = model or spec.model or DEFAULT_MODEL
+    if restart:
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+    resume = load_checkpoint(plan.work_dir, plan.build_key)
 
     # 2. Models: one copy of the base weights serves as student (with LoRA) and teacher (LoRA off).
-    stage(f"loading {model_name}")
+    stage(f"loading {plan.model_name}")
     if config.threads:
         torch.set_num_threads(config.threads)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    model_dir = resolve_model(model_name, trust_pickle)
+    model_dir = plan.model_dir
     tokenizer = load_tokenizer(model_dir)
     vocab = len(tokenizer)
-    if config.kl == "topk" and config.topk > vocab:
+    if config.topk > vocab:
         raise PromptbakeError(f"train.topk={config.topk} is larger than the vocabulary ({vocab} tokens)")
     base = load_model(model_dir, trust_pickle)
     max_context = int(getattr(base.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
@@ -168,72 +173,95 @@ def compile_prompt(
         teacher_dir = resolve_model(config.teacher, trust_pickle)
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir), config.teacher)
         teacher_model = load_model(teacher_dir, trust_pickle).to(device)
-        teacher = PromptedTeacher(teacher_model, renderer, tokenizer.pad_token_id, is_student=False, bf16=bf16,
-                                  prefix_cache=config.prefix_cache)
+        prompted = PromptedTeacher(teacher_model, renderer, tokenizer.pad_token_id, is_student=False, bf16=bf16,
+                                   prefix_cache=config.prefix_cache)
     else:
-        teacher = PromptedTeacher(student, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16,
-                                  prefix_cache=config.prefix_cache)
+        prompted = PromptedTeacher(student, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16,
+                                   prefix_cache=config.prefix_cache)
     engine = HFRolloutEngine(student, bf16=bf16)
-    teacher.prepare(all_queries, max(config.max_new_tokens, config.eval_max_new_tokens), str(queries_path))
+    prompted.prepare(all_queries, max(config.max_new_tokens, config.eval_max_new_tokens), str(queries_path))
     timings["load_s"] = time.perf_counter() - t_start
 
     # 3. Held-out KL before training (adapter is zero-initialised, so this is the base model).
     measure_kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed + 1, bf16=bf16,
                       batch_size=config.batch_size * config.rollouts)
-    kl_before = None
-    if heldout_queries:
+    kl_before = resume.extra.get("kl_before") if resume else None
+    if heldout_queries and kl_before is None:
         stage(f"measuring held-out KL on {len(heldout_queries)} queries")
         t = time.perf_counter()
-        kl_before = kl_to_teacher(student, engine, teacher, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean
+        kl_before = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean
         timings["measure_before_s"] = time.perf_counter() - t
 
-    # 4. Train.
+    # 4. Train (resumable: the log and checkpoints live in the work folder beside the output).
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    log_path = plan.work_dir / "train_log.jsonl"
+    log_lines = resume.log_lines if resume else 0
+    _truncate_lines(log_path, log_lines)
+    if resume:
+        stage(f"resuming from step {resume.step} (checkpoint in {plan.work_dir}; --restart to start over)")
     stage(f"training {config.steps} steps")
-    with tempfile.TemporaryDirectory(prefix="promptbake-") as tmp:
-        log_path = Path(tmp) / "train_log.jsonl"
-        result = train_opcd(student, teacher, renderer, tokenizer, train_queries, config, bf16=bf16,
-                            engine=engine, log_path=log_path, on_step=on_step)
-        timings["train_s"] = result.seconds
-
-        # 5. Measure again and compare checks on held-out queries.
-        kl_after, responses, rates = None, {}, {}
-        if heldout_queries:
-            stage("measuring held-out KL and checks after training")
-            t = time.perf_counter()
-            kl_after = kl_to_teacher(student, engine, teacher, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean
-            responses = decode_all(tokenizer, condition_ids(engine, tokenizer, renderer, heldout_queries,
-                                                            max_new_tokens=config.eval_max_new_tokens))
-            rates = check_rates(spec.checks, responses)
-            timings["measure_after_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - t_start
-
-        # 6. Artifact.
-        manifest = BakeManifest(
-            name=spec.name,
-            description=spec.description,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            prompt_file=str(spec.path),
-            prompt_file_sha256=spec.file_sha256,
-            prompt_sha256=spec.prompt_sha256,
-            prompt_tokens=len(tokenizer(spec.system_prompt, add_special_tokens=False)["input_ids"]),
-            base_model=model_name,
-            base_model_path=str(model_dir),
-            base_weights_sha256=weights_sha256(model_dir),
-            tokenizer_sha256=tokenizer_sha256(tokenizer),
-            teacher_model=config.teacher,
-            queries_file=str(queries_path),
-            queries_sha256=sha256_file(queries_path),
-            num_queries=len(all_queries),
-            heldout_ids=[q.id for q in heldout_queries],
-            config=config.model_dump(),
-            seed=config.seed,
-            precision="bf16" if bf16 else "fp32",
-            heldout_kl_before=kl_before,
-            heldout_kl_after=kl_after,
-            check_rates=rates,
-            loss_summary=result.summary(),
-            timings={k: round(v, 3) for k, v in timings.items()},
-            versions=package_versions(),
+    stop_requested, uninstall = _install_stop_handlers()
+    try:
+        result = train_opcd(
+            student, prompted, renderer, tokenizer, train_queries, config, bf16=bf16, engine=engine,
+            log_path=log_path, on_step=on_step,
+            checkpointing=Checkpointing(plan.work_dir, plan.build_key, config.checkpoint_every, resume, log_lines,
+                                        {"kl_before": kl_before}, stop_requested),
         )
-        write_artifact(out_dir, student, manifest, log_path, force)
+    finally:
+        uninstall()
+    result.log = [StepLog(**json.loads(line)) for line in log_path.read_text().splitlines() if line.strip()]
+    timings["train_s"] = result.seconds
+
+    # 5. Measure again and compare checks on held-out queries.
+    kl_after, responses, rates = None, {}, {}
+    if heldout_queries:
+        stage("measuring held-out KL and checks after training")
+        t = time.perf_counter()
+        kl_after = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean
+        responses = decode_all(tokenizer, condition_ids(engine, tokenizer, renderer, heldout_queries,
+                                                        max_new_tokens=config.eval_max_new_tokens))
+        rates = check_rates(spec.checks, responses, heldout_queries)
+        timings["measure_after_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+
+    # 6. Artifact, then drop the work folder.
+    manifest = BakeManifest(
+        name=spec.name,
+        description=spec.description,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        build_key=plan.build_key,
+        prompt_file=str(spec.path),
+        prompt_file_sha256=spec.file_sha256,
+        prompt_sha256=spec.prompt_sha256,
+        prompt_tokens=len(tokenizer(spec.system_prompt, add_special_tokens=False)["input_ids"]),
+        base_model=plan.model_name,
+        base_model_path=str(model_dir),
+        base_weights_sha256=weights_sha256(model_dir),
+        tokenizer_sha256=tokenizer_sha256(tokenizer),
+        teacher_model=config.teacher,
+        queries_file=str(queries_path),
+        queries_sha256=sha256_file(queries_path),
+        num_queries=len(all_queries),
+        heldout_ids=[q.id for q in heldout_queries],
+        config=config.model_dump(),
+        seed=config.seed,
+        precision="bf16" if bf16 else "fp32",
+        heldout_kl_before=kl_before,
+        heldout_kl_after=kl_after,
+        check_rates=rates,
+        loss_summary=result.summary(),
+        timings={k: round(v, 3) for k, v in timings.items()},
+        versions=package_versions(),
+    )
+    write_artifact(out_dir, student, manifest, log_path)
+    shutil.rmtree(plan.work_dir, ignore_errors=True)
     return BakeResult(out_dir, manifest, result, responses)
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first `keep` lines of a log (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)[:keep]
+    path.write_text("".join(lines))

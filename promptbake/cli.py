@@ -41,7 +41,7 @@ def friendly(fn):
             console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("interrupted")
+            console.print("interrupted (an interrupted compile resumes from its last checkpoint when run again)")
             raise typer.Exit(130) from None
 
     return wrapper
@@ -87,14 +87,15 @@ def compile_cmd(
     precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Recompute the prompt for every teacher call.")] = False,
     var: Annotated[list[str], typer.Option("--var", help="Template variable key=value (repeatable).")] = [],
-    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    force: Annotated[bool, typer.Option(help="Rebuild even if up to date; replace an output that is not this prompt's.")] = False,
+    restart: Annotated[bool, typer.Option(help="Ignore the checkpoint of an interrupted compile and start over.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) weights.")] = False,
 ) -> None:
     """Bake PROMPT into a LoRA adapter with on-policy context distillation."""
     _quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from promptbake.bake import compile_prompt, prepare
+    from promptbake.plan import plan_compile
     from promptbake.spec import parse_var_overrides
 
     variables = parse_var_overrides(var)
@@ -103,7 +104,15 @@ def compile_cmd(
         lr=lr, kl=kl, topk=topk, lora_r=lora_r, heldout=heldout, seed=seed, precision=precision,
         prefix_cache=False if no_prefix_cache else None,
     )
-    spec, config, _, _ = prepare(prompt, queries=queries, model=model, teacher=teacher, overrides=overrides, variables=variables)
+    plan = plan_compile(prompt, out=out_dir, queries=queries, model=model, teacher=teacher, overrides=overrides,
+                        variables=variables, trust_pickle=trust_pickle)
+    plan.resolve()
+    if plan.existing(force) == "up-to-date":
+        manifest = plan.cached_manifest()
+        out.print(f"[bold green]up to date[/] {manifest.name} -> {plan.out_dir} (same prompt, model, queries and config)")
+        return
+    config = plan.config
+    from promptbake.bake import compile_prompt
     progress = Progress(
         TextColumn("[bold]step {task.completed}/{task.total}"),
         BarColumn(),
@@ -131,7 +140,8 @@ def compile_cmd(
     try:
         result = compile_prompt(
             prompt, out=out_dir, queries=queries, model=model, teacher=teacher, overrides=overrides,
-            variables=variables, force=force, trust_pickle=trust_pickle, on_step=on_step, on_stage=on_stage,
+            variables=variables, force=force, restart=restart, trust_pickle=trust_pickle, on_step=on_step,
+            on_stage=on_stage, plan=plan,
         )
     finally:
         if progress.live.is_started:

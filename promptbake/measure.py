@@ -131,6 +131,7 @@ def decode_all(tokenizer, ids: dict[str, list[list[int]]]) -> dict[str, list[str
     return {cond: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows] for cond, rows in ids.items()}
 
 
-def check_rates(checks: list[Check], responses: dict[str, list[str]]) -> dict[str, dict[str, float]]:
-    """{condition: {check name: pass rate}}."""
-    return {cond: pass_rates(checks, texts) for cond, texts in responses.items()}
+def check_rates(checks: list[Check], responses: dict[str, list[str]], queries: list[Query]) -> dict[str, dict[str, float]]:
+    """{condition: {check name: pass rate}} over the queries each check applies to."""
+    tags = [q.tags for q in queries]
+    return {cond: pass_rates(checks, texts, tags) for cond, texts in responses.items()}

@@ -15,8 +15,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
-
 from promptbake.errors import PromptbakeError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -53,10 +51,11 @@ def _file_sha256(path: Path) -> str:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint into a safetensors HF folder (written atomically)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if (out_dir / "config.json").is_file():
         return out_dir
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -186,6 +185,7 @@ def load_tokenizer(model_dir: Path):
 
 def load_model(model_dir: Path, trust_pickle: bool = False):
     """A float32 causal LM in eval mode; fp32 master weights, bf16 comes from autocast."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with _quiet_transformers():

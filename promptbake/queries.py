@@ -24,10 +24,18 @@ Messages = list[dict[str, str]]
 class Query:
     id: int
     messages: Messages
+    tags: tuple[str, ...] = ()
 
     @property
     def text(self) -> str:
         return self.messages[-1]["content"]
+
+
+def _tags_from_json(obj: object, where: str) -> tuple[str, ...]:
+    tags = obj.get("tags", []) if isinstance(obj, dict) else []
+    if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise PromptbakeError(f"{where}: 'tags' must be a list of strings")
+    return tuple(tags)
 
 
 def _messages_from_json(obj: object, where: str) -> Messages:
@@ -70,6 +78,7 @@ def load_queries(path: str | Path) -> list[Query]:
     text = _read_text(path)
     suffix = path.suffix.lower()
     messages: list[Messages] = []
+    tags: list[tuple[str, ...]] = []
     if suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -79,6 +88,7 @@ def load_queries(path: str | Path) -> list[Query]:
             except json.JSONDecodeError as e:
                 raise PromptbakeError(f"{path}:{number}: invalid JSON: {e.msg}") from None
             messages.append(_messages_from_json(obj, f"{path}:{number}"))
+            tags.append(_tags_from_json(obj, f"{path}:{number}"))
     elif suffix == ".txt":
         messages = [[{"role": "user", "content": line.strip()}] for line in text.splitlines() if line.strip()]
     elif suffix == ".csv":
@@ -97,7 +107,8 @@ def load_queries(path: str | Path) -> list[Query]:
         raise PromptbakeError(f"{path}: unknown query file type '{suffix}' (use .jsonl, .txt or .csv)")
     if not messages:
         raise PromptbakeError(f"{path}: no queries in file")
-    return [Query(id=i, messages=m) for i, m in enumerate(messages)]
+    tags = tags or [()] * len(messages)
+    return [Query(id=i, messages=m, tags=t) for i, (m, t) in enumerate(zip(messages, tags))]
 
 
 def split_queries(queries: list[Query], heldout: int, seed: int) -> tuple[list[Query], list[Query]]:

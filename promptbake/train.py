@@ -25,6 +25,8 @@ import torch
 from accelerate import Accelerator
 
 from promptbake.chat import ChatRenderer
+from promptbake.checkpoint import Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint
+from promptbake.faults import fault_point
 from promptbake.config import BakeConfig
 from promptbake.losses import reverse_kl
 from promptbake.queries import Query
@@ -91,8 +93,9 @@ def train_opcd(
     engine: HFRolloutEngine | None = None,
     log_path: Path | None = None,
     on_step: Callable[[StepLog], None] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
-    """Run `config.steps` OPCD steps on `student` (a PEFT model) in place."""
+    """Run `config.steps` OPCD steps on `student` (a PEFT model) in place, resuming from a checkpoint if given."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -100,9 +103,18 @@ def train_opcd(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     policy = accelerator.unwrap_model(wrapped)
+    rng = random.Random(config.seed * 1000 + accelerator.process_index)
+    first_step = 1
+    if checkpointing and checkpointing.resume_from:
+        ckpt = checkpointing.resume_from
+        restore(ckpt, policy, optimizer)
+        rng.setstate(python_rng_from_json(ckpt.python_rng))
+        torch.set_rng_state(ckpt.torch_rng)
+        for _ in range(ckpt.step):
+            scheduler.step()
+        first_step = ckpt.step + 1
     engine = engine or HFRolloutEngine(policy, bf16=bf16)
     engine.sync()
-    rng = random.Random(config.seed * 1000 + accelerator.process_index)
     eos_ids = eos_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id
     student_prompts = {q.id: renderer.student_ids(q.messages) for q in train_queries}
@@ -110,8 +122,9 @@ def train_opcd(
     log_file = open(log_path, "a") if log_path and accelerator.is_main_process else None
     started = time.perf_counter()
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(first_step, config.steps + 1):
             t0 = time.perf_counter()
+            fault_point("sampling")
             batch = [q for q in rng.sample(train_queries, config.batch_size) for _ in range(config.rollouts)]
             prompts = [student_prompts[q.id] for q in batch]
             rollout = engine.sample(
@@ -144,6 +157,7 @@ def train_opcd(
                 del teacher_logits_BTV, student_logits_BTV, kl_BT
             t2 = t1 + teacher_s
             grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)
+            fault_point("optimizer")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -171,6 +185,16 @@ def train_opcd(
                 log_file.flush()
             if on_step:
                 on_step(entry)
+            if checkpointing and accelerator.is_main_process:
+                stop = checkpointing.stop_requested()
+                if stop or step % checkpointing.every == 0 or step == config.steps:
+                    save_checkpoint(
+                        checkpointing.work_dir, step=step, build_key=checkpointing.build_key, model=policy,
+                        optimizer=optimizer, python_rng_state=python_rng_to_json(rng.getstate()),
+                        log_lines=checkpointing.log_lines_before + len(result.log), extra=checkpointing.extra,
+                    )
+                if stop:
+                    raise KeyboardInterrupt
     finally:
         if log_file:
             log_file.close()

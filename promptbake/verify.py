@@ -20,6 +20,7 @@ import torch
 from promptbake.artifact import read_manifest
 from promptbake.bake import use_bf16
 from promptbake.chat import ChatRenderer
+from promptbake.checks import check_outcomes
 from promptbake.errors import PromptbakeError
 from promptbake.measure import condition_ids, decode_all, kl_to_teacher
 from promptbake.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model, weights_sha256
@@ -164,8 +165,11 @@ def verify_adapter(
 
     texts = decode_all(tokenizer, ids)
     report.samples = texts
+    outcomes = {cond: check_outcomes(spec.checks, texts[cond], [q.tags for q in query_list]) for cond in texts}
     for check in spec.checks:
-        passed = {cond: [float(check.passes(t)) for t in texts[cond]] for cond in texts}
+        passed = {cond: outcomes[cond][check.name] for cond in texts}
+        if not passed["baked"]:
+            continue  # no query carries this check's tags
         report.checks[check.name] = {cond: mean_ci(v) for cond, v in passed.items()}
         report.check_ratios[check.name] = ratio_of_means_ci(passed["baked"], passed["teacher"])
 

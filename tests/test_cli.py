@@ -59,12 +59,22 @@ def test_compile_writes_a_loadable_adapter_and_respects_force(tmp_path, prompt, 
 
     before = (out / "adapter_model.safetensors").read_bytes()
     again = run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST)
-    assert_one_line_error(again, "already exists")
+    assert again.exit_code == 0 and "up to date" in again.output
     assert (out / "adapter_model.safetensors").read_bytes() == before
-    forced = run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST, "--seed", "5", "--force")
-    assert forced.exit_code == 0, forced.output
+    changed = run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST, "--seed", "5")
+    assert changed.exit_code == 0 and "baked tinybake" in changed.output, changed.output
     assert read_manifest(out).seed == 5
-    assert not list(out.parent.glob(".out.*")), "temporary folders left behind"
+    forced = run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST, "--seed", "5", "--force")
+    assert forced.exit_code == 0 and "baked tinybake" in forced.output
+    assert not list(out.parent.glob(".out.*")), "temporary or work folders left behind"
+
+
+def test_output_holding_something_else_is_kept_without_force(tmp_path, prompt, tiny_model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_one_line_error(run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST), "--force")
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_same_seed_gives_the_same_adapter(tmp_path, prompt, tiny_model_dir):

@@ -131,6 +131,7 @@ def test_var_overrides_parse():
         ({"contains": "ahoy"}, "AHOY there", "hello"),
         ({"not_contains": "SmolLM"}, "I am a pirate", "I am smollm"),
         ({"regex": r"\bye\b"}, "Ye be fine", "yes"),
+        ({"not_regex": r"sorry|can't"}, "Sure, here you go", "I can't do that"),
         ({"max_words": 3}, "one two three", "one two three four"),
         ({"starts_with": "Ahoy"}, "  ahoy, matey", "Well, ahoy"),
         ({"ends_with": "Arr!"}, "Done. Arr!  ", "Arr! Done."),
@@ -142,6 +143,15 @@ def test_var_overrides_parse():
 def test_checks(check, good, bad):
     c = Check.model_validate({"name": "c", **check})
     assert c.passes(good) and not c.passes(bad)
+
+
+def test_checks_apply_only_to_tagged_queries():
+    from promptbake.checks import check_outcomes
+
+    refuse = Check(name="refuse", contains="sorry", tags=["harmful"])
+    outcomes = check_outcomes([refuse], ["sorry", "sure", "sure"], [("harmful",), ("benign",), ("harmful",)])
+    assert outcomes["refuse"] == [1.0, 0.0]
+    assert pass_rates([refuse], ["sure"], [("benign",)])["refuse"] != pass_rates([refuse], ["sure"], [("benign",)])["refuse"]  # nan
 
 
 def test_pass_rates_include_all():

@@ -1,0 +1,144 @@
+"""Checkpoints of an unfinished compile, so a killed run resumes where it stopped.
+
+A checkpoint holds everything the next step depends on: LoRA weights, AdamW moments and step counts,
+the query sampler's and torch's RNG states, the step number and what was measured before training. On
+CPU a resumed run then reproduces the uninterrupted run bit for bit. Tensors are stored as safetensors
+(never pickle); the rest as JSON. Each save goes to a temporary folder that is renamed over the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from promptbake.faults import fault_point
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    build_key: str
+    lora: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    adam_steps: list[float]
+    python_rng: Any
+    torch_rng: torch.Tensor
+    log_lines: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Checkpointing:
+    """How the training loop saves and resumes: where, under which build key, how often."""
+
+    work_dir: Path
+    build_key: str
+    every: int
+    resume_from: Checkpoint | None = None
+    log_lines_before: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    stop_requested: Callable[[], bool] = lambda: False
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _fsync_dir(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimizer, python_rng_state: Any,
+                    log_lines: int, extra: dict[str, Any]) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = work_dir / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    params = trainable(model)
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "lora.safetensors"))
+    moments: dict[str, torch.Tensor] = {}
+    adam_steps: list[float] = []
+    for index, p in enumerate(params.values()):
+        state = optimizer.state.get(p, {})
+        if state:
+            moments[f"{index}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
+            moments[f"{index}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+            adam_steps.append(float(state["step"]))
+        else:
+            adam_steps.append(0.0)
+    save_file(moments or {"empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
+    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    fault_point("checkpoint")
+    (tmp / "state.json").write_text(json.dumps({
+        "step": step, "build_key": build_key, "adam_steps": adam_steps, "python_rng": python_rng_state,
+        "log_lines": log_lines, "extra": extra,
+    }))
+    _fsync_dir(tmp)
+    final = work_dir / CHECKPOINT
+    old = work_dir / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(work_dir: Path, build_key: str) -> Checkpoint | None:
+    """The last complete checkpoint of a compile with this build key, or None."""
+    folder = work_dir / CHECKPOINT
+    if not folder.is_dir():
+        old = work_dir / f".{CHECKPOINT}.old"  # killed between the two renames
+        folder = old if old.is_dir() else folder
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        if state["build_key"] != build_key:
+            return None
+        return Checkpoint(
+            step=int(state["step"]),
+            build_key=state["build_key"],
+            lora=load_file(str(folder / "lora.safetensors")),
+            optimizer=load_file(str(folder / "optimizer.safetensors")),
+            adam_steps=state["adam_steps"],
+            python_rng=state["python_rng"],
+            torch_rng=load_file(str(folder / "rng.safetensors"))["torch_rng"],
+            log_lines=int(state["log_lines"]),
+            extra=state.get("extra", {}),
+        )
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def restore(checkpoint: Checkpoint, model, optimizer) -> None:
+    """Put LoRA weights and AdamW state back exactly as they were saved."""
+    params = trainable(model)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(checkpoint.lora[name])
+    for index, p in enumerate(params.values()):
+        if checkpoint.adam_steps[index] > 0:
+            optimizer.state[p] = {
+                "step": torch.tensor(checkpoint.adam_steps[index]),
+                "exp_avg": checkpoint.optimizer[f"{index}.exp_avg"].to(p.device).clone(),
+                "exp_avg_sq": checkpoint.optimizer[f"{index}.exp_avg_sq"].to(p.device).clone(),
+            }
+
+
+def python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def python_rng_from_json(data: list) -> tuple:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)

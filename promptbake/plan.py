@@ -1,0 +1,115 @@
+"""What a compile will do, decided before any model loads: validated inputs, output folder and build key.
+
+The build key hashes everything that determines the adapter: rendered prompt, queries file, base (and
+teacher) weights, the full config and the promptbake version. Same key and an intact artifact in the
+output folder -> "up to date". This module stays free of torch so that answer takes well under 2 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from promptbake.artifact import BakeManifest, read_manifest, sha256_file
+from promptbake.config import BakeConfig
+from promptbake.errors import PromptbakeError
+from promptbake.models import DEFAULT_MODEL, resolve_model, weights_sha256
+from promptbake.queries import Query, load_queries
+from promptbake.spec import PromptSpec, load_spec
+
+BUILD_KEY_VERSION = "1"
+NOT_IN_KEY = {"checkpoint_every", "threads"}  # change how a bake runs, not what it produces
+
+
+@dataclass
+class CompilePlan:
+    spec: PromptSpec
+    config: BakeConfig
+    queries: list[Query]
+    queries_path: Path
+    out_dir: Path
+    model_name: str
+    trust_pickle: bool = False
+    model_dir: Path | None = None
+    build_key: str | None = None
+
+    @property
+    def work_dir(self) -> Path:
+        """Checkpoints of an unfinished compile live beside the output, never inside it."""
+        return self.out_dir.parent / f".{self.out_dir.name}.work"
+
+    def resolve(self) -> None:
+        """Find the model (converting a GGUF once) and compute the build key."""
+        self.model_dir = resolve_model(self.model_name, self.trust_pickle)
+        teacher_hash = weights_sha256(resolve_model(self.config.teacher, self.trust_pickle)) if self.config.teacher else None
+        from promptbake import __version__
+
+        payload = {
+            "v": BUILD_KEY_VERSION,
+            "promptbake": __version__,
+            "prompt_sha256": self.spec.prompt_sha256,
+            "queries_sha256": sha256_file(self.queries_path),
+            "base_weights_sha256": weights_sha256(self.model_dir),
+            "teacher_weights_sha256": teacher_hash,
+            "config": self.config.model_dump(exclude=NOT_IN_KEY),
+        }
+        self.build_key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def existing(self, force: bool) -> Literal["absent", "up-to-date", "stale"]:
+        """State of the output folder; refuses to overwrite something that is not this prompt's artifact."""
+        if not self.out_dir.exists():
+            return "absent"
+        if not self.out_dir.is_dir():
+            raise PromptbakeError(f"{self.out_dir}: exists and is not a folder")
+        try:
+            manifest = read_manifest(self.out_dir)
+        except PromptbakeError as e:
+            if force:
+                return "stale"
+            raise PromptbakeError(f"{self.out_dir}: output exists and is not an intact promptbake artifact ({e}); pass --force to replace it") from None
+        if manifest.name != self.spec.name and not force:
+            raise PromptbakeError(f"{self.out_dir}: output holds the bake of '{manifest.name}', not '{self.spec.name}'; pass --force to replace it")
+        if manifest.build_key == self.build_key and not force:
+            return "up-to-date"
+        return "stale"
+
+    def cached_manifest(self) -> BakeManifest:
+        return read_manifest(self.out_dir)
+
+
+def plan_compile(
+    prompt: str | Path,
+    *,
+    out: str | Path | None = None,
+    queries: str | Path | None = None,
+    model: str | None = None,
+    teacher: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    variables: dict[str, str] | None = None,
+    trust_pickle: bool = False,
+) -> CompilePlan:
+    """Parse and validate every input of a compile; no model is loaded."""
+    spec = load_spec(prompt, variables)
+    try:
+        config = BakeConfig().merged(spec.train).merged({**(overrides or {}), "teacher": teacher})
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise PromptbakeError(f"invalid setting{f' {key!r}' if key else ''}: {first['msg']}") from None
+    queries_path = Path(queries) if queries else spec.queries_path
+    if queries_path is None:
+        raise PromptbakeError(f"{spec.path}: no queries: set 'queries:' in the front matter or pass --queries")
+    loaded = load_queries(queries_path)
+    train_count = len(loaded) - min(config.heldout, len(loaded))
+    if train_count < config.batch_size:
+        raise PromptbakeError(
+            f"{queries_path}: {len(loaded)} queries leave {train_count} for training after {config.heldout} held out; "
+            f"a batch needs {config.batch_size}"
+        )
+    out_dir = Path(out) if out else Path("build") / spec.name
+    return CompilePlan(spec, config, loaded, queries_path, out_dir, model or spec.model or DEFAULT_MODEL, trust_pickle)
