@@ -124,7 +124,7 @@ def train_opcd(
     try:
         for step in range(first_step, config.steps + 1):
             t0 = time.perf_counter()
-            fault_point("sampling")
+            fault_point("sampling", step)
             batch = [q for q in rng.sample(train_queries, config.batch_size) for _ in range(config.rollouts)]
             prompts = [student_prompts[q.id] for q in batch]
             rollout = engine.sample(
@@ -157,7 +157,7 @@ def train_opcd(
                 del teacher_logits_BTV, student_logits_BTV, kl_BT
             t2 = t1 + teacher_s
             grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)
-            fault_point("optimizer")
+            fault_point("optimizer", step)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
