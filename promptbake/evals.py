@@ -309,13 +309,12 @@ def run_eval(
 ) -> dict:
     """Greedy answers of each condition (base, prompted, each adapter) to the suite, scored side by side."""
     import torch
-    from peft import PeftModel
 
     from promptbake.artifact import read_manifest
     from promptbake.bake import use_bf16
     from promptbake.chat import ChatRenderer
     from promptbake.measure import decode_all, generate_ids
-    from promptbake.models import load_model, load_tokenizer, resolve_model
+    from promptbake.models import load_adapter, load_model, load_tokenizer, resolve_model
     from promptbake.rollout import HFRolloutEngine
     from promptbake.spec import load_spec
 
@@ -343,9 +342,9 @@ def run_eval(
     tokenizer = load_tokenizer(model_dir)
     base = load_model(model_dir)
     if manifests:
-        peft_model = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name=names[0])
+        peft_model = load_adapter(base, Path(adapters[0]), names[0])
         for name, path in zip(names[1:], adapters[1:]):
-            peft_model.load_adapter(str(path), adapter_name=name)
+            load_adapter(base, Path(path), name, into=peft_model)
     else:
         from peft import LoraConfig, get_peft_model
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from promptbake.artifact import read_manifest
-from promptbake.models import load_model, load_tokenizer, resolve_model
+from promptbake.models import load_adapter, load_model, load_tokenizer, resolve_model
 from promptbake.rollout import eos_token_ids, sample
 
 
@@ -22,12 +22,10 @@ class LocalChat:
 
     @classmethod
     def load(cls, adapter_dir: str | Path, use_adapter: bool = True) -> "LocalChat":
-        from peft import PeftModel
-
         manifest = read_manifest(adapter_dir)
         model_dir = resolve_model(manifest.base_model_path if Path(manifest.base_model_path).is_dir() else manifest.base_model)
         tokenizer = load_tokenizer(model_dir)
-        model = PeftModel.from_pretrained(load_model(model_dir), str(adapter_dir))
+        model = load_adapter(load_model(model_dir), Path(adapter_dir))
         model.eval()
         return cls(model, tokenizer, use_adapter, manifest.precision == "bf16")
 

@@ -200,3 +200,19 @@ def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str) -> None:
         raise PromptbakeError(f"teacher '{teacher_name}' has a different tokenizer vocabulary than the student; they must match")
     if student_tok.eos_token_id != teacher_tok.eos_token_id:
         raise PromptbakeError(f"teacher '{teacher_name}' has a different EOS token than the student")
+
+
+def load_adapter(base_model, adapter_dir: Path, name: str = "default", into=None):
+    """PeftModel over `base_model` from a baked adapter folder; a mismatched adapter is a clear error.
+
+    With `into` (a PeftModel), the adapter is added to it under `name` instead."""
+    from peft import PeftModel
+
+    try:
+        if into is not None:
+            into.load_adapter(str(adapter_dir), adapter_name=name)
+            return into
+        return PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=name)
+    except Exception as e:  # PEFT/torch report shape and key mismatches with several exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PromptbakeError(f"{adapter_dir}: adapter does not fit the base model: {first[:300]}") from None

@@ -141,7 +141,7 @@ def render_template(body: str, folder: Path, variables: dict[str, Any], where: s
         raise PromptbakeError(f"{where}{at}: undefined template variable: {e.message}") from None
     except PromptbakeError as e:
         raise PromptbakeError(f"{where}: {e}") from None
-    except (jinja2.TemplateError, TypeError, ValueError, ZeroDivisionError) as e:
+    except (jinja2.TemplateError, TypeError, ValueError, ZeroDivisionError, OverflowError, RecursionError) as e:
         raise PromptbakeError(f"{where}: template error: {e}") from None
     if len(rendered) > MAX_PROMPT_CHARS:
         raise PromptbakeError(f"{where}: rendered prompt is {len(rendered):,} characters, over the {MAX_PROMPT_CHARS:,} limit")

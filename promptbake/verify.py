@@ -23,7 +23,7 @@ from promptbake.chat import ChatRenderer
 from promptbake.checks import check_outcomes
 from promptbake.errors import PromptbakeError
 from promptbake.measure import condition_ids, decode_all, kl_to_teacher
-from promptbake.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model, weights_sha256
+from promptbake.models import check_same_tokenizer, load_adapter, load_model, load_tokenizer, resolve_model, weights_sha256
 from promptbake.queries import load_queries
 from promptbake.rollout import HFRolloutEngine
 from promptbake.spec import VerifyThresholds, load_spec
@@ -121,10 +121,8 @@ def verify_adapter(
     model_dir = resolve_model(manifest.base_model_path if Path(manifest.base_model_path).is_dir() else manifest.base_model)
     if weights_sha256(model_dir) != manifest.base_weights_sha256:
         raise PromptbakeError(f"{model_dir}: base weights differ from the ones {adapter_dir} was baked on (sha256 mismatch)")
-    from peft import PeftModel
-
     tokenizer = load_tokenizer(model_dir)
-    model = PeftModel.from_pretrained(load_model(model_dir), str(adapter_dir))
+    model = load_adapter(load_model(model_dir), adapter_dir)
     model.eval()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
