@@ -178,7 +178,7 @@ def compile_prompt(
     else:
         prompted = PromptedTeacher(student, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16,
                                    prefix_cache=config.prefix_cache)
-    engine = HFRolloutEngine(student, bf16=bf16)
+    engine = HFRolloutEngine(student, bf16=bf16, merged_copy=config.sampler_copy)
     prompted.prepare(all_queries, max(config.max_new_tokens, config.eval_max_new_tokens), str(queries_path))
     timings["load_s"] = time.perf_counter() - t_start
 

@@ -89,6 +89,7 @@ def compile_cmd(
     var: Annotated[list[str], typer.Option("--var", help="Template variable key=value (repeatable).")] = [],
     force: Annotated[bool, typer.Option(help="Rebuild even if up to date; replace an output that is not this prompt's.")] = False,
     restart: Annotated[bool, typer.Option(help="Ignore the checkpoint of an interrupted compile and start over.")] = False,
+    make_report: Annotated[bool, typer.Option("--report", help="Write report.html/report.md into the output.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) weights.")] = False,
 ) -> None:
     """Bake PROMPT into a LoRA adapter with on-policy context distillation."""
@@ -159,6 +160,10 @@ def compile_cmd(
     if m.check_rates and any(m.check_rates.values()):
         out.print(_rate_table(f"checks on {len(m.heldout_ids)} held-out queries (greedy)", m.check_rates))
     out.print(f"prompt tokens saved per request: {m.prompt_tokens}")
+    if make_report:
+        from promptbake.report import build_report
+
+        out.print(f"report: {build_report(result.out_dir)[0]}")
 
 
 @app.command()
@@ -242,6 +247,16 @@ def eval_cmd(
         write_text_atomic(json_out, _json.dumps(result, indent=2) + "\n")
     if md_out:
         write_text_atomic(md_out, result["markdown"] + "\n")
+
+
+@app.command()
+@friendly
+def report(adapter: Annotated[Path, typer.Argument(help="Baked adapter folder.")]) -> None:
+    """Write report.html and report.md into the adapter folder (add results under ADAPTER/reports/)."""
+    from promptbake.report import build_report
+
+    html_path, md_path = build_report(adapter)
+    out.print(f"wrote {html_path} and {md_path}")
 
 
 @app.command()

@@ -62,6 +62,9 @@ class BakeConfig(BaseModel):
         "auto", description="auto: bf16 autocast where the hardware has fast bf16 (AMX/AVX-512 CPUs, CUDA), else fp32."
     )
     prefix_cache: bool = Field(True, description="Compute the teacher's system-prompt KV cache once and reuse it.")
+    sampler_copy: bool = Field(
+        True, description="With bf16, sample from a bf16 copy of the base with the LoRA merged in (refreshed every step)."
+    )
     checkpoint_every: int = Field(10, gt=0, description="Save a resumable checkpoint every N steps (and on SIGINT/SIGTERM).")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores.")
 

@@ -174,16 +174,16 @@ class HFRolloutEngine:
     refreshed by `sync()` after every optimizer step. Decoding small batches on a CPU is bound by reading
     weights and by per-op overhead; a merged bf16 model reads half the bytes and skips the LoRA side
     branches, so sampling is several times faster than through the PEFT model under autocast. Numerically
-    it matches autocast, which casts the same weights to bf16 on every call. Without bf16 the engine samples
-    through the PEFT model itself and holds no copy.
+    it matches autocast, which casts the same weights to bf16 on every call. Without bf16 (or with
+    `merged_copy=False`) the engine samples through the PEFT model itself and holds no copy.
     """
 
-    def __init__(self, policy, *, bf16: bool):
+    def __init__(self, policy, *, bf16: bool, merged_copy: bool = True):
         self.policy = policy
         self.bf16 = bf16
         self.model = None
         self.with_adapter = True
-        if bf16:
+        if bf16 and merged_copy:
             from transformers import AutoModelForCausalLM
 
             base = policy.get_base_model()
@@ -221,6 +221,6 @@ class HFRolloutEngine:
         if self.model is not None:
             return sample(self.model, prompts, bf16=False, **kwargs)
         if self.with_adapter:
-            return sample(self.policy, prompts, bf16=False, **kwargs)
+            return sample(self.policy, prompts, bf16=self.bf16, **kwargs)
         with self.policy.disable_adapter():
-            return sample(self.policy, prompts, bf16=False, **kwargs)
+            return sample(self.policy, prompts, bf16=self.bf16, **kwargs)

@@ -1,0 +1,160 @@
+"""Benchmark: what each optimisation buys, side by side in one run.
+
+Part 1, teacher scoring: batch 4 x (system prompt + query + 64 response tokens) with the prompt's KV
+cache vs without, for the shipped pirate prompt and a ~2,000-token prompt, fp32 and bf16; the max abs
+difference of the logits is reported too.
+
+Part 2, whole OPCD steps on the default model: each variant (all on, no prefix cache, no bf16 sampler
+copy, fp32) runs in its own process (so peak RSS is its own), in alternating order over rounds.
+
+    python benchmarks/train_step.py [--steps 3] [--rounds 1] [--out benchmarks/results/train_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PIRATE = REPO / "prompts" / "pirate.md"
+VARIANTS = {
+    "all on": {},
+    "no prefix cache": {"prefix_cache": False},
+    "no bf16 sampler copy": {"sampler_copy": False},
+    "fp32 everywhere": {"precision": "fp32"},
+}
+
+
+def long_prompt_file(folder: Path) -> Path:
+    """A ~2,000-token policy prompt (numbered rules), beside a copy of the pirate queries."""
+    rules = "\n".join(
+        f"{i}. When a customer asks about topic {i}, answer politely, cite policy section {i}.{i % 7}, keep it under "
+        f"{40 + i % 30} words, never promise refunds above {i * 3} dollars, and close with 'Ahoy, matey!'."
+        for i in range(1, 61)
+    )
+    (folder / "pirate_queries.jsonl").write_text((REPO / "prompts" / "pirate_queries.jsonl").read_text())
+    path = folder / "long.md"
+    path.write_text("---\nname: long\nqueries: pirate_queries.jsonl\n---\nYou are a support pirate. Follow every rule.\n" + rules + "\n")
+    return path
+
+
+def teacher_scoring(prompt_path: Path, repeats: int = 3) -> list[dict]:
+    import torch
+
+    from promptbake.chat import ChatRenderer
+    from promptbake.models import load_model, load_tokenizer, resolve_model
+    from promptbake.queries import load_queries
+    from promptbake.rollout import Rollout
+    from promptbake.spec import load_spec
+    from promptbake.teacher import PromptedTeacher
+
+    model_dir = resolve_model(None)
+    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    spec = load_spec(prompt_path)
+    renderer = ChatRenderer.for_tokenizer(tok, spec.system_prompt, 8192)
+    queries = load_queries(spec.queries_path)[:4]
+    g = torch.Generator().manual_seed(0)
+    rollout = Rollout(torch.randint(100, 40000, (4, 64), generator=g), torch.ones(4, 64, dtype=torch.long))
+    prompt_tokens = len(tok(spec.system_prompt, add_special_tokens=False)["input_ids"])
+    rows = []
+    for bf16 in (False, True):
+        timings, logits = {}, {}
+        for cached in (True, False):
+            teacher = PromptedTeacher(model, renderer, tok.pad_token_id, is_student=False, bf16=bf16, prefix_cache=cached)
+            teacher.prepare(queries, 64, "bench")
+            t0 = time.perf_counter()
+            logits[cached] = teacher.logits(queries, rollout).float()  # first call builds the cache
+            first = time.perf_counter() - t0
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                teacher.logits(queries, rollout)
+                times.append(time.perf_counter() - t0)
+            timings[cached] = (statistics.median(times), first)
+        rows.append({
+            "prompt": spec.name, "prompt_tokens": prompt_tokens, "precision": "bf16" if bf16 else "fp32",
+            "cached_s": timings[True][0], "cache_build_plus_first_call_s": timings[True][1], "uncached_s": timings[False][0],
+            "speedup": timings[False][0] / timings[True][0],
+            "max_abs_logit_diff": float((logits[True] - logits[False]).abs().max()),
+        })
+    return rows
+
+
+def worker(prompt: str, variant: str, steps: int) -> dict:
+    """One variant, a few steps, in this process; prints its JSON."""
+    from promptbake.bake import compile_prompt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = dict(steps=steps, heldout=0, checkpoint_every=10_000, **VARIANTS[variant])
+        result = compile_prompt(prompt, out=Path(tmp) / "out", overrides=overrides)
+    log = result.train.log[1:] or result.train.log  # step 1 includes one-off warm-up
+    return {
+        "s_per_step": statistics.median(e.seconds for e in log),
+        "tokens_per_s": sum(e.response_tokens for e in log) / sum(e.seconds for e in log),
+        "sample_s": statistics.median(e.sample_seconds for e in log),
+        "teacher_s": statistics.median(e.teacher_seconds for e in log),
+        "student_s": statistics.median(e.student_seconds for e in log),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_step.json")
+    parser.add_argument("--worker", nargs=2, metavar=("PROMPT", "VARIANT"))
+    parser.add_argument("--skip-steps", action="store_true", help="Only the teacher-scoring part.")
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.steps)))
+        return
+
+    tmp = Path(tempfile.mkdtemp())
+    prompts = {"pirate": PIRATE, "long": long_prompt_file(tmp)}
+    report: dict = {"machine": f"{os.cpu_count()} cores", "teacher_scoring": [], "steps": {}}
+    for path in prompts.values():
+        report["teacher_scoring"] += teacher_scoring(path)
+    print("\nTeacher scoring, batch 4 x (prompt + query + 64 tokens), median of 3")
+    print(f"{'prompt':8} {'tokens':>6} {'prec':>5} {'cached s':>9} {'uncached s':>10} {'speedup':>8} {'max |diff|':>10}")
+    for r in report["teacher_scoring"]:
+        print(f"{r['prompt']:8} {r['prompt_tokens']:>6} {r['precision']:>5} {r['cached_s']:>9.3f} {r['uncached_s']:>10.3f} "
+              f"{r['speedup']:>7.1f}x {r['max_abs_logit_diff']:>10.2e}")
+
+    if not args.skip_steps:
+        runs: dict[tuple[str, str], list[dict]] = {}
+        names = list(VARIANTS)
+        for rnd in range(args.rounds):
+            order = names if rnd % 2 == 0 else names[::-1]  # alternate: machine noise hits every variant alike
+            for pname, path in prompts.items():
+                for variant in order:
+                    proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", str(path), variant],
+                                          capture_output=True, text=True, check=True)
+                    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+                    runs.setdefault((pname, variant), []).append(json.loads(line[7:]))
+        print(f"\nOPCD steps on SmolLM2-135M (batch 16, 48 new tokens), median over {args.steps - 1} steps x {args.rounds} round(s)")
+        print(f"{'prompt':8} {'variant':22} {'s/step':>7} {'tok/s':>6} {'sample':>7} {'teacher':>8} {'student':>8} {'RSS GB':>7} {'vs all on':>9}")
+        for pname in prompts:
+            base = statistics.median(r["tokens_per_s"] for r in runs[(pname, "all on")])
+            for variant in names:
+                rs = runs[(pname, variant)]
+                agg = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                agg["tokens_per_s_vs_all_on"] = agg["tokens_per_s"] / base
+                report["steps"][f"{pname} / {variant}"] = agg
+                print(f"{pname:8} {variant:22} {agg['s_per_step']:>7.2f} {agg['tokens_per_s']:>6.0f} {agg['sample_s']:>7.2f} "
+                      f"{agg['teacher_s']:>8.2f} {agg['student_s']:>8.2f} {agg['peak_rss_gb']:>7.2f} {agg['tokens_per_s_vs_all_on']:>8.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
