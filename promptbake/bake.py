@@ -169,6 +169,8 @@ def compile_prompt(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student.to(device)
     bf16 = use_bf16(config.precision, device)
+    if config.teacher_mode == "live" and config.teacher:
+        raise PromptbakeError("teacher_mode live makes the student its own teacher; it cannot be combined with --teacher")
     if config.teacher:
         teacher_dir = resolve_model(config.teacher, trust_pickle)
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir), config.teacher)
@@ -177,7 +179,7 @@ def compile_prompt(
                                    prefix_cache=config.prefix_cache)
     else:
         prompted = PromptedTeacher(student, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16,
-                                   prefix_cache=config.prefix_cache)
+                                   prefix_cache=config.prefix_cache)  # frozen while measuring; live (if asked) while training
     engine = HFRolloutEngine(student, bf16=bf16, merged_copy=config.sampler_copy)
     prompted.prepare(all_queries, max(config.max_new_tokens, config.eval_max_new_tokens), str(queries_path))
     timings["load_s"] = time.perf_counter() - t_start
@@ -199,17 +201,26 @@ def compile_prompt(
     _truncate_lines(log_path, log_lines)
     if resume:
         stage(f"resuming from step {resume.step} (checkpoint in {plan.work_dir}; --restart to start over)")
-    stage(f"training {config.steps} steps")
+    fixed = None
+    if config.method != "opcd":
+        stage(f"sampling the prompted teacher's responses for {config.method}")
+        fixed = teacher_responses(plan, prompted, engine, renderer, tokenizer, train_queries, bf16)
+    stage(f"training {config.steps} steps ({config.method}, {config.teacher_mode} teacher)")
     stop_requested, uninstall = _install_stop_handlers()
+    prompted.live = config.teacher_mode == "live"
+    prompted.refresh()
     try:
         result = train_opcd(
             student, prompted, renderer, tokenizer, train_queries, config, bf16=bf16, engine=engine,
             log_path=log_path, on_step=on_step,
             checkpointing=Checkpointing(plan.work_dir, plan.build_key, config.checkpoint_every, resume, log_lines,
                                         {"kl_before": kl_before}, stop_requested),
+            fixed_responses=fixed,
         )
     finally:
         uninstall()
+        prompted.live = False  # measure against the prompted initial weights, whatever taught
+        prompted.refresh()
     result.log = [StepLog(**json.loads(line)) for line in log_path.read_text().splitlines() if line.strip()]
     timings["train_s"] = result.seconds
 
@@ -257,6 +268,45 @@ def compile_prompt(
     write_artifact(out_dir, student, manifest, log_path)
     shutil.rmtree(plan.work_dir, ignore_errors=True)
     return BakeResult(out_dir, manifest, result, responses)
+
+
+def teacher_responses(plan: CompilePlan, teacher: PromptedTeacher, engine: HFRolloutEngine, renderer: ChatRenderer,
+                      tokenizer, queries, bf16: bool) -> dict[int, list[list[int]]]:
+    """The prompted teacher's sampled responses (`rollouts` per query), cached on disk by everything they depend on."""
+    from promptbake.models import promptbake_home
+    from promptbake.rollout import eos_token_ids, sample
+
+    config = plan.config
+    key = hashlib.sha256(json.dumps({
+        "prompt": plan.spec.prompt_sha256, "base": weights_sha256(plan.model_dir), "teacher": config.teacher,
+        "queries": sha256_file(plan.queries_path), "ids": [q.id for q in queries], "temperature": config.temperature,
+        "max_new_tokens": config.max_new_tokens, "rollouts": config.rollouts, "seed": config.seed,
+    }, sort_keys=True).encode()).hexdigest()
+    cache = promptbake_home() / "teacher_samples" / f"{key}.json"
+    if cache.is_file():
+        return {int(k): v for k, v in json.loads(cache.read_text()).items()}
+    eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
+    out: dict[int, list[list[int]]] = {q.id: [] for q in queries}
+    rows = [q for q in queries for _ in range(config.rollouts)]
+    engine.sync(with_adapter=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 2)
+        for i in range(0, len(rows), 16):
+            chunk = rows[i:i + 16]
+            prompts = [teacher.prompt_ids(q) for q in chunk]
+            if teacher.is_student:
+                ro = engine.sample(prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                   eos_ids=eos_ids, pad_id=pad_id)
+            else:
+                ro = sample(teacher.model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                            eos_ids=eos_ids, pad_id=pad_id, bf16=bf16)
+            for q, ids, mask in zip(chunk, ro.response_ids_BT, ro.response_mask_BT):
+                out[q.id].append(ids[mask.bool()].tolist())
+    engine.sync()
+    from promptbake.artifact import write_text_atomic
+
+    write_text_atomic(cache, json.dumps(out))
+    return out
 
 
 def _truncate_lines(path: Path, keep: int) -> None:

@@ -20,7 +20,18 @@ class BakeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # What is trained and against what.
-    method: Literal["opcd"] = Field("opcd", description="Training objective. opcd: on-policy reverse KL to the prompted teacher.")
+    method: Literal["opcd", "offpolicy", "sft"] = Field(
+        "opcd",
+        description=(
+            "opcd: the student samples, reverse KL to the prompted teacher on those tokens. offpolicy: the prompted "
+            "teacher samples once (cached), forward KL over the teacher's top-k on those fixed responses. sft: "
+            "cross-entropy on the teacher's sampled text."
+        ),
+    )
+    teacher_mode: Literal["frozen", "live"] = Field(
+        "frozen",
+        description="frozen: the initial weights (adapter off) teach. live: the current student with the prompt teaches (self-distillation).",
+    )
     teacher: str | None = Field(None, description="Teacher model; default: the base model itself with the adapter disabled.")
     kl: Literal["full", "topk", "sampled"] = Field(
         "full",

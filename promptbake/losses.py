@@ -67,3 +67,40 @@ def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Mean over valid response tokens of the whole batch (long answers weigh more, as in the paper)."""
     mask_BT = mask_BT.to(values_BT.dtype)
     return (values_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1.0)
+
+
+def forward_kl_topk(student_logp_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, k: int) -> torch.Tensor:
+    """Off-policy baseline: sum over the teacher's top-k tokens of p_t (log p_t - log p_s), per position."""
+    k = min(k, teacher_logp_BTV.shape[-1])
+    teacher_logp_BTV = teacher_logp_BTV.detach()
+    top_idx_BTK = teacher_logp_BTV.topk(k, dim=-1).indices
+    teacher_top_BTK = teacher_logp_BTV.gather(-1, top_idx_BTK)
+    student_top_BTK = student_logp_BTV.gather(-1, top_idx_BTK)
+    return (teacher_top_BTK.exp() * (teacher_top_BTK - student_top_BTK)).sum(-1)
+
+
+def token_cross_entropy(student_logp_BTV: torch.Tensor, target_ids_BT: torch.Tensor) -> torch.Tensor:
+    """SFT on the teacher's text: -log p_s(y_t) per position."""
+    return -student_logp_BTV.gather(-1, target_ids_BT.unsqueeze(-1)).squeeze(-1)
+
+
+def distill_loss(
+    method: str,
+    kl: str,
+    student_logits_BTV: torch.Tensor,
+    teacher_logits_BTV: torch.Tensor | None,
+    ids_BT: torch.Tensor,
+    temperature: float,
+    topk: int,
+) -> torch.Tensor:
+    """Per-token loss of each training method (opcd: reverse KL on the student's samples; offpolicy:
+    forward KL over the teacher's top-k on the teacher's samples; sft: cross-entropy on the teacher's samples)."""
+    if method == "opcd":
+        return reverse_kl(kl, student_logits_BTV, teacher_logits_BTV, ids_BT, temperature=temperature, topk=topk)
+    student_logp_BTV = torch.log_softmax(student_logits_BTV.float() / temperature, dim=-1)
+    if method == "sft":
+        return token_cross_entropy(student_logp_BTV, ids_BT)
+    if method == "offpolicy":
+        teacher_logp_BTV = torch.log_softmax(teacher_logits_BTV.float() / temperature, dim=-1)
+        return forward_kl_topk(student_logp_BTV, teacher_logp_BTV, topk)
+    raise ValueError(f"unknown method '{method}'")

@@ -41,6 +41,17 @@ def eos_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def rollout_from_lists(responses: list[list[int]], pad_id: int) -> Rollout:
+    """Right-padded Rollout from token lists that already end at (and include) their EOS."""
+    width = max(1, max(len(r) for r in responses))
+    ids_BT = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros((len(responses), width), dtype=torch.long)
+    for row, r in enumerate(responses):
+        ids_BT[row, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask_BT[row, :len(r)] = 1
+    return Rollout(ids_BT, mask_BT)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids_BL and mask_BL with every row right-aligned."""
     width = max(len(s) for s in sequences)

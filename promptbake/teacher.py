@@ -21,8 +21,10 @@ from promptbake.rollout import Rollout, autocast, response_logits
 class PromptedTeacher:
     """Teacher = `model` (with its LoRA adapter disabled when it is the student itself) + system prompt."""
 
-    def __init__(self, model, renderer: ChatRenderer, pad_id: int, *, is_student: bool, bf16: bool, prefix_cache: bool = True):
+    def __init__(self, model, renderer: ChatRenderer, pad_id: int, *, is_student: bool, bf16: bool, prefix_cache: bool = True,
+                 live: bool = False):
         self.model = model
+        self.live = live  # self-distillation: the current student (adapter on) is the teacher
         self.renderer = renderer
         self.pad_id = pad_id
         self.is_student = is_student
@@ -51,7 +53,7 @@ class PromptedTeacher:
         self._prefix_kv = None
 
     def _adapter_off(self):
-        return self.model.disable_adapter() if self.is_student else contextlib.nullcontext()
+        return self.model.disable_adapter() if self.is_student and not self.live else contextlib.nullcontext()
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device

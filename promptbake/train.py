@@ -28,9 +28,9 @@ from promptbake.chat import ChatRenderer
 from promptbake.checkpoint import Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint
 from promptbake.faults import fault_point
 from promptbake.config import BakeConfig
-from promptbake.losses import reverse_kl
+from promptbake.losses import distill_loss
 from promptbake.queries import Query
-from promptbake.rollout import HFRolloutEngine, autocast, eos_token_ids, response_logits
+from promptbake.rollout import HFRolloutEngine, autocast, eos_token_ids, response_logits, rollout_from_lists
 from promptbake.teacher import PromptedTeacher
 
 
@@ -94,6 +94,7 @@ def train_opcd(
     log_path: Path | None = None,
     on_step: Callable[[StepLog], None] | None = None,
     checkpointing: Checkpointing | None = None,
+    fixed_responses: dict[int, list[list[int]]] | None = None,
 ) -> TrainResult:
     """Run `config.steps` OPCD steps on `student` (a PEFT model) in place, resuming from a checkpoint if given."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -127,9 +128,12 @@ def train_opcd(
             fault_point("sampling", step)
             batch = [q for q in rng.sample(train_queries, config.batch_size) for _ in range(config.rollouts)]
             prompts = [student_prompts[q.id] for q in batch]
-            rollout = engine.sample(
-                prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_ids=eos_ids, pad_id=pad_id,
-            )
+            if config.method == "opcd":
+                rollout = engine.sample(
+                    prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_ids=eos_ids, pad_id=pad_id,
+                )
+            else:  # offpolicy / sft: the teacher's responses, sampled once before training
+                rollout = rollout_from_lists([fixed_responses[q.id][i % config.rollouts] for i, q in enumerate(batch)], pad_id)
             t1 = time.perf_counter()
             teacher_s, loss_sum = 0.0, 0.0
             total_tokens = max(rollout.num_tokens, 1)
@@ -139,16 +143,17 @@ def train_opcd(
             for index, rows in enumerate(groups):
                 part, part_queries = rollout.select(rows), [batch[r] for r in rows]
                 t_teacher = time.perf_counter()
-                teacher_logits_BTV = teacher.logits(part_queries, part)
+                teacher_logits_BTV = teacher.logits(part_queries, part) if config.method != "sft" else None
                 teacher_s += time.perf_counter() - t_teacher
                 last = index == len(groups) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
                     with autocast(accelerator.device, bf16):
                         student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], part, pad_id)
                     device = student_logits_BTV.device
-                    kl_BT = reverse_kl(
-                        config.kl, student_logits_BTV, teacher_logits_BTV.to(device), part.response_ids_BT.to(device),
-                        temperature=config.temperature, topk=config.topk,
+                    kl_BT = distill_loss(
+                        config.method, config.kl, student_logits_BTV,
+                        teacher_logits_BTV.to(device) if teacher_logits_BTV is not None else None,
+                        part.response_ids_BT.to(device), temperature=config.temperature, topk=config.topk,
                     )
                     # Sum over this micro-batch / tokens of the whole batch: the gradients add up to the batch mean.
                     part_loss = (kl_BT * part.response_mask_BT.to(device)).sum() / total_tokens
@@ -162,6 +167,8 @@ def train_opcd(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             engine.sync()
+            if config.teacher_mode == "live":
+                teacher.refresh()  # the teacher's weights just changed: its prompt cache is stale
             t3 = time.perf_counter()
             tokens = rollout.num_tokens
             entry = StepLog(

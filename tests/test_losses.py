@@ -130,3 +130,48 @@ def test_identical_distributions_have_zero_kl(logits):
         assert reverse_kl(kind, s, s.clone(), ids, topk=5).abs().max() < 1e-6
     assert full_reverse_kl(torch.log_softmax(s, -1), torch.log_softmax(s, -1)).abs().max() < 1e-6
     assert topk_reverse_kl(torch.log_softmax(s, -1), torch.log_softmax(s, -1), 3).abs().max() < 1e-6
+
+
+def test_forward_kl_topk_matches_direct_sum(logits):
+    from promptbake.losses import forward_kl_topk
+
+    s, t = logits
+    k = 5
+    ls, lt = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
+    idx = t.topk(k, -1).indices
+    want = torch.zeros(2, 3, dtype=torch.float64)
+    for b in range(2):
+        for i in range(3):
+            want[b, i] = sum(lt[b, i, v].exp() * (lt[b, i, v] - ls[b, i, v]) for v in idx[b, i].tolist())
+    s_var = s.clone().requires_grad_(True)
+    got = reverse_kl_free_forward(s_var, t, k)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # Gradient of forward KL w.r.t. student logits over the full vocab is p_s - p_t; restricted to top-k,
+    # it equals sum_v p_t(v) * (p_s - onehot(v)) over the top-k tokens.
+    got.sum().backward()
+    ps = torch.softmax(s.double(), -1)
+    want_grad = torch.zeros_like(ps)
+    for b in range(2):
+        for i in range(3):
+            for v in idx[b, i].tolist():
+                onehot = torch.zeros(11, dtype=torch.float64)
+                onehot[v] = 1
+                want_grad[b, i] += lt[b, i, v].exp() * (ps[b, i] - onehot)
+    torch.testing.assert_close(s_var.grad.double(), want_grad, atol=1e-5, rtol=1e-4)
+    assert forward_kl_topk(torch.log_softmax(t, -1), torch.log_softmax(t, -1), 11).abs().max() < 1e-6
+
+
+def reverse_kl_free_forward(student_logits, teacher_logits, k):
+    from promptbake.losses import distill_loss
+
+    return distill_loss("offpolicy", "full", student_logits, teacher_logits, torch.zeros(2, 3, dtype=torch.long), 1.0, k)
+
+
+def test_sft_loss_is_negative_log_likelihood(logits):
+    from promptbake.losses import distill_loss
+
+    s, _ = logits
+    ids = torch.tensor([[0, 5, 10], [3, 3, 3]])
+    got = distill_loss("sft", "full", s, None, ids, 1.0, 0)
+    want = -torch.log_softmax(s, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got, want)

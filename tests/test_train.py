@@ -30,3 +30,40 @@ def test_micro_batch_size_does_not_change_loss_or_gradient(tmp_path, tiny_model_
     assert a.response_tokens == b.response_tokens
     assert a.kl == pytest.approx(b.kl, rel=1e-4)
     assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-3)
+
+
+@pytest.mark.parametrize("method, mode", [("offpolicy", "frozen"), ("sft", "frozen"), ("opcd", "live")])
+def test_methods_and_teacher_modes_train(tmp_path, tiny_model_dir, method, mode, monkeypatch):
+    monkeypatch.setenv("PROMPTBAKE_HOME", str(tmp_path / "home"))
+    prompt = write_prompt(tmp_path / "p")
+    overrides = dict(steps=2, batch_size=4, heldout=4, max_new_tokens=8, method=method, teacher_mode=mode, precision="fp32")
+    result = compile_prompt(prompt, out=tmp_path / "out", model=str(tiny_model_dir), overrides=overrides)
+    assert [e.step for e in result.train.log] == [1, 2]
+    assert result.manifest.config["method"] == method and result.manifest.heldout_kl_after is not None
+    if method != "opcd":
+        cached = list((tmp_path / "home" / "teacher_samples").glob("*.json"))
+        assert len(cached) == 1  # the teacher's responses are sampled once and reused
+        again = compile_prompt(prompt, out=tmp_path / "out2", model=str(tiny_model_dir), overrides=overrides)
+        assert again.train.log[0].kl == pytest.approx(result.train.log[0].kl)
+
+
+def test_cross_size_teacher_sharing_the_tokenizer(tmp_path, tiny_model_dir):
+    """A deeper model built from the same config and tokenizer teaches the tiny student."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    teacher_dir = tmp_path / "teacher"
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 3
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(config).save_pretrained(teacher_dir)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, teacher_dir / f.name)
+    prompt = write_prompt(tmp_path / "p")
+    result = compile_prompt(prompt, out=tmp_path / "out", model=str(tiny_model_dir), teacher=str(teacher_dir),
+                            overrides=dict(steps=2, batch_size=4, heldout=4, max_new_tokens=8))
+    assert result.manifest.teacher_model == str(teacher_dir)
+    assert result.manifest.heldout_kl_before > 0
