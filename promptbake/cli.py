@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -85,6 +86,7 @@ def compile_cmd(
     heldout: Annotated[Optional[int], typer.Option(help="Held-out queries.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
+    rollout: Annotated[Optional[str], typer.Option(help="hf | vllm: who samples the student.")] = None,
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Recompute the prompt for every teacher call.")] = False,
     var: Annotated[list[str], typer.Option("--var", help="Template variable key=value (repeatable).")] = [],
     force: Annotated[bool, typer.Option(help="Rebuild even if up to date; replace an output that is not this prompt's.")] = False,
@@ -103,7 +105,7 @@ def compile_cmd(
     overrides = dict(
         steps=steps, batch_size=batch_size, rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
         lr=lr, kl=kl, topk=topk, lora_r=lora_r, heldout=heldout, seed=seed, precision=precision,
-        prefix_cache=False if no_prefix_cache else None,
+        prefix_cache=False if no_prefix_cache else None, rollout=rollout,
     )
     plan = plan_compile(prompt, out=out_dir, queries=queries, model=model, teacher=teacher, overrides=overrides,
                         variables=variables, trust_pickle=trust_pickle)
@@ -279,6 +281,11 @@ def serve(
         out.print(" ".join(cmd), highlight=False, soft_wrap=True)
         return
     log_path = Path(os.environ.get("PROMPTBAKE_SERVE_LOG", "vllm-serve.log"))
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM stops vLLM as cleanly as Ctrl-C
     with VLLMServer(cmd, host, port, log_path) as server:
         console.print(f"starting: {' '.join(cmd)}\nlog: {log_path}", highlight=False, soft_wrap=True)
         server.wait_healthy()

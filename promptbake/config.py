@@ -73,6 +73,9 @@ class BakeConfig(BaseModel):
         "auto", description="auto: bf16 autocast where the hardware has fast bf16 (AMX/AVX-512 CPUs, CUDA), else fp32."
     )
     prefix_cache: bool = Field(True, description="Compute the teacher's system-prompt KV cache once and reuse it.")
+    rollout: Literal["hf", "vllm"] = Field(
+        "hf", description="Who samples the student: Hugging Face in this process, or vLLM (adapter re-registered every step)."
+    )
     sampler_copy: bool = Field(
         True, description="With bf16, sample from a bf16 copy of the base with the LoRA merged in (refreshed every step)."
     )

@@ -235,3 +235,47 @@ class HFRolloutEngine:
             return sample(self.policy, prompts, bf16=self.bf16, **kwargs)
         with self.policy.disable_adapter():
             return sample(self.policy, prompts, bf16=self.bf16, **kwargs)
+
+
+class VLLMRolloutEngine:
+    """Samples the current policy with vLLM: base weights in vLLM, the adapter re-registered after every step.
+
+    `sync()` writes the current LoRA weights to a fresh folder and the next `sample()` uses it under a new
+    LoRA id, so vLLM never serves a stale adapter. The teacher stays in PyTorch. This is the door to
+    rollouts on vLLM servers for models that outgrow one machine; here it runs vLLM in-process.
+    """
+
+    def __init__(self, policy, model_dir, *, max_lora_rank: int, max_model_len: int, dtype: str = "float32"):
+        import os
+        import tempfile
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.policy = policy
+        self.llm = LLM(model=str(model_dir), enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
+                       max_model_len=max_model_len, dtype=dtype, enforce_eager=True, seed=0)
+        self._tmp = tempfile.TemporaryDirectory(prefix="promptbake-vllm-")
+        self._version = 0
+        self.with_adapter = True
+        self.sync()
+
+    def sync(self, with_adapter: bool = True) -> None:
+        self.with_adapter = with_adapter
+        if with_adapter:
+            self._version += 1
+            self._path = f"{self._tmp.name}/v{self._version}"
+            self.policy.save_pretrained(self._path, safe_serialization=True)
+
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_ids: list[int], pad_id: int,
+               greedy: bool = False) -> Rollout:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        params = SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
+                                stop_token_ids=eos_ids, seed=int(torch.randint(0, 2**31 - 1, (1,))))
+        lora = LoRARequest(f"policy-v{self._version}", self._version, self._path) if self.with_adapter else None
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora, use_tqdm=False)
+        responses = [list(o.outputs[0].token_ids) for o in outputs]
+        return rollout_from_lists([r if r else [eos_ids[0]] for r in responses], pad_id)

