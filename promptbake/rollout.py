@@ -250,6 +250,7 @@ class VLLMRolloutEngine:
         import tempfile
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
         self.policy = policy
