@@ -72,8 +72,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         raise PromptbakeError(f"{gguf_path}: cannot read GGUF model: {e}") from None
     plain.generation_config.eos_token_id = tok.eos_token_id
     plain.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    with _quiet_transformers():
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     (tmp / "promptbake_source.json").write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": _file_sha256(gguf_path)}))
     if (out_dir / "config.json").is_file():  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,6 +91,8 @@ class _quiet_transformers:
         from transformers.utils import logging as tlog
 
         self._level = tlog.get_verbosity()
+        self._tqdm = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader uses tqdm directly
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
         logging.getLogger("gguf").setLevel(logging.ERROR)
@@ -99,6 +102,10 @@ class _quiet_transformers:
 
         tlog.set_verbosity(self._level)
         tlog.enable_progress_bar()
+        if self._tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = self._tqdm
 
 
 def resolve_model(name: str | None, trust_pickle: bool = False) -> Path:
