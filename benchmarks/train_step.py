@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_step.json")
     parser.add_argument("--worker", nargs=2, metavar=("PROMPT", "VARIANT"))
     parser.add_argument("--skip-steps", action="store_true", help="Only the teacher-scoring part.")
+    parser.add_argument("--step-prompts", default="pirate,long", help="Prompts for the whole-step part (pirate, long).")
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.steps)))
@@ -135,6 +136,8 @@ def main() -> None:
         for rnd in range(args.rounds):
             order = names if rnd % 2 == 0 else names[::-1]  # alternate: machine noise hits every variant alike
             for pname, path in prompts.items():
+                if pname not in args.step_prompts.split(","):
+                    continue
                 for variant in order:
                     proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", str(path), variant],
                                           capture_output=True, text=True, check=True)
@@ -142,7 +145,7 @@ def main() -> None:
                     runs.setdefault((pname, variant), []).append(json.loads(line[7:]))
         print(f"\nOPCD steps on SmolLM2-135M (batch 16, 48 new tokens), median over {args.steps - 1} steps x {args.rounds} round(s)")
         print(f"{'prompt':8} {'variant':22} {'s/step':>7} {'tok/s':>6} {'sample':>7} {'teacher':>8} {'student':>8} {'RSS GB':>7} {'vs all on':>9}")
-        for pname in prompts:
+        for pname in [p for p in prompts if p in args.step_prompts.split(",")]:
             base = statistics.median(r["tokens_per_s"] for r in runs[(pname, "all on")])
             for variant in names:
                 rs = runs[(pname, variant)]
