@@ -161,3 +161,20 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "prompt file not found" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_up_to_date_path_never_imports_torch(tmp_path, prompt, tiny_model_dir):
+    """The build-cache answer must stay cheap: no torch, transformers or peft import on that path."""
+    out = tmp_path / "out"
+    assert run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST).exit_code == 0
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from promptbake.cli import app\n"
+        f"r = CliRunner().invoke(app, ['compile', {str(prompt)!r}, '--model', {str(tiny_model_dir)!r}, '--out', {str(out)!r}, *{FAST!r}])\n"
+        "assert r.exit_code == 0 and 'up to date' in r.output, r.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
