@@ -5,7 +5,6 @@ manifests and adapters."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
