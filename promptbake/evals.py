@@ -314,7 +314,7 @@ def run_eval(
     from promptbake.bake import use_bf16
     from promptbake.chat import ChatRenderer
     from promptbake.measure import decode_all, generate_ids
-    from promptbake.models import load_adapter, load_model, load_tokenizer, resolve_model
+    from promptbake.models import load_adapter, load_model, load_tokenizer, manifest_base_dir, resolve_model
     from promptbake.rollout import HFRolloutEngine
     from promptbake.spec import load_spec
 
@@ -336,9 +336,7 @@ def run_eval(
         raise PromptbakeError("condition 'prompted' needs --prompt (or an adapter whose manifest names its prompt)")
     system_prompt = load_spec(prompt_file).system_prompt if prompt_file else ""
 
-    base_name = model or (manifests[0].base_model_path if manifests and Path(manifests[0].base_model_path).is_dir()
-                          else (manifests[0].base_model if manifests else None))
-    model_dir = resolve_model(base_name)
+    model_dir = resolve_model(model) if model or not manifests else manifest_base_dir(manifests[0])
     tokenizer = load_tokenizer(model_dir)
     base = load_model(model_dir)
     if manifests:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from promptbake.artifact import read_manifest
-from promptbake.models import load_adapter, load_model, load_tokenizer, resolve_model
+from promptbake.models import load_adapter, load_model, load_tokenizer, manifest_base_dir
 from promptbake.rollout import eos_token_ids, sample
 
 
@@ -23,7 +23,7 @@ class LocalChat:
     @classmethod
     def load(cls, adapter_dir: str | Path, use_adapter: bool = True) -> "LocalChat":
         manifest = read_manifest(adapter_dir)
-        model_dir = resolve_model(manifest.base_model_path if Path(manifest.base_model_path).is_dir() else manifest.base_model)
+        model_dir = manifest_base_dir(manifest)
         tokenizer = load_tokenizer(model_dir)
         model = load_adapter(load_model(model_dir), Path(adapter_dir))
         model.eval()

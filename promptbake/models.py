@@ -152,6 +152,12 @@ def _check_weights(path: Path, trust_pickle: bool) -> None:
     raise PromptbakeError(f"{path}: no model weights (*.safetensors) found")
 
 
+def manifest_base_dir(manifest) -> Path:
+    """The base model an adapter was baked on: the recorded folder while it exists, else its name resolved again."""
+    path = Path(manifest.base_model_path)
+    return path if path.is_dir() else resolve_model(manifest.base_model)
+
+
 def weights_sha256(model_dir: Path) -> str:
     """One hash over all weight files, cached beside them by size and mtime (hashing 0.5 GB costs a second)."""
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))

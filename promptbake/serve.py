@@ -23,7 +23,7 @@ from pathlib import Path
 from promptbake.artifact import BakeManifest, read_manifest
 from promptbake.config import VLLM_LORA_RANKS
 from promptbake.errors import PromptbakeError
-from promptbake.models import resolve_model
+from promptbake.models import manifest_base_dir
 
 INSTALL_HINT = (
     "vLLM is not installed: on GPU machines `pip install 'promptbake[vllm]'`; on CPU-only machines "
@@ -75,9 +75,7 @@ def plan_serving(adapter_dirs: list[Path], max_rank: int | None = None) -> tuple
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise PromptbakeError(f"two adapters share the served name {dupes[0]!r}; rename one prompt's `name:`")
-    base_path = Path(first.manifest.base_model_path)
-    base = base_path if base_path.is_dir() else resolve_model(first.manifest.base_model)
-    return base, adapters
+    return manifest_base_dir(first.manifest), adapters
 
 
 def vllm_command(base: Path, adapters: list[ServedAdapter], host: str, port: int, extra: list[str]) -> list[str]:
@@ -197,8 +195,7 @@ def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
     manifest = read_manifest(adapter_dir)
     if out_dir.exists():
         raise PromptbakeError(f"{out_dir}: already exists; choose another --out")
-    base_path = Path(manifest.base_model_path)
-    base_dir = base_path if base_path.is_dir() else resolve_model(manifest.base_model)
+    base_dir = manifest_base_dir(manifest)
     merged = load_adapter(load_model(base_dir), adapter_dir).merge_and_unload()
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,9 @@ from promptbake.chat import ChatRenderer
 from promptbake.checks import check_outcomes
 from promptbake.errors import PromptbakeError
 from promptbake.measure import condition_ids, decode_all, kl_to_teacher
-from promptbake.models import check_same_tokenizer, load_adapter, load_model, load_tokenizer, resolve_model, weights_sha256
+from promptbake.models import (
+    check_same_tokenizer, load_adapter, load_model, load_tokenizer, manifest_base_dir, resolve_model, weights_sha256,
+)
 from promptbake.queries import load_queries
 from promptbake.rollout import HFRolloutEngine
 from promptbake.spec import VerifyThresholds, load_spec
@@ -118,7 +120,7 @@ def verify_adapter(
     if not query_list:
         raise PromptbakeError(f"{adapter_dir}: no held-out queries to verify on; pass --queries")
 
-    model_dir = resolve_model(manifest.base_model_path if Path(manifest.base_model_path).is_dir() else manifest.base_model)
+    model_dir = manifest_base_dir(manifest)
     if weights_sha256(model_dir) != manifest.base_weights_sha256:
         raise PromptbakeError(f"{model_dir}: base weights differ from the ones {adapter_dir} was baked on (sha256 mismatch)")
     tokenizer = load_tokenizer(model_dir)
