@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench-trl clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(VLLM_STAMP)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# promptbake against TRL's SDFT trainer, same settings, one run (TRL is a benchmark-only dependency).
+bench-trl: setup
+	$(BIN)/pip install -q -e ".[bench]"
+	TRL_EXPERIMENTAL_SILENCE=1 $(BIN)/python benchmarks/vs_trl.py
 
 clean:
 	rm -rf build $(VENV)

@@ -1,0 +1,240 @@
+"""Benchmark: promptbake against TRL's on-policy self-distillation trainer (SDFT), same work, one run.
+
+Both train the default model with the same LoRA (r, alpha, targets), the same training queries (the
+prompt's query file minus a seeded held-out split), 16 queries per optimizer step in micro-batches of 4,
+one sample per query, the same max new tokens, temperature, learning rate (constant, no warm-up), AdamW
+weight decay, grad clip, seed and number of steps. The objective is the same too: TRL runs with
+`distillation_mode="full_logits"` and `distillation_alpha=1.0` (reverse KL over the full vocabulary, the
+student's own samples, teacher = the base weights with the adapter off) and no importance-sampling clip.
+
+One deliberate change to TRL: its SDFT trainer appends the privileged context to the user's message;
+here the teacher prompt is the system prompt as a system message, as promptbake's teacher sees it, so
+both minimise the same KL and the held-out numbers compare like with like.
+
+Each trainer runs in its own process (peak RSS is its own), in alternating order over rounds. Then one
+measuring process computes the held-out reverse KL to the prompted teacher of the base model and of each
+adapter with promptbake's own `kl_to_teacher` (same queries, same sampling seed).
+
+TRL is a benchmark-only dependency: `pip install -e ".[bench]"` (see the Makefile's `bench-trl`).
+
+    python benchmarks/vs_trl.py [--steps 8] [--rounds 1] [--prompt prompts/pirate.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+HELDOUT = 24
+SEED = 0
+
+
+def split_files(prompt: Path, folder: Path) -> tuple[Path, list]:
+    """Write the training queries to a JSONL file beside a copy of the prompt; return (prompt copy, held-out)."""
+    from promptbake.queries import load_queries, split_queries
+    from promptbake.spec import load_spec
+
+    spec = load_spec(prompt)
+    train, heldout = split_queries(load_queries(spec.queries_path), HELDOUT, SEED)
+    (folder / "train_queries.jsonl").write_text("".join(json.dumps({"messages": q.messages}) + "\n" for q in train))
+    _, front, body = prompt.read_text().split("---", 2)
+    meta = yaml.safe_load(front)
+    meta["queries"] = "train_queries.jsonl"
+    meta.pop("train", None)  # the benchmark sets the training knobs itself
+    copy = folder / "prompt.md"
+    copy.write_text(f"---\n{yaml.safe_dump(meta, sort_keys=False)}---{body}")
+    return copy, heldout
+
+
+def common_settings(steps: int) -> dict:
+    from promptbake.config import BakeConfig
+
+    c = BakeConfig(steps=steps)
+    return dict(steps=steps, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size, max_new_tokens=c.max_new_tokens,
+                temperature=c.temperature, lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip,
+                lora_r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, lora_targets=list(c.lora_targets))
+
+
+def run_promptbake(prompt_copy: Path, out: Path, steps: int) -> dict:
+    from promptbake.bake import compile_prompt
+
+    s = common_settings(steps)
+    result = compile_prompt(prompt_copy, out=out, overrides=dict(steps=steps, heldout=0, checkpoint_every=10_000, seed=SEED),
+                            force=True)
+    log = result.train.log
+    return {"step_seconds": [e.seconds for e in log], "step_tokens": [e.response_tokens for e in log],
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "settings": s}
+
+
+def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    from promptbake.models import load_model, load_tokenizer, resolve_model
+    from promptbake.queries import load_queries
+    from promptbake.spec import load_spec
+
+    s = common_settings(steps)
+    spec = load_spec(prompt_copy)
+    queries = load_queries(spec.queries_path)
+    dataset = Dataset.from_list([{"prompt": q.messages, "privileged_context": spec.system_prompt} for q in queries])
+    model_dir = resolve_model(None)
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    torch.manual_seed(SEED)
+    args = SDFTConfig(
+        output_dir=str(out / "trl-work"), max_steps=steps, seed=SEED, use_cpu=not torch.cuda.is_available(), bf16=bf16,
+        per_device_train_batch_size=s["micro_batch_size"], gradient_accumulation_steps=s["batch_size"] // s["micro_batch_size"],
+        num_generations=1, max_completion_length=s["max_new_tokens"], temperature=s["temperature"],
+        learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=s["weight_decay"],
+        max_grad_norm=s["grad_clip"], distillation_mode="full_logits", distillation_alpha=1.0, distillation_is_clip=None,
+        teacher_model_kind="base", logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+    )
+    lora = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
+                      target_modules=s["lora_targets"], task_type="CAUSAL_LM", bias="none")
+
+    seconds: list[float] = []
+    tokens: list[int] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            seconds.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                tokens.append(round(logs["completions/mean_length"] * s["batch_size"]))
+
+    trainer = SDFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+                          callbacks=[Timer()])
+    # The teacher sees the prompt as a system message (TRL's default appends it to the user turn).
+    trainer.teacher_context_builder._compose_teacher_prompt = (
+        lambda prompt, context: [{"role": "system", "content": context}, *prompt])
+    trainer.train()
+    trainer.model.save_pretrained(str(out))
+    return {"step_seconds": seconds, "step_tokens": tokens,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "settings": s}
+
+
+def measure(prompt: Path, adapters: dict[str, str]) -> dict:
+    """Held-out reverse KL(policy || prompted teacher) for the base model and each adapter."""
+    import torch
+    from peft import PeftModel
+
+    from promptbake.bake import use_bf16
+    from promptbake.chat import ChatRenderer
+    from promptbake.measure import kl_to_teacher
+    from promptbake.models import load_model, load_tokenizer, resolve_model
+    from promptbake.queries import load_queries, split_queries
+    from promptbake.rollout import HFRolloutEngine
+    from promptbake.spec import load_spec
+    from promptbake.teacher import PromptedTeacher
+
+    s = common_settings(1)
+    spec = load_spec(prompt)
+    _, heldout = split_queries(load_queries(spec.queries_path), HELDOUT, SEED)
+    model_dir = resolve_model(None)
+    tokenizer, base = load_tokenizer(model_dir), load_model(model_dir)
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    bf16 = use_bf16("auto", torch.device("cpu"))
+    renderer = ChatRenderer.for_tokenizer(tokenizer, spec.system_prompt, 8192)
+    teacher = PromptedTeacher(model, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16)
+    teacher.prepare(heldout, s["max_new_tokens"], "held-out")
+    engine = HFRolloutEngine(model, bf16=bf16)
+    kw = dict(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], seed=SEED + 1, bf16=bf16)
+    kls = {"base": kl_to_teacher(model, engine, teacher, renderer, tokenizer, heldout, adapter=False, **kw).mean}
+    for name in names:
+        model.set_adapter(name)
+        engine.sync()
+        kls[name] = kl_to_teacher(model, engine, teacher, renderer, tokenizer, heldout, adapter=True, **kw).mean
+    return kls
+
+
+def _call(*argv: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"worker {argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[7:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--prompt", type=Path, default=REPO / "prompts" / "pirate.md")
+    parser.add_argument("--trl-precision", choices=["bf16", "fp32"], default="bf16",
+                        help="TRL's mixed precision (promptbake uses its own default, bf16 on CPUs that have it).")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vs_trl.json")
+    parser.add_argument("--worker", nargs=3, metavar=("WHO", "PROMPT_COPY", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=2, metavar=("PROMPT", "ADAPTERS_JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        who, prompt_copy, out = args.worker
+        fn = run_promptbake if who == "promptbake" else (
+            lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16"))
+        print("RESULT " + json.dumps(fn(Path(prompt_copy), Path(out), args.steps)))
+        return
+    if args.measure:
+        print("RESULT " + json.dumps(measure(Path(args.measure[0]), json.loads(args.measure[1]))))
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="vs-trl-"))
+    prompt_copy, heldout = split_files(args.prompt, tmp)
+    runs: dict[str, list[dict]] = {"promptbake": [], "trl": []}
+    adapters: dict[str, str] = {}
+    for rnd in range(args.rounds):
+        order = ["promptbake", "trl"] if rnd % 2 == 0 else ["trl", "promptbake"]
+        for who in order:
+            out = tmp / f"{who}-{rnd}"
+            print(f"round {rnd + 1}: {who} ...", flush=True)
+            runs[who].append(_call("--steps", str(args.steps), "--trl-precision", args.trl_precision,
+                                   "--worker", who, str(prompt_copy), str(out)))
+            adapters[f"{who}-{rnd}"] = str(out)
+    print("measuring held-out KL ...", flush=True)
+    kls = _call("--measure", str(args.prompt), json.dumps(adapters))
+
+    report: dict = {"machine": f"{os.cpu_count()} cores, {sys.platform}", "steps": args.steps, "rounds": args.rounds,
+                    "prompt": str(args.prompt), "heldout_queries": len(heldout), "trl_precision": args.trl_precision,
+                    "settings": runs["promptbake"][0]["settings"], "kl_base": kls["base"], "trainers": {}}
+    print(f"\n{args.steps} steps x 16 queries x <= {report['settings']['max_new_tokens']} tokens, {args.rounds} round(s); "
+          f"held-out reverse KL to the prompted teacher on {len(heldout)} queries (base model: {kls['base']:.4f})")
+    print(f"{'trainer':11} {'s/step':>7} {'tok/s':>6} {'peak RSS GB':>11} {'held-out KL':>11}")
+    for who, rs in runs.items():
+        # step 1 carries one-off warm-up in both trainers; the median of the rest is the steady state
+        secs = [x for r in rs for x in (r["step_seconds"][1:] or r["step_seconds"])]
+        toks = [x for r in rs for x in (r["step_tokens"][1:] or r["step_tokens"])]
+        row = {"s_per_step": statistics.median(secs), "tokens_per_s": sum(toks) / sum(secs),
+               "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
+               "heldout_kl": statistics.mean(kls[f"{who}-{i}"] for i in range(len(rs))), "runs": rs}
+        report["trainers"][who] = row
+        print(f"{who:11} {row['s_per_step']:>7.2f} {row['tokens_per_s']:>6.1f} {row['peak_rss_gb']:>11.2f} {row['heldout_kl']:>11.4f}")
+    pb, trl = report["trainers"]["promptbake"], report["trainers"]["trl"]
+    report["tokens_per_s_ratio"] = pb["tokens_per_s"] / trl["tokens_per_s"]
+    print(f"promptbake / TRL tokens/s: {report['tokens_per_s_ratio']:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
