@@ -253,6 +253,37 @@ def eval_cmd(
 
 @app.command()
 @friendly
+def compare(
+    prompt: Annotated[Path, typer.Argument(help="Prompt file to bake every way.")],
+    methods: Annotated[str, typer.Option(help="Comma list of opcd, offpolicy, sft.")] = "opcd,offpolicy,sft",
+    teacher_modes: Annotated[str, typer.Option(help="Comma list of frozen, live (sft has no live variant).")] = "frozen",
+    seeds: Annotated[int, typer.Option(help="Seeds per variant (0..N-1).")] = 3,
+    suites: Annotated[str, typer.Option(help="Comma list of eval suites run on every adapter ('' for none).")] = "",
+    eval_limit: Annotated[int, typer.Option(help="Seeded sample of N items per suite.")] = 200,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root (default $PROMPTBAKE_DATA).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for all adapters and the table (default build/compare-<name>).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Steps of the budget-setting variant (opcd-frozen).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest sampled response.")] = None,
+) -> None:
+    """Bake PROMPT with each method and teacher mode at equal token budgets over seeds; one table with CIs."""
+    _quiet_libraries()
+    from promptbake.compare import compare_methods
+
+    if eval_limit <= 0:
+        raise PromptbakeError(f"--eval-limit must be positive, got {eval_limit}")
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    result = compare_methods(
+        prompt, methods=split(methods), teacher_modes=split(teacher_modes), seeds=seeds, suites=split(suites),
+        eval_limit=eval_limit, data=data, out=out_dir, model=model,
+        overrides={"steps": steps, "max_new_tokens": max_new_tokens},
+        on_stage=lambda msg: console.print(f"[dim]{msg}[/]"),
+    )
+    out.print(result["markdown"], highlight=False)
+
+
+@app.command()
+@friendly
 def report(adapter: Annotated[Path, typer.Argument(help="Baked adapter folder.")]) -> None:
     """Write report.html and report.md into the adapter folder (add results under ADAPTER/reports/)."""
     from promptbake.report import build_report

@@ -66,6 +66,10 @@ class BakeConfig(BaseModel):
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), description="Modules that get LoRA.")
 
     # Data and run.
+    token_budget: int | None = Field(
+        None, gt=0,
+        description="Stop once this many response tokens have been trained on (steps stays the upper bound); "
+                    "`compare` gives every method the same budget this way.")
     heldout: int = Field(24, ge=0, description="Queries kept out of training for the before/after comparison.")
     eval_max_new_tokens: int = Field(48, gt=0, description="Response length for check pass rates on held-out queries.")
     seed: int = Field(0, description="Seeds the split, sampling and LoRA init.")

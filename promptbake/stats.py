@@ -68,3 +68,22 @@ def gap_closed_ci(kl_baked: Sequence[float], kl_base: Sequence[float], tokens_ba
         baked = (kb * nb).sum() / max(nb.sum(), 1)
         return float(1 - baked / base) if base > 0 else float("nan")
     return bootstrap([kl_baked, kl_base, tokens_baked, tokens_base], gap, **kw)
+
+
+# Two-sided 95 % quantiles of Student's t, by degrees of freedom (1..30); beyond 30 the normal 1.96 is close.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def seeds_mean_ci(values: Sequence[float]) -> Estimate:
+    """Mean over a few seeds with a 95 % t-interval (mean +- t * sd / sqrt(n)); one seed gives no interval."""
+    a = np.asarray(values, dtype=float)
+    n = len(a)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    mean = float(a.mean())
+    if n == 1:
+        return Estimate(mean, mean, mean, 1)
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    half = t * float(a.std(ddof=1)) / np.sqrt(n)
+    return Estimate(mean, mean - half, mean + half, n)

@@ -114,6 +114,7 @@ def train_opcd(
         for _ in range(ckpt.step):
             scheduler.step()
         first_step = ckpt.step + 1
+    tokens_trained = int(checkpointing.resume_from.extra.get("tokens_trained", 0)) if checkpointing and checkpointing.resume_from else 0
     engine = engine or HFRolloutEngine(policy, bf16=bf16)
     engine.sync()
     eos_ids = eos_token_ids(tokenizer)
@@ -192,9 +193,12 @@ def train_opcd(
                 log_file.flush()
             if on_step:
                 on_step(entry)
+            tokens_trained += tokens
+            budget_spent = config.token_budget is not None and tokens_trained >= config.token_budget
             if checkpointing and accelerator.is_main_process:
+                checkpointing.extra["tokens_trained"] = tokens_trained
                 stop = checkpointing.stop_requested()
-                if stop or step % checkpointing.every == 0 or step == config.steps:
+                if stop or step % checkpointing.every == 0 or step == config.steps or budget_spent:
                     save_checkpoint(
                         checkpointing.work_dir, step=step, build_key=checkpointing.build_key, model=policy,
                         optimizer=optimizer, python_rng_state=python_rng_to_json(rng.getstate()),
@@ -202,6 +206,8 @@ def train_opcd(
                     )
                 if stop:
                     raise KeyboardInterrupt
+            if budget_spent:
+                break
     finally:
         if log_file:
             log_file.close()

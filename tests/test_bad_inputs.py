@@ -16,6 +16,7 @@ from promptbake.artifact import sha256_file
 from promptbake.cli import app
 
 FAST = ["--steps", "1", "--batch-size", "2", "--heldout", "2", "--max-new-tokens", "4"]
+PIRATE = Path(__file__).resolve().parents[1] / "prompts" / "pirate.md"
 GOOD_QUERIES = "".join(f"question {i}?\n" for i in range(12))
 
 
@@ -179,6 +180,12 @@ def test_bad_adapters(tmp_path, adapter, how, fragment, command):
         (["eval", "--suite", "nope"], "unknown suite"),
         (["eval", "--suite", "gsm8k", "--limit", "0", "--data", "."], "limit must be positive"),
         (["eval", "--suite", "gsm8k", "--data", "/nonexistent"], "not found"),
+        (["compare", str(PIRATE), "--methods", "opcd,dpo"], "unknown ['dpo']"),
+        (["compare", str(PIRATE), "--teacher-modes", "ema"], "unknown ['ema']"),
+        (["compare", str(PIRATE), "--seeds", "0"], "seeds must be positive"),
+        (["compare", str(PIRATE), "--suites", "nope"], "unknown suite"),
+        (["compare", str(PIRATE), "--eval-limit", "0"], "eval-limit must be positive"),
+        (["compare", "no-such-prompt.md"], "no-such-prompt.md"),
     ],
 )
 def test_bad_commands(args, fragment):

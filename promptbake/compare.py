@@ -1,0 +1,201 @@
+"""`compare`: which way of baking works best for *this* prompt? OPCD against its baselines, on the user's data.
+
+For every seed and every variant (method x teacher mode) it compiles the prompt, verifies the adapter
+against the prompted teacher on that seed's held-out queries, and runs the eval suites on all adapters
+side by side (base and prompted once: greedy decoding makes them the same for every seed). Each metric
+is then the mean over seeds with a 95 % t-interval: with three seeds a bootstrap over seeds says nothing.
+
+Equal budgets: the first variant of a seed (opcd with the frozen teacher, when asked for) trains its
+`steps`; every other variant of that seed stops once it has trained on as many response tokens
+(`token_budget`), with four times the steps as the upper bound. The table reports the tokens each used.
+
+Every compile goes to its own folder under `out`, so an interrupted compare picks up where it stopped:
+finished adapters are "up to date" and the one in progress resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from promptbake.errors import PromptbakeError
+from promptbake.stats import Estimate, seeds_mean_ci
+
+METHODS = ("opcd", "offpolicy", "sft")
+TEACHER_MODES = ("frozen", "live")
+STEP_CAP = 4  # budget-matched variants may take up to this many times the reference's steps
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    teacher_mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.teacher_mode}"
+
+
+def variants(methods: list[str], teacher_modes: list[str]) -> list[Variant]:
+    """Every method x teacher mode, opcd-frozen first (it sets the budget); sft has no teacher logits, so no live."""
+    bad = [m for m in methods if m not in METHODS] + [t for t in teacher_modes if t not in TEACHER_MODES]
+    if bad:
+        raise PromptbakeError(f"compare: unknown {bad}; methods are {', '.join(METHODS)}, teacher modes {', '.join(TEACHER_MODES)}")
+    if not methods or not teacher_modes:
+        raise PromptbakeError("compare: give at least one method and one teacher mode")
+    out = [Variant(m, t) for t in teacher_modes for m in methods if not (m == "sft" and t == "live")]
+    out.sort(key=lambda v: v != Variant("opcd", "frozen"))
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class SeedRun:
+    """One compiled and measured adapter."""
+
+    variant: str
+    method: str
+    teacher_mode: str
+    seed: int
+    adapter: str
+    steps: int
+    tokens_trained: int
+    token_budget: int | None
+    metrics: dict[str, float] = field(default_factory=dict)           # verify: kl_gap_closed, reverse_kl_baked, ...
+    checks: dict[str, dict[str, float]] = field(default_factory=dict)  # check -> condition -> pass rate
+    evals: dict[str, dict[str, float]] = field(default_factory=dict)   # suite -> metric -> value
+
+
+EVAL_METRICS = ("accuracy", "refusal_rate_unsafe", "over_refusal_rate_safe")
+VERIFY_METRICS = ("kl_gap_closed", "reverse_kl_baked", "forward_kl_gap_closed", "token_agreement")
+
+
+def aggregate(runs: list[SeedRun], reference: dict[str, dict[str, dict[str, float]]] | None = None) -> dict[str, dict[str, Estimate]]:
+    """Per variant, every measured number as mean over seeds with a 95 % t-interval.
+
+    `reference` (condition -> suite -> metric -> value) adds the base and prompted rows of the evals; their
+    check pass rates come from the verify runs (per seed, since each seed holds out other queries)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        row = rows.setdefault(r.variant, {})
+        row.setdefault("tokens_trained", []).append(float(r.tokens_trained))
+        row.setdefault("steps", []).append(float(r.steps))
+        for k, v in r.metrics.items():
+            row.setdefault(k, []).append(v)
+        for check, by_cond in r.checks.items():
+            row.setdefault(f"check:{check}", []).append(by_cond["baked"])
+            for cond in ("base", "teacher"):
+                rows.setdefault(cond if cond == "base" else "prompted", {}).setdefault(f"check:{check}", []).append(by_cond[cond])
+        for suite, metrics in r.evals.items():
+            for k, v in metrics.items():
+                row.setdefault(f"{suite}:{k}", []).append(v)
+    for cond, suites in (reference or {}).items():
+        for suite, metrics in suites.items():
+            for k, v in metrics.items():
+                rows.setdefault(cond, {})[f"{suite}:{k}"] = [v]
+    return {name: {k: seeds_mean_ci(v) for k, v in cols.items()} for name, cols in rows.items()}
+
+
+def markdown(table: dict[str, dict[str, Estimate]], seeds: int) -> str:
+    columns = list(dict.fromkeys(k for row in table.values() for k in row if k != "steps"))
+    order = [n for n in table if n not in ("base", "prompted")] + [n for n in ("base", "prompted") if n in table]
+    lines = [f"| variant ({seeds} seed{'s' if seeds != 1 else ''}) | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in order:
+        cells = []
+        for col in columns:
+            est = table[name].get(col)
+            if est is None:
+                cells.append("")
+            elif col == "tokens_trained":
+                cells.append(f"{est.value:,.0f}")
+            elif col.startswith("check:") or col.split(":")[-1] in EVAL_METRICS or col == "token_agreement":
+                cells.append(f"{est.value:.1%}" + (f" [{est.lo:.1%}, {est.hi:.1%}]" if est.n > 1 else ""))
+            else:
+                cells.append(f"{est.value:.3f}" + (f" [{est.lo:.3f}, {est.hi:.3f}]" if est.n > 1 else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_methods(
+    prompt: str | Path,
+    *,
+    methods: list[str],
+    teacher_modes: list[str],
+    seeds: int = 3,
+    suites: list[str] | None = None,
+    eval_limit: int | None = 200,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    model: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict:
+    """Compile, verify and evaluate every variant for `seeds` seeds; write compare.json and compare.md to `out`."""
+    from promptbake.artifact import write_text_atomic
+    from promptbake.bake import compile_prompt
+    from promptbake.evals import load_suite, run_eval
+    from promptbake.plan import plan_compile
+    from promptbake.verify import verify_adapter
+
+    stage = on_stage or (lambda _msg: None)
+    if seeds <= 0:
+        raise PromptbakeError(f"--seeds must be positive, got {seeds}")
+    todo = variants(methods, teacher_modes)
+    suites = suites or []
+    for suite in suites:
+        load_suite(suite)  # unknown suites fail before hours of training
+    overrides = dict(overrides or {})
+    first = plan_compile(prompt, model=model, overrides=overrides)  # bad prompt/flags fail here, before any training
+    out_dir = Path(out) if out else Path("build") / f"compare-{first.spec.name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    runs: list[SeedRun] = []
+    for seed in range(seeds):
+        budget: int | None = None
+        for v in todo:
+            settings = {**overrides, "method": v.method, "teacher_mode": v.teacher_mode, "seed": seed}
+            if budget is not None:
+                settings.update(token_budget=budget, steps=STEP_CAP * first.config.steps)
+            adapter = out_dir / f"{v.name}-s{seed}"
+            stage(f"seed {seed}: compiling {v.name}" + (f" (budget {budget:,} tokens)" if budget else ""))
+            result = compile_prompt(prompt, out=adapter, model=model, overrides=settings)
+            summary = result.manifest.loss_summary
+            tokens = int(summary.get("response_tokens", 0))
+            if budget is None:
+                budget = tokens
+            stage(f"seed {seed}: verifying {v.name}")
+            report = verify_adapter(adapter)
+            runs.append(SeedRun(
+                variant=v.name, method=v.method, teacher_mode=v.teacher_mode, seed=seed, adapter=str(adapter),
+                steps=int(summary.get("steps", 0)), tokens_trained=tokens, token_budget=settings.get("token_budget"),
+                metrics={k: report.metrics[k].value for k in VERIFY_METRICS if k in report.metrics},
+                checks={c: {cond: est.value for cond, est in by.items()} for c, by in report.checks.items()},
+            ))
+
+    reference: dict[str, dict[str, dict[str, float]]] = {}
+    for suite in suites:
+        stage(f"evaluating {suite} on base, prompted and {len(runs)} adapters")
+        result = run_eval(suite, [r.adapter for r in runs], data=data, limit=eval_limit, prompt=prompt)
+        by_path = {path: name for name, path in result["adapters"].items()}
+        for r in runs:
+            r.evals[suite] = _headline(result["results"][by_path[r.adapter]])
+        for cond in ("base", "prompted"):
+            reference.setdefault(cond, {})[suite] = _headline(result["results"][cond])
+
+    table = aggregate(runs, reference)
+    md = markdown(table, seeds)
+    summary = {
+        "prompt": str(prompt), "seeds": seeds, "variants": [v.name for v in todo], "suites": suites,
+        "eval_limit": eval_limit, "runs": [asdict(r) for r in runs],
+        "table": {name: {k: e.to_dict() for k, e in row.items()} for name, row in table.items()},
+        "markdown": md,
+    }
+    write_text_atomic(out_dir / "compare.json", json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / "compare.md", md + "\n")
+    return summary
+
+
+def _headline(result: dict) -> dict[str, float]:
+    return {k: v["value"] for k, v in result["metrics"].items() if k in EVAL_METRICS}
