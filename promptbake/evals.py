@@ -246,8 +246,13 @@ def parse(suite: SuiteSpec, item: EvalItem, text: str) -> str | None:
 # ---------------------------------------------------------------- scoring
 
 
-def score(suite: SuiteSpec, items: list[EvalItem], responses: dict[str, list[str]], reference: str | None = "prompted") -> dict:
-    """Metrics with 95 % CIs per condition; `reference` is the condition answers are compared against."""
+def score(suite: SuiteSpec, items: list[EvalItem], responses: dict[str, list[str]],
+          reference: str | dict[str, str] | None = "prompted") -> dict:
+    """Metrics with 95 % CIs per condition. `reference`: the prompted condition answers are compared against,
+    one for all, or a map condition -> its own prompted condition (adapters baked from different prompts)."""
+    if isinstance(reference, str):
+        reference = {c: reference for c in responses if c != reference}
+    reference = {c: r for c, r in (reference or {}).items() if r in responses and c != r}
     parsed = {cond: [parse(suite, it, t) for it, t in zip(items, texts)] for cond, texts in responses.items()}
     results: dict[str, dict[str, Any]] = {}
     for cond, answers in parsed.items():
@@ -263,9 +268,9 @@ def score(suite: SuiteSpec, items: list[EvalItem], responses: dict[str, list[str
         else:
             metrics["accuracy"] = mean_ci([float(a is not None and a == it.gold) for a, it in zip(answers, items)])
             metrics["unparseable"] = mean_ci([float(a is None) for a in answers])
-            if reference in parsed and cond != reference:
-                ref = parsed[reference]
-                metrics[f"agreement_with_{reference}"] = mean_ci(
+            if cond in reference:
+                ref = parsed[reference[cond]]
+                metrics["agreement_with_prompted"] = mean_ci(
                     [float(a is not None and a == r) for a, r in zip(answers, ref)])
         groups: dict[str, list[float]] = {}
         if suite.task != "refusal" and any(it.group for it in items):
@@ -327,14 +332,32 @@ def run_eval(
     names = [m.name for m in manifests]
     if len(set(names)) != len(names):
         names = [f"{m.name}@{Path(a).name}" for m, a in zip(manifests, adapters)]
-    wanted = conditions or ["base", "prompted", *names]
-    unknown = [c for c in wanted if c not in ("base", "prompted", *names)]
+    # The prompted baseline: --prompt for all; else each adapter's own prompt ("prompted" when they share one,
+    # "prompted:<adapter>" per distinct prompt when they differ, so every adapter meets its own baseline).
+    prompt_of: dict[str, str] = {}   # prompted condition -> prompt file
+    own: dict[str, str] = {}         # adapter condition -> its prompted condition
+    if prompt is not None or not manifests:
+        if prompt is not None:
+            prompt_of["prompted"] = str(prompt)
+        own = {n: "prompted" for n in names}
+    else:
+        first_with: dict[str, str] = {}  # prompt sha256 -> first adapter baked from it
+        for n, m in zip(names, manifests):
+            first_with.setdefault(m.prompt_sha256, n)
+        for n, m in zip(names, manifests):
+            cond = "prompted" if len(first_with) == 1 else f"prompted:{first_with[m.prompt_sha256]}"
+            prompt_of.setdefault(cond, m.prompt_file)
+            own[n] = cond
+    default = ["base"] + [c for n in names for c in (own[n], n)] if manifests else ["base", "prompted"]
+    default = list(dict.fromkeys(default))
+    wanted = conditions or default
+    known = ("base", "prompted", *prompt_of, *names)
+    unknown = [c for c in wanted if c not in known]
     if unknown:
-        raise PromptbakeError(f"--conditions: unknown {unknown}; choose from base, prompted, {', '.join(names) or '(no adapters)'}")
-    prompt_file = prompt or (manifests[0].prompt_file if manifests else None)
-    if "prompted" in wanted and prompt_file is None:
-        raise PromptbakeError("condition 'prompted' needs --prompt (or an adapter whose manifest names its prompt)")
-    system_prompt = load_spec(prompt_file).system_prompt if prompt_file else ""
+        raise PromptbakeError(f"--conditions: unknown {unknown}; choose from {', '.join(dict.fromkeys(known))}")
+    if "prompted" in wanted and "prompted" not in prompt_of:
+        raise PromptbakeError("condition 'prompted' needs --prompt (or adapters baked from one prompt)")
+    system_prompts = {c: load_spec(f).system_prompt for c, f in prompt_of.items() if c in wanted}
 
     model_dir = resolve_model(model) if model or not manifests else manifest_base_dir(manifests[0])
     tokenizer = load_tokenizer(model_dir)
@@ -352,15 +375,16 @@ def run_eval(
     peft_model.to(device)
     engine = HFRolloutEngine(peft_model, bf16=use_bf16("auto", device))
     max_context = int(getattr(base.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    renderer = ChatRenderer.for_tokenizer(tokenizer, system_prompt or "-", max_context)
+    student = ChatRenderer.for_tokenizer(tokenizer, "-", max_context)
     queries = [[{"role": "user", "content": it.prompt}] for it in items]
 
     ids: dict[str, list[list[int]]] = {}
     for cond in wanted:
-        if cond == "prompted":
-            prompts = [renderer.teacher_ids(q) for q in queries]
+        if cond in system_prompts:
+            teacher = ChatRenderer.for_tokenizer(tokenizer, system_prompts[cond], max_context)
+            prompts = [teacher.teacher_ids(q) for q in queries]
         else:
-            prompts = [renderer.student_ids(q) for q in queries]
+            prompts = [student.student_ids(q) for q in queries]
         if cond in names:
             peft_model.set_adapter(cond)
         ids[cond] = generate_ids(engine, tokenizer, prompts, adapter=cond in names,
@@ -368,14 +392,16 @@ def run_eval(
         if on_condition:
             on_condition(cond)
     responses = decode_all(tokenizer, ids)
-    results = score(suite, items, responses, reference="prompted" if "prompted" in wanted else None)
+    references = {c: own.get(c, "prompted") for c in wanted if c not in prompt_of}
+    results = score(suite, items, responses, reference=references)
     return {
         "suite": suite.name,
         "task": suite.task,
         "n": len(items),
         "seed": seed,
         "limit": limit,
-        "prompt_file": str(prompt_file) if prompt_file else None,
+        "prompt_file": prompt_of.get("prompted"),
+        "prompt_files": prompt_of,
         "adapters": {n: str(a) for n, a in zip(names, adapters)},
         "results": results,
         "markdown": markdown_table(suite, results),

@@ -13,7 +13,7 @@ from promptbake.compare import SeedRun, Variant, aggregate, compare_methods, var
 from promptbake.errors import PromptbakeError
 from promptbake.stats import seeds_mean_ci
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from conftest import SHARED_DATA as DATA
 
 
 def test_seeds_mean_ci_is_the_t_interval():

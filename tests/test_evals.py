@@ -134,3 +134,32 @@ def test_score_hand_computed():
     res = score(xs, items, {"base": ["I'm sorry, I can't.", "I'm sorry, I can't."]})
     assert res["base"]["metrics"]["refusal_rate_unsafe"]["value"] == 1.0
     assert res["base"]["metrics"]["over_refusal_rate_safe"]["value"] == 1.0
+
+
+def test_adapters_from_different_prompts_each_meet_their_own_prompted_baseline(tmp_path, tiny_model_dir):
+    from conftest import write_prompt
+    from promptbake import compile_prompt
+    from promptbake.evals import parse, run_eval
+
+    data = data_or_skip()
+    adapters = []
+    for name, body in [("pirate", "You are a pirate."), ("doctor", "You are a careful doctor.")]:
+        prompt = write_prompt(tmp_path / name, body=body, front=f"name: {name}\nqueries: queries.txt\n")
+        compile_prompt(prompt, out=tmp_path / f"out-{name}", model=str(tiny_model_dir),
+                       overrides=dict(steps=1, batch_size=2, heldout=0, max_new_tokens=4, precision="fp32"))
+        adapters.append(tmp_path / f"out-{name}")
+    result = run_eval("mmlu", adapters, data=data, limit=3)
+    assert list(result["results"]) == ["base", "prompted:pirate", "pirate", "prompted:doctor", "doctor"]
+    assert result["prompt_files"]["prompted:doctor"].endswith("doctor/prompt.md")
+    suite = load_suite("mmlu")
+    items = load_items(suite, data, 3, 0)
+    parsed = {c: [parse(suite, it, t) for it, t in zip(items, texts)] for c, texts in result["examples"].items()}
+    for adapter in ("pirate", "doctor"):  # agreement is with the adapter's own prompted condition
+        ref = parsed[f"prompted:{adapter}"]
+        want = sum(a is not None and a == r for a, r in zip(parsed[adapter], ref)) / 3
+        got = result["results"][adapter]["metrics"]["agreement_with_prompted"]["value"]
+        assert got == pytest.approx(want)
+    assert "agreement_with_prompted" not in result["results"]["base"]["metrics"]  # no single baseline for base
+    one = run_eval("mmlu", adapters, data=data, limit=3, prompt=tmp_path / "pirate" / "prompt.md",
+                   conditions=["prompted", "doctor"])
+    assert list(one["results"]) == ["prompted", "doctor"]
