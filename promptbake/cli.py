@@ -229,6 +229,7 @@ def eval_cmd(
     prompt: Annotated[Optional[Path], typer.Option(help="Prompt file for the 'prompted' condition.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model when no adapter is given.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Questions decoded together (CPU decoding is bound by reading weights, so larger batches are cheaper per question).")] = 16,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here.")] = None,
     md_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the Markdown table here.")] = None,
 ) -> None:
@@ -240,7 +241,7 @@ def eval_cmd(
     from promptbake.evals import run_eval
 
     result = run_eval(
-        suite, list(adapters or []), data=data, limit=limit, prompt=prompt, model=model, seed=seed,
+        suite, list(adapters or []), data=data, limit=limit, prompt=prompt, model=model, seed=seed, batch_size=batch_size,
         conditions=[c.strip() for c in conditions.split(",") if c.strip()] if conditions else None,
         on_condition=lambda c: console.print(f"[dim]{c} done[/]"),
     )

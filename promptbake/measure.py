@@ -15,6 +15,7 @@ import torch
 
 from promptbake.chat import ChatRenderer
 from promptbake.checks import Check, pass_rates
+from promptbake.errors import PromptbakeError
 from promptbake.losses import full_reverse_kl
 from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, Rollout, autocast, eos_token_ids, response_logits
@@ -101,15 +102,20 @@ def kl_to_teacher(
 def generate_ids(
     engine: HFRolloutEngine, tokenizer, prompts: list[list[int]], *, adapter: bool, max_new_tokens: int, batch_size: int = 16
 ) -> list[list[int]]:
-    """Greedy response token ids (up to and including EOS)."""
+    """Greedy response token ids (up to and including EOS), in the order of `prompts`.
+
+    Prompts are batched by length, so a batch pads little (eval questions range from 30 to 500 tokens)."""
+    if batch_size <= 0:
+        raise PromptbakeError(f"batch size must be positive, got {batch_size}")
     eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
-    out: list[list[int]] = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
     engine.sync(with_adapter=adapter)
-    for chunk in _chunks(prompts, batch_size):
-        rollout = engine.sample(chunk, max_new_tokens=max_new_tokens, temperature=1.0, eos_ids=eos_ids,
-                                pad_id=pad_id, greedy=True)
-        for ids, mask in zip(rollout.response_ids_BT, rollout.response_mask_BT):
-            out.append(ids[mask.bool()].tolist())
+    for chunk in _chunks(order, batch_size):
+        rollout = engine.sample([prompts[i] for i in chunk], max_new_tokens=max_new_tokens, temperature=1.0,
+                                eos_ids=eos_ids, pad_id=pad_id, greedy=True)
+        for i, ids, mask in zip(chunk, rollout.response_ids_BT, rollout.response_mask_BT):
+            out[i] = ids[mask.bool()].tolist()
     engine.sync()
     return out
 

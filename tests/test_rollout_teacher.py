@@ -136,3 +136,15 @@ def test_rollout_engine_follows_weight_updates(peft_tiny):
         after = engine.model(input_ids=ids).logits.float()
     torch.testing.assert_close(before, stale)
     assert (after - before).abs().max() > 0.1
+
+
+def test_generate_ids_batches_by_length_but_returns_prompt_order(peft_tiny, tiny):
+    from promptbake.measure import generate_ids
+
+    _, tok = tiny
+    engine = HFRolloutEngine(peft_tiny, bf16=False)
+    prompts = [list(range(100, 100 + n)) for n in (9, 3, 14, 5, 11)]
+    one_by_one = generate_ids(engine, tok, prompts, adapter=True, max_new_tokens=6, batch_size=1)
+    batched = generate_ids(engine, tok, prompts, adapter=True, max_new_tokens=6, batch_size=2)
+    assert batched == one_by_one and len(batched) == 5
+    assert one_by_one[0] == generate_ids(engine, tok, prompts[:1], adapter=True, max_new_tokens=6, batch_size=1)[0]
