@@ -229,6 +229,8 @@ def eval_cmd(
     prompt: Annotated[Optional[Path], typer.Option(help="Prompt file for the 'prompted' condition.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model when no adapter is given.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    groups: Annotated[str, typer.Option(help="all | train | test: only the train or test half of the suite's groups (subjects).")] = "all",
+    export_queries: Annotated[Optional[Path], typer.Option(help="Write the selected questions (no answers) as a query JSONL to bake on, and stop.")] = None,
     batch_size: Annotated[int, typer.Option(help="Questions decoded together (CPU decoding is bound by reading weights, so larger batches are cheaper per question).")] = 16,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here.")] = None,
     md_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the Markdown table here.")] = None,
@@ -238,10 +240,15 @@ def eval_cmd(
     import json as _json
 
     from promptbake.artifact import write_text_atomic
-    from promptbake.evals import run_eval
+    from promptbake.evals import export_queries as write_queries
+    from promptbake.evals import load_items, load_suite, run_eval
 
+    if export_queries:
+        items = load_items(load_suite(suite), data, limit, seed, groups)  # type: ignore[arg-type]
+        out.print(f"wrote {write_queries(items, export_queries)} {suite} questions ({groups} groups) to {export_queries}")
+        return
     result = run_eval(
-        suite, list(adapters or []), data=data, limit=limit, prompt=prompt, model=model, seed=seed, batch_size=batch_size,
+        suite, list(adapters or []), data=data, limit=limit, prompt=prompt, model=model, seed=seed, groups=groups, batch_size=batch_size,
         conditions=[c.strip() for c in conditions.split(",") if c.strip()] if conditions else None,
         on_condition=lambda c: console.print(f"[dim]{c} done[/]"),
     )

@@ -112,8 +112,23 @@ def _read_rows(suite: SuiteSpec, path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_items(suite: SuiteSpec, data: str | Path | None, limit: int | None = None, seed: int = 0) -> list[EvalItem]:
-    """Rows of the suite's data file as rendered prompts with gold answers; `limit` takes a seeded sample."""
+def split_groups(groups: list[str]) -> tuple[set[str], set[str]]:
+    """A fixed half/half split of a suite's groups (subjects): train groups to bake on, test groups to evaluate
+    on, as in the paper's held-out-subject setup. Seeded and independent of the data's row order."""
+    names = sorted(set(groups))
+    random.Random(0).shuffle(names)
+    half = (len(names) + 1) // 2
+    return set(names[:half]), set(names[half:])
+
+
+def load_items(suite: SuiteSpec, data: str | Path | None, limit: int | None = None, seed: int = 0,
+               groups: Literal["all", "train", "test"] = "all") -> list[EvalItem]:
+    """Rows of the suite's data file as rendered prompts with gold answers; `limit` takes a seeded sample;
+    `groups` keeps only the train or test half of the suite's groups (see split_groups)."""
+    if groups not in ("all", "train", "test"):
+        raise PromptbakeError(f"--groups must be all, train or test, got {groups!r}")
+    if groups != "all" and not suite.group_by:
+        raise PromptbakeError(f"suite {suite.name} has no group_by column, so it has no train/test group split")
     if limit is not None and limit <= 0:
         raise PromptbakeError(f"--limit must be positive, got {limit}")
     root = data_root(data)
@@ -134,7 +149,10 @@ def load_items(suite: SuiteSpec, data: str | Path | None, limit: int | None = No
         if column not in rows[0]:
             raise PromptbakeError(f"{path}: suite {suite.name} needs column '{column}' (found {sorted(rows[0])})")
     order = list(range(len(rows)))
-    if limit is not None and limit < len(rows):
+    if groups != "all":
+        keep = split_groups([str(r[suite.group_by]) for r in rows])[0 if groups == "train" else 1]
+        order = [i for i in order if str(rows[i][suite.group_by]) in keep]
+    if limit is not None and limit < len(order):
         order = sorted(random.Random(seed).sample(order, limit))
     template = SandboxedEnvironment(autoescape=False).from_string(suite.template)
     items = []
@@ -147,6 +165,14 @@ def load_items(suite: SuiteSpec, data: str | Path | None, limit: int | None = No
             options=_options(suite, row),
         ))
     return items
+
+
+def export_queries(items: list[EvalItem], path: str | Path) -> int:
+    """Write the items' questions (no answers) as a JSONL query file to bake on; returns how many."""
+    from promptbake.artifact import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps({"query": it.prompt}) + "\n" for it in items))
+    return len(items)
 
 
 def _options(suite: SuiteSpec, row: dict) -> list[str]:
@@ -309,6 +335,7 @@ def run_eval(
     prompt: str | Path | None = None,
     model: str | None = None,
     seed: int = 0,
+    groups: Literal["all", "train", "test"] = "all",
     batch_size: int = 16,
     on_condition=None,
 ) -> dict:
@@ -324,7 +351,7 @@ def run_eval(
     from promptbake.spec import load_spec
 
     suite = load_suite(suite_name)
-    items = load_items(suite, data, limit, seed)
+    items = load_items(suite, data, limit, seed, groups)
     manifests = [read_manifest(a) for a in adapters]
     bases = {m.base_weights_sha256 for m in manifests}
     if len(bases) > 1:
@@ -400,6 +427,7 @@ def run_eval(
         "n": len(items),
         "seed": seed,
         "limit": limit,
+        "groups": groups,
         "prompt_file": prompt_of.get("prompted"),
         "prompt_files": prompt_of,
         "adapters": {n: str(a) for n, a in zip(names, adapters)},

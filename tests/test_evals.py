@@ -163,3 +163,40 @@ def test_adapters_from_different_prompts_each_meet_their_own_prompted_baseline(t
     one = run_eval("mmlu", adapters, data=data, limit=3, prompt=tmp_path / "pirate" / "prompt.md",
                    conditions=["prompted", "doctor"])
     assert list(one["results"]) == ["prompted", "doctor"]
+
+
+def test_group_split_is_disjoint_and_covers_every_group():
+    from promptbake.evals import split_groups
+
+    names = [f"subject {i}" for i in range(21)] * 3
+    train, test = split_groups(names)
+    assert train.isdisjoint(test) and train | test == set(names)
+    assert len(train) == 11 and len(test) == 10
+    assert split_groups(list(reversed(names))) == (train, test)  # row order does not matter
+
+
+def test_medmcqa_train_and_test_subjects_and_query_export(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptbake.cli import app
+    from promptbake.queries import load_queries
+
+    data = data_or_skip()
+    suite = load_suite("medmcqa")
+    every = load_items(suite, data)
+    train, test = load_items(suite, data, groups="train"), load_items(suite, data, groups="test")
+    assert len(train) + len(test) == len(every)
+    assert {it.group for it in train}.isdisjoint({it.group for it in test})
+    out = tmp_path / "train_subjects.jsonl"
+    result = CliRunner().invoke(app, ["eval", "--suite", "medmcqa", "--data", str(data), "--groups", "train",
+                                      "--limit", "20", "--export-queries", str(out)])
+    assert result.exit_code == 0, result.output
+    queries = load_queries(out)
+    assert len(queries) == 20
+    train_prompts = {it.prompt for it in train}
+    assert all(q.text in train_prompts for q in queries)
+    for args, fragment in [(["--groups", "some"], "must be all, train or test"),
+                           (["--suite", "gsm8k", "--groups", "test"], "no group_by")]:
+        bad = CliRunner().invoke(app, ["eval", "--suite", "medmcqa", "--data", str(data), *args, "--export-queries", str(tmp_path / "x.jsonl")])
+        assert bad.exit_code == 2 and fragment in bad.output
+        assert not (tmp_path / "x.jsonl").exists()
