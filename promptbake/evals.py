@@ -235,7 +235,25 @@ def parse_yes_no(text: str) -> str | None:
     if tags:
         return tags[-1]
     m = re.match(r"^\s*\W*(yes|no)\b", text, re.IGNORECASE)
-    return m.group(1).lower() if m else None
+    if m:
+        return m.group(1).lower()
+    return _hate_verdict(text)
+
+
+_NEGATED_HATE = re.compile(r"\b(is not|isn't|is no|are not|aren't|does not|doesn't|not)\b[^.!?\n]*\b(hate speech|hateful)\b",
+                           re.IGNORECASE)
+_HATE = re.compile(r"\b(is|are|constitutes?|considered|contains?)\b[^.!?\n]*\b(hate speech|hateful)\b", re.IGNORECASE)
+
+
+def _hate_verdict(text: str) -> str | None:
+    """Last fallback for the hate-speech suites, whose small models answer in prose: the verdict of the first
+    sentence ("The text is not hate speech." -> no; "... is indeed a form of hate speech." -> yes)."""
+    first = re.split(r"(?<=[.!?])\s|\n", text.strip(), maxsplit=1)[0]
+    if _NEGATED_HATE.search(first):
+        return "no"
+    if _HATE.search(first):
+        return "yes"
+    return None
 
 
 def _normalise_number(text: str) -> str | None:
@@ -434,4 +452,5 @@ def run_eval(
         "results": results,
         "markdown": markdown_table(suite, results),
         "examples": {c: responses[c][:3] for c in responses},
+        "responses": responses,  # every answer, so a result can be audited or re-scored without decoding again
     }

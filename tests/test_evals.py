@@ -35,7 +35,12 @@ def test_parse_choice(text, want):
 @pytest.mark.parametrize(
     "text, want",
     [("<answer>yes</answer>", "yes"), ("<answer> No </answer>", "no"), ("Yes, it is hateful.", "yes"),
-     ("no.", "no"), ("It depends", None), ("<answer>maybe</answer>", None)],
+     ("no.", "no"), ("It depends", None), ("<answer>maybe</answer>", None),
+     ("The text is not hate speech. It is a statement about hate speech.", "no"),
+     ('The text "I hate women" is indeed a form of hate speech. It is derogatory.', "yes"),
+     ("This text isn't hateful, just rude.", "no"),
+     ("It is a statement. Whether it is hate speech depends on context.", None),
+     ("The weather is nice today.", None)],
 )
 def test_parse_yes_no(text, want):
     assert parse_yes_no(text) == want
