@@ -66,7 +66,9 @@ def bars_svg(groups: dict[str, dict[str, tuple[float, float, float]]], width: in
             if hi == hi and lo == lo:  # not NaN
                 cx = x + i * bar + (bar - 4) / 2
                 parts.append(f'<line x1="{cx}" x2="{cx}" y1="{10 + chart_h * (1 - hi):.1f}" y2="{10 + chart_h * (1 - lo):.1f}" stroke="#000"/>')
-        parts.append(f'<text x="{x}" y="{chart_h + 28}">{html.escape(gname[:22])}</text>')
+        fits = max(4, int((len(conds) * bar + gap) / 6.5))  # ~6.5 px per character: labels must not overlap
+        label = gname if len(gname) <= fits else gname[:fits - 1] + "…"
+        parts.append(f'<text x="{x}" y="{chart_h + 28}">{html.escape(label)}<title>{html.escape(gname)}</title></text>')
         x += len(conds) * bar + gap
     legend = " ".join(f'<tspan fill="{_color(c, i)}">■ {html.escape(c)}</tspan>' for i, c in enumerate(conds))
     parts.append(f'<text x="{left}" y="{height - 6}">{legend}</text></svg>')
@@ -113,8 +115,9 @@ def build_report(adapter_dir: str | Path) -> tuple[Path, Path]:
         for cond, res in data["results"].items():
             for metric, est in res["metrics"].items():
                 groups.setdefault(metric, {})[cond] = (est["value"], *est["ci95"])
-        rows = [[metric] + [f"{v[0]:.1%} [{v[1]:.1%}, {v[2]:.1%}]" for v in conds.values()] for metric, conds in groups.items()]
         header = ["metric"] + list(data["results"])
+        rows = [[metric] + [f"{conds[c][0]:.1%} [{conds[c][1]:.1%}, {conds[c][2]:.1%}]" if c in conds else ""
+                            for c in header[1:]] for metric, conds in groups.items()]
         evals.append({"suite": data["suite"], "n": data["n"], "svg": bars_svg(groups), "table": _table(header, rows)})
         md += [f"## Eval: {data['suite']} (n={data['n']})", data.get("markdown", ""), ""]
     serving = ""
