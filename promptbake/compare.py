@@ -77,6 +77,7 @@ def aggregate(runs: list[SeedRun], reference: dict[str, dict[str, dict[str, floa
     `reference` (condition -> suite -> metric -> value) adds the base and prompted rows of the evals; their
     check pass rates come from the verify runs (per seed, since each seed holds out other queries)."""
     rows: dict[str, dict[str, list[float]]] = {}
+    reference_seeds: set[int] = set()
     for r in runs:
         row = rows.setdefault(r.variant, {})
         row.setdefault("tokens_trained", []).append(float(r.tokens_trained))
@@ -85,8 +86,11 @@ def aggregate(runs: list[SeedRun], reference: dict[str, dict[str, dict[str, floa
             row.setdefault(k, []).append(v)
         for check, by_cond in r.checks.items():
             row.setdefault(f"check:{check}", []).append(by_cond["baked"])
+            if r.seed in reference_seeds:
+                continue  # base and teacher answers are the same for every variant of a seed: count them once
             for cond in ("base", "teacher"):
                 rows.setdefault(cond if cond == "base" else "prompted", {}).setdefault(f"check:{check}", []).append(by_cond[cond])
+        reference_seeds.add(r.seed)
         for suite, metrics in r.evals.items():
             for k, v in metrics.items():
                 row.setdefault(f"{suite}:{k}", []).append(v)

@@ -48,6 +48,9 @@ def test_aggregate_means_over_seeds_and_keeps_reference_rows():
     assert table["opcd-frozen"]["mmlu:accuracy"].value == pytest.approx(0.35)
     assert table["prompted"]["check:c"].value == 1.0 and table["base"]["check:c"].value == 0.0
     assert table["base"]["mmlu:accuracy"].value == 0.35
+    twice = aggregate(runs + [SeedRun("sft-frozen", "sft", "frozen", 0, "b0", 2, 100, None,
+                                      checks={"c": {"base": 0.0, "teacher": 1.0, "baked": 0.5}})])
+    assert twice["prompted"]["check:c"].n == 2  # one value per seed, however many variants share it
 
 
 def test_compare_gives_every_method_the_same_token_budget(tmp_path, tiny_model_dir):
