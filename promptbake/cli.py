@@ -48,6 +48,10 @@ def friendly(fn):
     return wrapper
 
 
+def _comma_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _rate_table(title: str, rates: dict[str, dict[str, float]]) -> Table:
     table = Table(title=title)
     conds = list(rates)
@@ -249,7 +253,7 @@ def eval_cmd(
         return
     result = run_eval(
         suite, list(adapters or []), data=data, limit=limit, prompt=prompt, model=model, seed=seed, groups=groups, batch_size=batch_size,
-        conditions=[c.strip() for c in conditions.split(",") if c.strip()] if conditions else None,
+        conditions=_comma_list(conditions) if conditions else None,
         on_condition=lambda c: console.print(f"[dim]{c} done[/]"),
     )
     out.print(result["markdown"], highlight=False)
@@ -278,11 +282,8 @@ def compare(
     _quiet_libraries()
     from promptbake.compare import compare_methods
 
-    if eval_limit <= 0:
-        raise PromptbakeError(f"--eval-limit must be positive, got {eval_limit}")
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     result = compare_methods(
-        prompt, methods=split(methods), teacher_modes=split(teacher_modes), seeds=seeds, suites=split(suites),
+        prompt, methods=_comma_list(methods), teacher_modes=_comma_list(teacher_modes), seeds=seeds, suites=_comma_list(suites),
         eval_limit=eval_limit, data=data, out=out_dir, model=model,
         overrides={"steps": steps, "max_new_tokens": max_new_tokens},
         on_stage=lambda msg: console.print(f"[dim]{msg}[/]"),

@@ -146,6 +146,8 @@ def compare_methods(
     stage = on_stage or (lambda _msg: None)
     if seeds <= 0:
         raise PromptbakeError(f"--seeds must be positive, got {seeds}")
+    if eval_limit is not None and eval_limit <= 0:  # load_items checks too, but only after hours of training
+        raise PromptbakeError(f"--eval-limit must be positive, got {eval_limit}")
     todo = variants(methods, teacher_modes)
     suites = suites or []
     for suite in suites:
