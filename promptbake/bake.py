@@ -124,11 +124,13 @@ def compile_prompt(
     on_step: Callable[[StepLog], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
     plan: CompilePlan | None = None,
+    measure: bool = True,
 ) -> BakeResult:
     """Bake a prompt file into a LoRA adapter with OPCD. Raises PromptbakeError on bad input.
 
     Same inputs as the artifact already in the output folder: returns it ("up to date"). An interrupted
-    compile of the same inputs resumes from its last checkpoint unless `restart`.
+    compile of the same inputs resumes from its last checkpoint unless `restart`. `measure=False` skips the
+    held-out KL and check measurements around training (compare runs verify on every adapter instead).
     """
     stage = on_stage or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -197,7 +199,7 @@ def compile_prompt(
     measure_kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed + 1, bf16=bf16,
                       batch_size=config.batch_size * config.rollouts)
     kl_before = resume.extra.get("kl_before") if resume else None
-    if heldout_queries and kl_before is None:
+    if measure and heldout_queries and kl_before is None:
         stage(f"measuring held-out KL on {len(heldout_queries)} queries")
         t = time.perf_counter()
         kl_before = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean
@@ -235,7 +237,7 @@ def compile_prompt(
 
     # 5. Measure again and compare checks on held-out queries.
     kl_after, responses, rates = None, {}, {}
-    if heldout_queries:
+    if measure and heldout_queries:
         stage("measuring held-out KL and checks after training")
         t = time.perf_counter()
         kl_after = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean

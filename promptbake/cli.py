@@ -175,7 +175,7 @@ def compile_cmd(
 @app.command()
 @friendly
 def verify(
-    adapter: Annotated[Path, typer.Argument(help="Baked adapter folder.")],
+    adapters: Annotated[list[Path], typer.Argument(help="Baked adapter folder(s); several share one base/teacher measurement.")],
     prompt: Annotated[Optional[Path], typer.Option(help="Prompt file (default: the one in the manifest).")] = None,
     queries: Annotated[Optional[Path], typer.Option(help="Query file (default: the manifest's held-out queries).")] = None,
     min_kl_gap_closed: Annotated[Optional[float], typer.Option(help="Minimum 1 - KL(baked)/KL(base).")] = None,
@@ -187,18 +187,37 @@ def verify(
     allow_prompt_change: Annotated[bool, typer.Option(help="Compare even if the prompt changed since baking.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
 ) -> None:
-    """Compare a baked adapter with its prompted baseline; exit 1 when a threshold fails."""
+    """Compare baked adapters with their prompted baseline; exit 1 when a threshold fails for any of them."""
     _quiet_libraries()
     from promptbake.artifact import write_text_atomic
-    from promptbake.verify import verify_adapter
+    from promptbake.verify import verify_adapters
 
-    report = verify_adapter(
-        adapter, prompt=prompt, queries=queries, allow_prompt_change=allow_prompt_change, limit=limit,
+    reports = verify_adapters(
+        adapters, prompt=prompt, queries=queries, allow_prompt_change=allow_prompt_change, limit=limit,
         agreement_tokens=agreement_tokens,
         thresholds=dict(min_kl_gap_closed=min_kl_gap_closed, min_check_ratio=min_check_ratio,
                         min_exact_match=min_exact_match, min_token_agreement=min_token_agreement),
     )
-    table = Table(title=f"verify {adapter} on {report.num_queries} queries (95% bootstrap CI)")
+    for report in reports:
+        _print_verify(report)
+    if json_out:
+        body = reports[0].to_json() if len(reports) == 1 else "[\n" + ",\n".join(r.to_json() for r in reports) + "\n]"
+        write_text_atomic(json_out, body + "\n")
+    failed = False
+    for report in reports:
+        prefix = f"{report.adapter}: " if len(reports) > 1 else ""
+        for failure in report.failures:
+            console.print(f"[bold red]FAIL[/] {prefix}{failure}", highlight=False)
+        failed |= bool(report.failures)
+        if not report.failures:
+            out.print(f"[bold green]PASS[/] {prefix}{len(report.thresholds)} threshold(s) hold" if report.thresholds
+                      else f"{prefix}no thresholds set")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _print_verify(report) -> None:
+    table = Table(title=f"verify {report.adapter} on {report.num_queries} queries (95% bootstrap CI)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, est in report.metrics.items():
@@ -213,13 +232,6 @@ def verify(
             checks.add_row(name, rates["base"].fmt(), rates["teacher"].fmt(), rates["baked"].fmt(),
                            report.check_ratios[name].fmt(percent=False))
         out.print(checks)
-    if json_out:
-        write_text_atomic(json_out, report.to_json() + "\n")
-    if report.failures:
-        for failure in report.failures:
-            console.print(f"[bold red]FAIL[/] {failure}", highlight=False)
-        raise typer.Exit(1)
-    out.print(f"[bold green]PASS[/] {len(report.thresholds)} threshold(s) hold" if report.thresholds else "no thresholds set")
 
 
 @app.command("eval")
@@ -271,12 +283,13 @@ def compare(
     teacher_modes: Annotated[str, typer.Option(help="Comma list of frozen, live (sft has no live variant).")] = "frozen",
     seeds: Annotated[int, typer.Option(help="Seeds per variant (0..N-1).")] = 3,
     suites: Annotated[str, typer.Option(help="Comma list of eval suites run on every adapter ('' for none).")] = "",
-    eval_limit: Annotated[int, typer.Option(help="Seeded sample of N items per suite.")] = 200,
+    eval_limit: Annotated[str, typer.Option(help="Seeded sample of N items per suite: N, or per suite as 'N,gsm8k=40,mmlu=100'.")] = "200",
     data: Annotated[Optional[Path], typer.Option(help="Dataset root (default $PROMPTBAKE_DATA).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for all adapters and the table (default build/compare-<name>).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Steps of the budget-setting variant (opcd-frozen).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest sampled response.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Queries per step.")] = None,
 ) -> None:
     """Bake PROMPT with each method and teacher mode at equal token budgets over seeds; one table with CIs."""
     _quiet_libraries()
@@ -284,11 +297,27 @@ def compare(
 
     result = compare_methods(
         prompt, methods=_comma_list(methods), teacher_modes=_comma_list(teacher_modes), seeds=seeds, suites=_comma_list(suites),
-        eval_limit=eval_limit, data=data, out=out_dir, model=model,
-        overrides={"steps": steps, "max_new_tokens": max_new_tokens},
+        eval_limit=_eval_limits(eval_limit, _comma_list(suites)), data=data, out=out_dir, model=model,
+        overrides={"steps": steps, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
         on_stage=lambda msg: console.print(f"[dim]{msg}[/]"),
     )
     out.print(result["markdown"], highlight=False)
+
+
+def _eval_limits(text: str, suites: list[str]) -> int | dict[str, int]:
+    """'200' -> 200 for every suite; '100,gsm8k=40' -> gsm8k 40, the other suites 100."""
+    default, per_suite = 200, {}
+    for part in _comma_list(text):
+        name, _, number = part.rpartition("=")
+        try:
+            value = int(number)
+        except ValueError:
+            raise PromptbakeError(f"--eval-limit: '{part}' is not N or suite=N") from None
+        if name:
+            per_suite[name] = value
+        else:
+            default = value
+    return {**{s: default for s in suites}, **per_suite} if per_suite else default
 
 
 @app.command()

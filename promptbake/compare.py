@@ -122,6 +122,24 @@ def markdown(table: dict[str, dict[str, Estimate]], seeds: int) -> str:
     return "\n".join(lines)
 
 
+def suite_limits(eval_limit: int | dict[str, int] | None, suites: list[str]) -> dict[str, int | None]:
+    """Items per suite: one number for all, or per suite ({"gsm8k": 40}; suites not named keep the full set)."""
+    from promptbake.evals import load_suite
+
+    for suite in suites:
+        load_suite(suite)
+    if isinstance(eval_limit, int) and eval_limit <= 0:
+        raise PromptbakeError(f"--eval-limit must be positive, got {eval_limit}")
+    per_suite = eval_limit if isinstance(eval_limit, dict) else {s: eval_limit for s in suites}
+    unknown = sorted(set(per_suite) - set(suites))
+    if unknown:
+        raise PromptbakeError(f"--eval-limit names {', '.join(unknown)}, which are not among the suites ({', '.join(suites) or 'none'})")
+    for suite, n in per_suite.items():
+        if n is not None and n <= 0:
+            raise PromptbakeError(f"--eval-limit must be positive, got {n} for {suite}")
+    return {s: per_suite.get(s) for s in suites}
+
+
 def compare_methods(
     prompt: str | Path,
     *,
@@ -129,7 +147,7 @@ def compare_methods(
     teacher_modes: list[str],
     seeds: int = 3,
     suites: list[str] | None = None,
-    eval_limit: int | None = 200,
+    eval_limit: int | dict[str, int] | None = 200,
     data: str | Path | None = None,
     out: str | Path | None = None,
     model: str | None = None,
@@ -139,19 +157,16 @@ def compare_methods(
     """Compile, verify and evaluate every variant for `seeds` seeds; write compare.json and compare.md to `out`."""
     from promptbake.artifact import write_text_atomic
     from promptbake.bake import compile_prompt
-    from promptbake.evals import load_suite, run_eval
+    from promptbake.evals import run_eval
     from promptbake.plan import plan_compile
-    from promptbake.verify import verify_adapter
+    from promptbake.verify import verify_adapters
 
     stage = on_stage or (lambda _msg: None)
     if seeds <= 0:
         raise PromptbakeError(f"--seeds must be positive, got {seeds}")
-    if eval_limit is not None and eval_limit <= 0:  # load_items checks too, but only after hours of training
-        raise PromptbakeError(f"--eval-limit must be positive, got {eval_limit}")
     todo = variants(methods, teacher_modes)
     suites = suites or []
-    for suite in suites:
-        load_suite(suite)  # unknown suites fail before hours of training
+    limits = suite_limits(eval_limit, suites)  # bad limits and unknown suites fail before hours of training
     overrides = dict(overrides or {})
     first = plan_compile(prompt, model=model, overrides=overrides)  # bad prompt/flags fail here, before any training
     out_dir = Path(out) if out else Path("build") / f"compare-{first.spec.name}"
@@ -160,30 +175,32 @@ def compare_methods(
     runs: list[SeedRun] = []
     for seed in range(seeds):
         budget: int | None = None
+        seed_runs: list[SeedRun] = []
         for v in todo:
             settings = {**overrides, "method": v.method, "teacher_mode": v.teacher_mode, "seed": seed}
             if budget is not None:
                 settings.update(token_budget=budget, steps=STEP_CAP * first.config.steps)
             adapter = out_dir / f"{v.name}-s{seed}"
             stage(f"seed {seed}: compiling {v.name}" + (f" (budget {budget:,} tokens)" if budget else ""))
-            result = compile_prompt(prompt, out=adapter, model=model, overrides=settings)
+            result = compile_prompt(prompt, out=adapter, model=model, overrides=settings, measure=False)
             summary = result.manifest.loss_summary
             tokens = int(summary.get("response_tokens", 0))
             if budget is None:
                 budget = tokens
-            stage(f"seed {seed}: verifying {v.name}")
-            report = verify_adapter(adapter)
-            runs.append(SeedRun(
+            seed_runs.append(SeedRun(
                 variant=v.name, method=v.method, teacher_mode=v.teacher_mode, seed=seed, adapter=str(adapter),
                 steps=int(summary.get("steps", 0)), tokens_trained=tokens, token_budget=settings.get("token_budget"),
-                metrics={k: report.metrics[k].value for k in VERIFY_METRICS if k in report.metrics},
-                checks={c: {cond: est.value for cond, est in by.items()} for c, by in report.checks.items()},
             ))
+        stage(f"seed {seed}: verifying {len(seed_runs)} adapters on the same held-out queries")
+        for r, report in zip(seed_runs, verify_adapters([r.adapter for r in seed_runs])):
+            r.metrics = {k: report.metrics[k].value for k in VERIFY_METRICS if k in report.metrics}
+            r.checks = {c: {cond: est.value for cond, est in by.items()} for c, by in report.checks.items()}
+        runs += seed_runs
 
     reference: dict[str, dict[str, dict[str, float]]] = {}
     for suite in suites:
         stage(f"evaluating {suite} on base, prompted and {len(runs)} adapters")
-        result = run_eval(suite, [r.adapter for r in runs], data=data, limit=eval_limit, prompt=prompt)
+        result = run_eval(suite, [r.adapter for r in runs], data=data, limit=limits[suite], prompt=prompt)
         by_path = {path: name for name, path in result["adapters"].items()}
         for r in runs:
             r.evals[suite] = _headline(result["results"][by_path[r.adapter]])
@@ -194,7 +211,7 @@ def compare_methods(
     md = markdown(table, seeds)
     summary = {
         "prompt": str(prompt), "seeds": seeds, "variants": [v.name for v in todo], "suites": suites,
-        "eval_limit": eval_limit, "runs": [asdict(r) for r in runs],
+        "eval_limit": limits, "runs": [asdict(r) for r in runs],
         "table": {name: {k: e.to_dict() for k, e in row.items()} for name, row in table.items()},
         "markdown": md,
     }

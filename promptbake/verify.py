@@ -84,8 +84,17 @@ def apply_thresholds(report: VerifyReport, thresholds: VerifyThresholds) -> None
                 report.failures.append(f"check '{name}' baked/teacher = {ratio.value:.3f} < min_check_ratio {limits['min_check_ratio']}")
 
 
-def verify_adapter(
-    adapter_dir: str | Path,
+def verify_adapter(adapter_dir: str | Path, **kwargs) -> VerifyReport:
+    """Verify one adapter; see `verify_adapters` for the arguments."""
+    return verify_adapters([adapter_dir], **kwargs)[0]
+
+
+SHARED_MANIFEST_FIELDS = ("base_weights_sha256", "prompt_sha256", "teacher_model", "queries_sha256")
+SHARED_CONFIG_KEYS = ("max_new_tokens", "temperature", "precision")
+
+
+def verify_adapters(
+    adapter_dirs: list[str | Path],
     *,
     prompt: str | Path | None = None,
     queries: str | Path | None = None,
@@ -95,9 +104,29 @@ def verify_adapter(
     agreement_tokens: int = 32,
     max_new_tokens: int | None = None,
     seed: int = 1234,
-) -> VerifyReport:
-    adapter_dir = Path(adapter_dir)
-    manifest = read_manifest(adapter_dir)
+) -> list[VerifyReport]:
+    """One report per adapter, all on the same queries; the base and teacher are measured once for all of them.
+
+    The adapters must share base weights, prompt, teacher, query file, sampling settings and (without
+    `queries`) held-out ids: `compare` verifies every variant of one seed this way, so the base KLs, the
+    teacher's samples and the greedy base/teacher answers are not recomputed per variant."""
+    dirs = [Path(d) for d in adapter_dirs]
+    if not dirs:
+        raise PromptbakeError("verify: give at least one adapter folder")
+    manifests = [read_manifest(d) for d in dirs]
+    manifest = manifests[0]
+    for d, m in zip(dirs[1:], manifests[1:]):
+        for key in SHARED_MANIFEST_FIELDS:
+            if getattr(m, key) != getattr(manifest, key):
+                raise PromptbakeError(f"{d}: {key} differs from {dirs[0]}'s; verify these adapters separately")
+        for key in SHARED_CONFIG_KEYS:
+            if m.config.get(key) != manifest.config.get(key):
+                raise PromptbakeError(f"{d}: train.{key} = {m.config.get(key)} differs from {dirs[0]}'s "
+                                      f"{manifest.config.get(key)}; verify these adapters separately")
+        if queries is None and m.heldout_ids != manifest.heldout_ids:
+            raise PromptbakeError(f"{d}: held-out queries differ from {dirs[0]}'s (another seed?); "
+                                  "verify separately or pass --queries")
+    adapter_dir = dirs[0]
     spec = load_spec(prompt or manifest.prompt_file)
     if spec.prompt_sha256 != manifest.prompt_sha256 and not allow_prompt_change:
         raise PromptbakeError(
@@ -124,7 +153,10 @@ def verify_adapter(
     if weights_sha256(model_dir) != manifest.base_weights_sha256:
         raise PromptbakeError(f"{model_dir}: base weights differ from the ones {adapter_dir} was baked on (sha256 mismatch)")
     tokenizer = load_tokenizer(model_dir)
-    model = load_adapter(load_model(model_dir), adapter_dir)
+    names = [f"adapter{i}" for i in range(len(dirs))]
+    model = load_adapter(load_model(model_dir), dirs[0], names[0])
+    for d, name in zip(dirs[1:], names[1:]):
+        load_adapter(None, d, name, into=model)
     model.eval()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -143,36 +175,44 @@ def verify_adapter(
     temperature = float(manifest.config.get("temperature", 1.0))
     kw = dict(max_new_tokens=new_tokens, temperature=temperature, seed=seed, bf16=bf16)
 
-    report = VerifyReport(str(adapter_dir), len(query_list))
-    kl = {}
-    for name, adapter, on_teacher in [("reverse_kl_baked", True, False), ("reverse_kl_base", False, False),
-                                      ("forward_kl_baked", True, True), ("forward_kl_base", False, True)]:
-        kl[name] = kl_to_teacher(model, engine, teacher, renderer, tokenizer, query_list, adapter=adapter,
-                                 on_teacher_samples=on_teacher, **kw)
-        report.metrics[name] = mean_ci(kl[name].per_query)
-    report.metrics["kl_gap_closed"] = gap_closed_ci(kl["reverse_kl_baked"].per_query, kl["reverse_kl_base"].per_query,
-                                                    kl["reverse_kl_baked"].tokens, kl["reverse_kl_base"].tokens)
-    report.metrics["forward_kl_gap_closed"] = gap_closed_ci(kl["forward_kl_baked"].per_query, kl["forward_kl_base"].per_query,
-                                                            kl["forward_kl_baked"].tokens, kl["forward_kl_base"].tokens)
-
-    ids = condition_ids(engine, tokenizer, renderer, query_list, max_new_tokens=max(new_tokens, agreement_tokens))
-    exact = [float(b[:agreement_tokens] == t[:agreement_tokens]) for b, t in zip(ids["baked"], ids["teacher"])]
-    agree = [token_agreement(b, t, agreement_tokens) for b, t in zip(ids["baked"], ids["teacher"])]
-    base_agree = [token_agreement(b, t, agreement_tokens) for b, t in zip(ids["base"], ids["teacher"])]
-    report.metrics["exact_match"] = mean_ci(exact)
-    report.metrics["token_agreement"] = mean_ci(agree)
-    report.metrics["token_agreement_base"] = mean_ci(base_agree)
-
-    texts = decode_all(tokenizer, ids)
-    report.samples = texts
-    outcomes = {cond: check_outcomes(spec.checks, texts[cond], [q.tags for q in query_list]) for cond in texts}
-    for check in spec.checks:
-        passed = {cond: outcomes[cond][check.name] for cond in texts}
-        if not passed["baked"]:
-            continue  # no query carries this check's tags
-        report.checks[check.name] = {cond: mean_ci(v) for cond, v in passed.items()}
-        report.check_ratios[check.name] = ratio_of_means_ci(passed["baked"], passed["teacher"])
-
+    kl = {name: kl_to_teacher(model, engine, teacher, renderer, tokenizer, query_list, adapter=False,
+                              on_teacher_samples=on_teacher, **kw)
+          for name, on_teacher in [("reverse_kl_base", False), ("forward_kl_base", True)]}
+    shared_ids = condition_ids(engine, tokenizer, renderer, query_list, max_new_tokens=max(new_tokens, agreement_tokens),
+                               conditions=("base", "teacher"))
+    base_agree = [token_agreement(b, t, agreement_tokens) for b, t in zip(shared_ids["base"], shared_ids["teacher"])]
     merged = spec.verify.model_copy(update={k: v for k, v in (thresholds or {}).items() if v is not None})
-    apply_thresholds(report, merged)
-    return report
+
+    reports = []
+    for d, name in zip(dirs, names):
+        model.set_adapter(name)
+        report = VerifyReport(str(d), len(query_list))
+        for key, on_teacher in [("reverse_kl_baked", False), ("forward_kl_baked", True)]:
+            kl[key] = kl_to_teacher(model, engine, teacher, renderer, tokenizer, query_list, adapter=True,
+                                    on_teacher_samples=on_teacher, **kw)
+        for key in ("reverse_kl_baked", "reverse_kl_base", "forward_kl_baked", "forward_kl_base"):
+            report.metrics[key] = mean_ci(kl[key].per_query)
+        for direction, gap in (("reverse", "kl_gap_closed"), ("forward", "forward_kl_gap_closed")):
+            baked, base = kl[f"{direction}_kl_baked"], kl[f"{direction}_kl_base"]
+            report.metrics[gap] = gap_closed_ci(baked.per_query, base.per_query, baked.tokens, base.tokens)
+
+        ids = {**shared_ids, **condition_ids(engine, tokenizer, renderer, query_list,
+                                             max_new_tokens=max(new_tokens, agreement_tokens), conditions=("baked",))}
+        exact = [float(b[:agreement_tokens] == t[:agreement_tokens]) for b, t in zip(ids["baked"], ids["teacher"])]
+        agree = [token_agreement(b, t, agreement_tokens) for b, t in zip(ids["baked"], ids["teacher"])]
+        report.metrics["exact_match"] = mean_ci(exact)
+        report.metrics["token_agreement"] = mean_ci(agree)
+        report.metrics["token_agreement_base"] = mean_ci(base_agree)
+
+        texts = decode_all(tokenizer, ids)
+        report.samples = texts
+        outcomes = {cond: check_outcomes(spec.checks, texts[cond], [q.tags for q in query_list]) for cond in texts}
+        for check in spec.checks:
+            passed = {cond: outcomes[cond][check.name] for cond in texts}
+            if not passed["baked"]:
+                continue  # no query carries this check's tags
+            report.checks[check.name] = {cond: mean_ci(v) for cond, v in passed.items()}
+            report.check_ratios[check.name] = ratio_of_means_ci(passed["baked"], passed["teacher"])
+        apply_thresholds(report, merged)
+        reports.append(report)
+    return reports

@@ -185,6 +185,9 @@ def test_bad_adapters(tmp_path, adapter, how, fragment, command):
         (["compare", str(PIRATE), "--seeds", "0"], "seeds must be positive"),
         (["compare", str(PIRATE), "--suites", "nope"], "unknown suite"),
         (["compare", str(PIRATE), "--eval-limit", "0"], "eval-limit must be positive"),
+        (["compare", str(PIRATE), "--suites", "mmlu", "--eval-limit", "mmlu=0"], "positive, got 0 for mmlu"),
+        (["compare", str(PIRATE), "--suites", "mmlu", "--eval-limit", "gsm8k=5"], "gsm8k, which are not among the suites"),
+        (["compare", str(PIRATE), "--eval-limit", "mmlu=many"], "'mmlu=many' is not N or suite=N"),
         (["compare", "no-such-prompt.md"], "no-such-prompt.md"),
     ],
 )

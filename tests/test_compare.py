@@ -91,3 +91,14 @@ def test_compare_gives_every_method_the_same_token_budget(tmp_path, tiny_model_d
         overrides=dict(steps=2, batch_size=4, heldout=4, max_new_tokens=8, precision="fp32"),
     )
     assert [r["tokens_trained"] for r in again["runs"]] == [r["tokens_trained"] for r in runs]
+
+
+def test_eval_limits_per_suite():
+    from promptbake.cli import _eval_limits
+    from promptbake.compare import suite_limits
+
+    assert _eval_limits("150", ["mmlu", "gsm8k"]) == 150
+    assert suite_limits(150, ["mmlu", "gsm8k"]) == {"mmlu": 150, "gsm8k": 150}
+    assert _eval_limits("100,gsm8k=40", ["mmlu", "gsm8k"]) == {"mmlu": 100, "gsm8k": 40}
+    assert suite_limits({"gsm8k": 40}, ["mmlu", "gsm8k"]) == {"mmlu": None, "gsm8k": 40}  # unnamed: the whole suite
+    assert suite_limits(None, ["mmlu"]) == {"mmlu": None}

@@ -77,3 +77,38 @@ def test_verify_exit_code_flips_with_threshold(tmp_path, tiny_model_dir):
     weights.write_bytes(weights.read_bytes()[:-10])
     tampered = runner.invoke(app, ["verify", str(out), "--allow-prompt-change"])
     assert tampered.exit_code == 2 and "sha256" in tampered.output
+
+
+@pytest.mark.slow
+def test_verify_several_adapters_matches_one_at_a_time(tmp_path, tiny_model_dir):
+    """Base and teacher measured once for several adapters give each adapter the numbers it gets alone."""
+    from promptbake.errors import PromptbakeError
+    from promptbake.verify import verify_adapter, verify_adapters
+
+    prompt = write_prompt(tmp_path / "p", front="name: v\nqueries: queries.txt\nchecks:\n  - {name: short, max_words: 50}\n")
+    runner = CliRunner()
+    fast = ["--steps", "2", "--batch-size", "4", "--heldout", "5", "--max-new-tokens", "8"]
+    folders = {}
+    for name, extra in {"a": ["--lr", "0.003"], "b": ["--lr", "0.01"], "other_seed": ["--lr", "0.003", "--seed", "7"]}.items():
+        folders[name] = tmp_path / name
+        result = runner.invoke(app, ["compile", str(prompt), "--model", str(tiny_model_dir), "--out", str(folders[name]), *fast, *extra])
+        assert result.exit_code == 0, result.output
+
+    together = verify_adapters([folders["a"], folders["b"]])
+    alone = [verify_adapter(folders["a"]), verify_adapter(folders["b"])]
+    assert [r.adapter for r in together] == [str(folders["a"]), str(folders["b"])]
+    assert together[0].metrics["reverse_kl_baked"].value != together[1].metrics["reverse_kl_baked"].value
+    for t, a in zip(together, alone):
+        assert set(t.metrics) == set(a.metrics)
+        for key in t.metrics:
+            assert t.metrics[key].value == pytest.approx(a.metrics[key].value, abs=1e-5), key
+        assert t.samples == a.samples
+        assert {c: {k: e.value for k, e in d.items()} for c, d in t.checks.items()} == \
+               {c: {k: e.value for k, e in d.items()} for c, d in a.checks.items()}
+
+    with pytest.raises(PromptbakeError, match="held-out queries differ"):
+        verify_adapters([folders["a"], folders["other_seed"]])
+    json_path = tmp_path / "both.json"
+    both = runner.invoke(app, ["verify", str(folders["a"]), str(folders["b"]), "--json", str(json_path)])
+    assert both.exit_code == 0, both.output
+    assert [r["adapter"] for r in json.loads(json_path.read_text())] == [str(folders["a"]), str(folders["b"])]
