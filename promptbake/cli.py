@@ -290,6 +290,7 @@ def compare(
     steps: Annotated[Optional[int], typer.Option(help="Steps of the budget-setting variant (opcd-frozen).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest sampled response.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Queries per step.")] = None,
+    eval_batch_size: Annotated[int, typer.Option(help="Eval questions decoded together.")] = 16,
 ) -> None:
     """Bake PROMPT with each method and teacher mode at equal token budgets over seeds; one table with CIs."""
     _quiet_libraries()
@@ -297,7 +298,7 @@ def compare(
 
     result = compare_methods(
         prompt, methods=_comma_list(methods), teacher_modes=_comma_list(teacher_modes), seeds=seeds, suites=_comma_list(suites),
-        eval_limit=_eval_limits(eval_limit, _comma_list(suites)), data=data, out=out_dir, model=model,
+        eval_limit=_eval_limits(eval_limit, _comma_list(suites)), eval_batch_size=eval_batch_size, data=data, out=out_dir, model=model,
         overrides={"steps": steps, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
         on_stage=lambda msg: console.print(f"[dim]{msg}[/]"),
     )

@@ -1,8 +1,9 @@
 """`compare`: which way of baking works best for *this* prompt? OPCD against its baselines, on the user's data.
 
-For every seed and every variant (method x teacher mode) it compiles the prompt, verifies the adapter
-against the prompted teacher on that seed's held-out queries, and runs the eval suites on all adapters
-side by side (base and prompted once: greedy decoding makes them the same for every seed). Each metric
+For every seed and every variant (method x teacher mode) it compiles the prompt (without compile's own
+before/after measurement), verifies that seed's adapters together against the prompted teacher on the
+seed's held-out queries (base and teacher measured once), and runs the eval suites on all adapters side
+by side (base and prompted once: greedy decoding makes them the same for every seed). Each metric
 is then the mean over seeds with a 95 % t-interval: with three seeds a bootstrap over seeds says nothing.
 
 Equal budgets: the first variant of a seed (opcd with the frozen teacher, when asked for) trains its
@@ -148,6 +149,7 @@ def compare_methods(
     seeds: int = 3,
     suites: list[str] | None = None,
     eval_limit: int | dict[str, int] | None = 200,
+    eval_batch_size: int = 16,
     data: str | Path | None = None,
     out: str | Path | None = None,
     model: str | None = None,
@@ -164,6 +166,8 @@ def compare_methods(
     stage = on_stage or (lambda _msg: None)
     if seeds <= 0:
         raise PromptbakeError(f"--seeds must be positive, got {seeds}")
+    if eval_batch_size <= 0:
+        raise PromptbakeError(f"--eval-batch-size must be positive, got {eval_batch_size}")
     todo = variants(methods, teacher_modes)
     suites = suites or []
     limits = suite_limits(eval_limit, suites)  # bad limits and unknown suites fail before hours of training
@@ -200,7 +204,8 @@ def compare_methods(
     reference: dict[str, dict[str, dict[str, float]]] = {}
     for suite in suites:
         stage(f"evaluating {suite} on base, prompted and {len(runs)} adapters")
-        result = run_eval(suite, [r.adapter for r in runs], data=data, limit=limits[suite], prompt=prompt)
+        result = run_eval(suite, [r.adapter for r in runs], data=data, limit=limits[suite], prompt=prompt,
+                          batch_size=eval_batch_size)
         by_path = {path: name for name, path in result["adapters"].items()}
         for r in runs:
             r.evals[suite] = _headline(result["results"][by_path[r.adapter]])

@@ -188,6 +188,7 @@ def test_bad_adapters(tmp_path, adapter, how, fragment, command):
         (["compare", str(PIRATE), "--suites", "mmlu", "--eval-limit", "mmlu=0"], "positive, got 0 for mmlu"),
         (["compare", str(PIRATE), "--suites", "mmlu", "--eval-limit", "gsm8k=5"], "gsm8k, which are not among the suites"),
         (["compare", str(PIRATE), "--eval-limit", "mmlu=many"], "'mmlu=many' is not N or suite=N"),
+        (["compare", str(PIRATE), "--eval-batch-size", "0"], "eval-batch-size must be positive"),
         (["compare", "no-such-prompt.md"], "no-such-prompt.md"),
     ],
 )
