@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import random
 import shutil
@@ -85,6 +86,23 @@ def make_student(base_model, config: BakeConfig):
         target_modules=list(config.lora_targets), task_type="CAUSAL_LM", bias="none",
     )
     return get_peft_model(base_model, lora)
+
+
+def store_frozen_linears_in_bf16(model) -> int:
+    """Keep the frozen base weights of the LoRA-wrapped projections in bf16; returns the parameters cast.
+
+    Under bf16 autocast every matmul casts its weight to bf16 anyway, so the numbers do not change; what
+    changes is that these weights take half the memory and no bf16 copy is made (and kept for backward)
+    at every forward. LoRA weights stay fp32 masters. Single process only: FSDP wants one dtype per shard."""
+    cast = 0
+    for module in model.modules():
+        layer = getattr(module, "base_layer", None)
+        if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad:
+            layer.weight.data = layer.weight.data.to(torch.bfloat16)
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data.to(torch.bfloat16)
+            cast += layer.weight.numel()
+    return cast
 
 
 def _install_stop_handlers() -> tuple[Callable[[], bool], Callable[[], None]]:
@@ -172,6 +190,8 @@ def compile_prompt(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student.to(device)
     bf16 = use_bf16(config.precision, device)
+    if bf16 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        store_frozen_linears_in_bf16(student)
     if config.teacher_mode == "live" and config.teacher:
         raise PromptbakeError("teacher_mode live makes the student its own teacher; it cannot be combined with --teacher")
     if config.teacher:

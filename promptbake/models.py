@@ -199,6 +199,11 @@ def load_model(model_dir: Path, trust_pickle: bool = False):
 
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=not trust_pickle)
+    # Own the weights instead of viewing the memory-mapped file: while any tensor views the mapping, every
+    # page ever read stays resident, so weights later cast to bf16 would be held twice.
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
     model.eval()
     return model
 

@@ -198,7 +198,7 @@ class HFRolloutEngine:
             from transformers import AutoModelForCausalLM
 
             base = policy.get_base_model()
-            self.model = AutoModelForCausalLM.from_config(base.config, dtype=torch.float32)
+            self.model = AutoModelForCausalLM.from_config(base.config, dtype=torch.bfloat16)  # never a fp32 copy
             self.model.to(device=next(base.parameters()).device, dtype=torch.bfloat16).eval()
             # Parameters keep requires_grad=True on purpose: with torch 2.13 on CPU, bf16 linears of
             # parameters that do not require grad took a path measured 1.5x slower (sampling runs under no_grad).

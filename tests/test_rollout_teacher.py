@@ -148,3 +148,53 @@ def test_generate_ids_batches_by_length_but_returns_prompt_order(peft_tiny, tiny
     batched = generate_ids(engine, tok, prompts, adapter=True, max_new_tokens=6, batch_size=2)
     assert batched == one_by_one and len(batched) == 5
     assert one_by_one[0] == generate_ids(engine, tok, prompts[:1], adapter=True, max_new_tokens=6, batch_size=1)[0]
+
+
+def test_frozen_linears_in_bf16_give_the_autocast_numbers(tiny_model_dir):
+    """bf16 storage of the frozen projections: same logits and LoRA gradients as fp32 weights under autocast."""
+    import copy
+
+    from promptbake.bake import store_frozen_linears_in_bf16
+    from promptbake.models import load_model
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    fp32 = get_peft_model(load_model(tiny_model_dir), lora)
+    half = copy.deepcopy(fp32)
+    cast = store_frozen_linears_in_bf16(half)
+    layer = half.base_model.model.model.layers[0].self_attn.q_proj
+    assert cast > 0 and layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
+    assert fp32.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
+
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+    grads = []
+    for model in (fp32, half):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits.float()
+        logits.logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad()
+        if model is fp32:
+            reference = logits.detach()
+    torch.testing.assert_close(logits.detach(), reference, atol=1e-5, rtol=0)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4)
+
+
+def test_kl_to_teacher_scored_in_sub_batches_equals_row_by_row(peft_tiny, tiny):
+    """Scoring a sampled chunk a few rows at a time changes memory, not the numbers (reference: one row at a time)."""
+    from promptbake.measure import kl_to_teacher
+
+    _, tok = tiny
+    renderer = ChatRenderer.for_tokenizer(tok, "You are a careful assistant.", 8192)
+    queries = _queries() * 3
+    teacher = PromptedTeacher(peft_tiny, renderer, tok.pad_token_id, is_student=True, bf16=False)
+    teacher.prepare(queries, 12, "test")
+    engine = HFRolloutEngine(peft_tiny, bf16=False)
+    kw = dict(adapter=True, max_new_tokens=12, temperature=1.0, seed=3, bf16=False, batch_size=9)
+    grouped = kl_to_teacher(peft_tiny, engine, teacher, renderer, tok, queries, score_batch_size=4, **kw)
+    single = kl_to_teacher(peft_tiny, engine, teacher, renderer, tok, queries, score_batch_size=1, **kw)
+    assert grouped.tokens == single.tokens and len(grouped.per_query) == 9
+    assert max(grouped.per_query) > 0
+    assert grouped.per_query == pytest.approx(single.per_query, abs=1e-5)
