@@ -99,7 +99,13 @@ def aggregate(runs: list[SeedRun], reference: dict[str, dict[str, dict[str, floa
         for suite, metrics in suites.items():
             for k, v in metrics.items():
                 rows.setdefault(cond, {})[f"{suite}:{k}"] = [v]
-    return {name: {k: seeds_mean_ci(v) for k, v in cols.items()} for name, cols in rows.items()}
+    return {name: {k: seeds_mean_ci(v, bounds=(0.0, 1.0) if is_rate(k) else None) for k, v in cols.items()}
+            for name, cols in rows.items()}
+
+
+def is_rate(column: str) -> bool:
+    """Columns that are fractions in [0, 1]: check pass rates, suite rates, token agreement."""
+    return column.startswith("check:") or column.split(":")[-1] in EVAL_METRICS or column == "token_agreement"
 
 
 def markdown(table: dict[str, dict[str, Estimate]], seeds: int) -> str:
@@ -115,7 +121,7 @@ def markdown(table: dict[str, dict[str, Estimate]], seeds: int) -> str:
                 cells.append("")
             elif col == "tokens_trained":
                 cells.append(f"{est.value:,.0f}")
-            elif col.startswith("check:") or col.split(":")[-1] in EVAL_METRICS or col == "token_agreement":
+            elif is_rate(col):
                 cells.append(f"{est.value:.1%}" + (f" [{est.lo:.1%}, {est.hi:.1%}]" if est.n > 1 else ""))
             else:
                 cells.append(f"{est.value:.3f}" + (f" [{est.lo:.3f}, {est.hi:.3f}]" if est.n > 1 else ""))

@@ -75,8 +75,10 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
-def seeds_mean_ci(values: Sequence[float]) -> Estimate:
-    """Mean over a few seeds with a 95 % t-interval (mean +- t * sd / sqrt(n)); one seed gives no interval."""
+def seeds_mean_ci(values: Sequence[float], bounds: tuple[float, float] | None = None) -> Estimate:
+    """Mean over a few seeds with a 95 % t-interval (mean +- t * sd / sqrt(n)); one seed gives no interval.
+
+    `bounds` clips the interval to a metric's range (a rate's t-interval can reach past 100 % otherwise)."""
     a = np.asarray(values, dtype=float)
     n = len(a)
     if n == 0:
@@ -86,4 +88,7 @@ def seeds_mean_ci(values: Sequence[float]) -> Estimate:
         return Estimate(mean, mean, mean, 1)
     t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
     half = t * float(a.std(ddof=1)) / np.sqrt(n)
-    return Estimate(mean, mean - half, mean + half, n)
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return Estimate(mean, lo, hi, n)

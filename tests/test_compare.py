@@ -26,6 +26,19 @@ def test_seeds_mean_ci_is_the_t_interval():
     assert (est.lo, est.hi) == (pytest.approx(mean - half), pytest.approx(mean + half))
     one = seeds_mean_ci([0.7])
     assert (one.value, one.lo, one.hi, one.n) == (0.7, 0.7, 0.7, 1)
+    # a rate's interval stops at its range; the mean is untouched
+    clipped = seeds_mean_ci(values, bounds=(0.0, 1.0))
+    assert clipped.value == pytest.approx(mean) and clipped.lo == 0.0 and clipped.hi == 1.0
+    assert mean - half < 0 and mean + half > 1
+
+
+def test_rate_columns_are_clipped_to_their_range():
+    runs = [SeedRun("opcd-frozen", "opcd", "frozen", s, f"a{s}", 2, 100, None, metrics={"kl_gap_closed": g},
+                    checks={"c": {"base": 1.0, "teacher": 1.0, "baked": b}})
+            for s, (g, b) in enumerate([(-0.5, 1.0), (0.9, 0.6), (0.95, 1.0)])]
+    row = aggregate(runs)["opcd-frozen"]
+    assert row["check:c"].hi == 1.0 and row["check:c"].lo > 0.0
+    assert row["kl_gap_closed"].hi > 1.0  # not a rate: a gap closed can be anything, no clipping
 
 
 def test_variants_put_the_budget_setter_first_and_skip_sft_live():
