@@ -11,7 +11,9 @@ Equal budgets: the first variant of a seed (opcd with the frozen teacher, when a
 (`token_budget`), with four times the steps as the upper bound. The table reports the tokens each used.
 
 Every compile goes to its own folder under `out`, so an interrupted compare picks up where it stopped:
-finished adapters are "up to date" and the one in progress resumes from its checkpoint.
+finished adapters are "up to date" and the one in progress resumes from its checkpoint. Each seed's
+verify results and each suite's eval results are saved there too (verify-s<seed>.json, eval-<suite>.json,
+keyed by the adapters' build keys and the eval settings), so they are not measured twice either.
 """
 
 from __future__ import annotations
@@ -183,9 +185,11 @@ def compare_methods(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     runs: list[SeedRun] = []
+    all_keys: list[str] = []  # build keys of every adapter, in run order: what the saved eval results belong to
     for seed in range(seeds):
         budget: int | None = None
         seed_runs: list[SeedRun] = []
+        build_keys: list[str] = []
         for v in todo:
             settings = {**overrides, "method": v.method, "teacher_mode": v.teacher_mode, "seed": seed}
             if budget is not None:
@@ -197,21 +201,36 @@ def compare_methods(
             tokens = int(summary.get("response_tokens", 0))
             if budget is None:
                 budget = tokens
+            build_keys.append(result.manifest.build_key)
             seed_runs.append(SeedRun(
                 variant=v.name, method=v.method, teacher_mode=v.teacher_mode, seed=seed, adapter=str(adapter),
                 steps=int(summary.get("steps", 0)), tokens_trained=tokens, token_budget=settings.get("token_budget"),
             ))
-        stage(f"seed {seed}: verifying {len(seed_runs)} adapters on the same held-out queries")
-        for r, report in zip(seed_runs, verify_adapters([r.adapter for r in seed_runs])):
-            r.metrics = {k: report.metrics[k].value for k in VERIFY_METRICS if k in report.metrics}
-            r.checks = {c: {cond: est.value for cond, est in by.items()} for c, by in report.checks.items()}
+
+        def verify_seed(seed_runs: list[SeedRun] = seed_runs, seed: int = seed) -> dict:
+            stage(f"seed {seed}: verifying {len(seed_runs)} adapters on the same held-out queries")
+            reports = verify_adapters([r.adapter for r in seed_runs])
+            return {r.adapter: {"metrics": {k: rep.metrics[k].value for k in VERIFY_METRICS if k in rep.metrics},
+                                "checks": {c: {cond: est.value for cond, est in by.items()} for c, by in rep.checks.items()}}
+                    for r, rep in zip(seed_runs, reports)}
+
+        verified = _saved(out_dir / f"verify-s{seed}.json", {"adapters": build_keys}, verify_seed,
+                          lambda: stage(f"seed {seed}: verify results reused from {out_dir / f'verify-s{seed}.json'}"))
+        for r in seed_runs:
+            r.metrics, r.checks = verified[r.adapter]["metrics"], verified[r.adapter]["checks"]
         runs += seed_runs
+        all_keys += build_keys
 
     reference: dict[str, dict[str, dict[str, float]]] = {}
     for suite in suites:
-        stage(f"evaluating {suite} on base, prompted and {len(runs)} adapters")
-        result = run_eval(suite, [r.adapter for r in runs], data=data, limit=limits[suite], prompt=prompt,
-                          batch_size=eval_batch_size)
+        def evaluate(suite: str = suite) -> dict:
+            stage(f"evaluating {suite} on base, prompted and {len(runs)} adapters")
+            return run_eval(suite, [r.adapter for r in runs], data=data, limit=limits[suite], prompt=prompt,
+                            batch_size=eval_batch_size)
+
+        key = {"adapters": all_keys, "limit": limits[suite], "data": str(data), "batch_size": eval_batch_size}
+        result = _saved(out_dir / f"eval-{suite}.json", key, evaluate,
+                        lambda: stage(f"{suite} results reused from {out_dir / f'eval-{suite}.json'}"))
         by_path = {path: name for name, path in result["adapters"].items()}
         for r in runs:
             r.evals[suite] = _headline(result["results"][by_path[r.adapter]])
@@ -229,6 +248,24 @@ def compare_methods(
     write_text_atomic(out_dir / "compare.json", json.dumps(summary, indent=2))
     write_text_atomic(out_dir / "compare.md", md + "\n")
     return summary
+
+
+def _saved(path: Path, key: dict, compute: Callable[[], Any], on_reuse: Callable[[], None]) -> Any:
+    """compute()'s result, kept in `path` under `key`: a rerun after an interruption reuses what finished."""
+    from promptbake.artifact import write_text_atomic
+
+    key = json.loads(json.dumps(key))  # what it reads back as
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") == key:
+            on_reuse()
+            return saved["value"]
+    value = compute()
+    write_text_atomic(path, json.dumps({"key": key, "value": value}))
+    return value
 
 
 def _headline(result: dict) -> dict[str, float]:

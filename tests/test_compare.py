@@ -66,7 +66,7 @@ def test_aggregate_means_over_seeds_and_keeps_reference_rows():
     assert twice["prompted"]["check:c"].n == 2  # one value per seed, however many variants share it
 
 
-def test_compare_gives_every_method_the_same_token_budget(tmp_path, tiny_model_dir):
+def test_compare_gives_every_method_the_same_token_budget(tmp_path, tiny_model_dir, monkeypatch):
     prompt = write_prompt(tmp_path / "p", front="queries: queries.txt\nchecks:\n  - name: says_ahoy\n    contains: ahoy\n")
     suites = ["mmlu"] if (DATA / "mmlu").is_dir() else []
     result = compare_methods(
@@ -97,13 +97,27 @@ def test_compare_gives_every_method_the_same_token_budget(tmp_path, tiny_model_d
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["markdown"] == result["markdown"] and "| opcd-frozen |" in result["markdown"]
 
-    # run again: every adapter is up to date, so nothing trains and the table is the same
+    # run again: every adapter is up to date and every measurement is saved, so nothing trains or measures
+    def measured_twice(*args, **kwargs):
+        raise AssertionError("a saved measurement was recomputed")
+
+    monkeypatch.setattr("promptbake.verify.verify_adapters", measured_twice)
+    monkeypatch.setattr("promptbake.evals.run_eval", measured_twice)
     again = compare_methods(
-        prompt, methods=["sft", "opcd", "offpolicy"], teacher_modes=["frozen"], seeds=2, suites=[], eval_limit=4,
-        out=tmp_path / "cmp", model=str(tiny_model_dir),
+        prompt, methods=["sft", "opcd", "offpolicy"], teacher_modes=["frozen"], seeds=2, suites=suites, eval_limit=4,
+        data=DATA, out=tmp_path / "cmp", model=str(tiny_model_dir),
         overrides=dict(steps=2, batch_size=4, heldout=4, max_new_tokens=8, precision="fp32"),
     )
     assert [r["tokens_trained"] for r in again["runs"]] == [r["tokens_trained"] for r in runs]
+    assert again["markdown"] == result["markdown"]
+    # a different eval setting is a different measurement: not reused
+    if suites:
+        with pytest.raises(AssertionError, match="recomputed"):
+            compare_methods(
+                prompt, methods=["sft", "opcd", "offpolicy"], teacher_modes=["frozen"], seeds=2, suites=suites,
+                eval_limit=5, data=DATA, out=tmp_path / "cmp", model=str(tiny_model_dir),
+                overrides=dict(steps=2, batch_size=4, heldout=4, max_new_tokens=8, precision="fp32"),
+            )
 
 
 def test_eval_limits_per_suite():
