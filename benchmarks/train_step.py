@@ -5,9 +5,9 @@ cache vs without, for the shipped pirate prompt and a ~2,000-token prompt, fp32 
 difference of the logits is reported too.
 
 Part 2, whole OPCD steps on the default model: each variant (all on, no prefix cache, no bf16 sampler
-copy, fp32) runs in its own process (so peak RSS is its own), in alternating order over rounds.
+copy, fp32, no heap trim) runs in its own process (so peak RSS is its own), in alternating order over rounds.
 
-    python benchmarks/train_step.py [--steps 3] [--rounds 1] [--out benchmarks/results/train_step.json]
+    python benchmarks/train_step.py [--steps 3] [--rounds 1] [--variants "all on,no heap trim"] [--skip-scoring]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ VARIANTS = {
     "no prefix cache": {"prefix_cache": False},
     "no bf16 sampler copy": {"sampler_copy": False},
     "fp32 everywhere": {"precision": "fp32"},
+    "no heap trim": {"release_memory": False},
 }
 
 
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_step.json")
     parser.add_argument("--worker", nargs=2, metavar=("PROMPT", "VARIANT"))
     parser.add_argument("--skip-steps", action="store_true", help="Only the teacher-scoring part.")
+    parser.add_argument("--skip-scoring", action="store_true", help="Only the whole-step part.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="Whole-step variants, comma-separated ('all on' always runs).")
     parser.add_argument("--step-prompts", default="pirate,long", help="Prompts for the whole-step part (pirate, long).")
     args = parser.parse_args()
     if args.worker:
@@ -122,7 +125,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     prompts = {"pirate": PIRATE, "long": long_prompt_file(tmp)}
     report: dict = {"machine": f"{os.cpu_count()} cores", "teacher_scoring": [], "steps": {}}
-    for path in prompts.values():
+    for path in prompts.values() if not args.skip_scoring else ():
         report["teacher_scoring"] += teacher_scoring(path)
     print("\nTeacher scoring, batch 4 x (prompt + query + 64 tokens), median of 3")
     print(f"{'prompt':8} {'tokens':>6} {'prec':>5} {'cached s':>9} {'uncached s':>10} {'speedup':>8} {'max |diff|':>10}")
@@ -132,7 +135,10 @@ def main() -> None:
 
     if not args.skip_steps:
         runs: dict[tuple[str, str], list[dict]] = {}
-        names = list(VARIANTS)
+        unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        names = ["all on"] + [v for v in args.variants.split(",") if v != "all on"]
         for rnd in range(args.rounds):
             order = names if rnd % 2 == 0 else names[::-1]  # alternate: machine noise hits every variant alike
             for pname, path in prompts.items():

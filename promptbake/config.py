@@ -83,6 +83,9 @@ class BakeConfig(BaseModel):
     sampler_copy: bool = Field(
         True, description="With bf16, sample from a bf16 copy of the base with the LoRA merged in (refreshed every step)."
     )
+    release_memory: bool = Field(
+        True, description="Return freed heap pages to the OS after sampling and after each micro-batch (glibc): "
+                          "keeps peak RSS from creeping up over a compile, for some page-fault cost.")
     checkpoint_every: int = Field(10, gt=0, description="Save a resumable checkpoint every N steps (and on SIGINT/SIGTERM).")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores.")
 

@@ -29,6 +29,7 @@ from promptbake.checkpoint import Checkpointing, python_rng_from_json, python_rn
 from promptbake.faults import fault_point
 from promptbake.config import BakeConfig
 from promptbake.losses import distill_loss
+from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, autocast, eos_token_ids, response_logits, rollout_from_lists
 from promptbake.teacher import PromptedTeacher
@@ -135,6 +136,8 @@ def train_opcd(
                 )
             else:  # offpolicy / sft: the teacher's responses, sampled once before training
                 rollout = rollout_from_lists([fixed_responses[q.id][i % config.rollouts] for i, q in enumerate(batch)], pad_id)
+            if config.release_memory:
+                release_free_memory()  # the sampler's KV cache and logits are freed; keep the heap from growing
             t1 = time.perf_counter()
             teacher_s, loss_sum = 0.0, 0.0
             total_tokens = max(rollout.num_tokens, 1)
@@ -161,6 +164,8 @@ def train_opcd(
                     accelerator.backward(part_loss)
                 loss_sum += float(part_loss.detach())
                 del teacher_logits_BTV, student_logits_BTV, kl_BT
+                if config.release_memory:
+                    release_free_memory()
             t2 = t1 + teacher_s
             grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)
             fault_point("optimizer", step)
