@@ -5,7 +5,8 @@ cache vs without, for the shipped pirate prompt and a ~2,000-token prompt, fp32 
 difference of the logits is reported too.
 
 Part 2, whole OPCD steps on the default model: each variant (all on, no prefix cache, no bf16 sampler
-copy, fp32, no heap trim) runs in its own process (so peak RSS is its own), in alternating order over rounds.
+copy, fp32, no heap trim, torch.compile of the layers) runs in its own process (so peak RSS is its own),
+in alternating order over rounds. Step 1 is reported apart: it holds one-off warm-up and compiling.
 
     python benchmarks/train_step.py [--steps 3] [--rounds 1] [--variants "all on,no heap trim"] [--skip-scoring]
 """
@@ -31,6 +32,7 @@ VARIANTS = {
     "no bf16 sampler copy": {"sampler_copy": False},
     "fp32 everywhere": {"precision": "fp32"},
     "no heap trim": {"release_memory": False},
+    "torch.compile layers": {"torch_compile": True},
 }
 
 
@@ -98,6 +100,7 @@ def worker(prompt: str, variant: str, steps: int) -> dict:
         result = compile_prompt(prompt, out=Path(tmp) / "out", overrides=overrides)
     log = result.train.log[1:] or result.train.log  # step 1 includes one-off warm-up
     return {
+        "first_step_s": result.train.log[0].seconds,  # one-off warm-up (and compiling, where on)
         "s_per_step": statistics.median(e.seconds for e in log),
         "tokens_per_s": sum(e.response_tokens for e in log) / sum(e.seconds for e in log),
         "sample_s": statistics.median(e.sample_seconds for e in log),
@@ -150,7 +153,7 @@ def main() -> None:
                     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
                     runs.setdefault((pname, variant), []).append(json.loads(line[7:]))
         print(f"\nOPCD steps on SmolLM2-135M (batch 16, 48 new tokens), median over {args.steps - 1} steps x {args.rounds} round(s)")
-        print(f"{'prompt':8} {'variant':22} {'s/step':>7} {'tok/s':>6} {'sample':>7} {'teacher':>8} {'student':>8} {'RSS GB':>7} {'vs all on':>9}")
+        print(f"{'prompt':8} {'variant':22} {'s/step':>7} {'tok/s':>6} {'sample':>7} {'teacher':>8} {'student':>8} {'RSS GB':>7} {'vs all on':>9} {'step 1':>7}")
         for pname in [p for p in prompts if p in args.step_prompts.split(",")]:
             base = statistics.median(r["tokens_per_s"] for r in runs[(pname, "all on")])
             for variant in names:
@@ -159,7 +162,7 @@ def main() -> None:
                 agg["tokens_per_s_vs_all_on"] = agg["tokens_per_s"] / base
                 report["steps"][f"{pname} / {variant}"] = agg
                 print(f"{pname:8} {variant:22} {agg['s_per_step']:>7.2f} {agg['tokens_per_s']:>6.0f} {agg['sample_s']:>7.2f} "
-                      f"{agg['teacher_s']:>8.2f} {agg['student_s']:>8.2f} {agg['peak_rss_gb']:>7.2f} {agg['tokens_per_s_vs_all_on']:>8.2f}x")
+                      f"{agg['teacher_s']:>8.2f} {agg['student_s']:>8.2f} {agg['peak_rss_gb']:>7.2f} {agg['tokens_per_s_vs_all_on']:>8.2f}x {agg['first_step_s']:>7.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")

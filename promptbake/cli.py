@@ -92,6 +92,7 @@ def compile_cmd(
     precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
     rollout: Annotated[Optional[str], typer.Option(help="hf | vllm: who samples the student.")] = None,
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Recompute the prompt for every teacher call.")] = False,
+    torch_compile: Annotated[bool, typer.Option("--torch-compile", help="torch.compile the student's decoder layers for training.")] = False,
     var: Annotated[list[str], typer.Option("--var", help="Template variable key=value (repeatable).")] = [],
     force: Annotated[bool, typer.Option(help="Rebuild even if up to date; replace an output that is not this prompt's.")] = False,
     restart: Annotated[bool, typer.Option(help="Ignore the checkpoint of an interrupted compile and start over.")] = False,
@@ -109,7 +110,7 @@ def compile_cmd(
     overrides = dict(
         steps=steps, batch_size=batch_size, rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
         lr=lr, kl=kl, topk=topk, lora_r=lora_r, heldout=heldout, seed=seed, precision=precision,
-        prefix_cache=False if no_prefix_cache else None, rollout=rollout,
+        prefix_cache=False if no_prefix_cache else None, rollout=rollout, torch_compile=True if torch_compile else None,
     )
     plan = plan_compile(prompt, out=out_dir, queries=queries, model=model, teacher=teacher, overrides=overrides,
                         variables=variables, trust_pickle=trust_pickle)

@@ -76,6 +76,37 @@ class TrainResult:
         }
 
 
+def repeated_blocks(model) -> list[torch.nn.Module]:
+    """The model's decoder layers: the module classes transformers lists as never split across devices."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+@contextlib.contextmanager
+def compiled_blocks(model, enabled: bool):
+    """`torch.compile` each decoder layer while training, eager again afterwards.
+
+    Regional compilation: the layers share their code, so one compile (dynamic shapes, so varying sequence
+    lengths do not recompile) serves all of them. It fuses the small element-wise ops around the matmuls
+    (norms, rotary, LoRA scaling, casts) that dominate a small model's step on a CPU. Anything else that runs
+    through these layers during training (teacher scoring, sampling without the merged copy) is kept eager
+    with `eager_only()`, so the compiled code sees one kind of call only.
+    """
+    blocks = repeated_blocks(model) if enabled else []
+    for block in blocks:
+        block.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set; None is eager again
+
+
+def eager_only(enabled: bool):
+    return torch.compiler.set_stance("force_eager") if enabled else contextlib.nullcontext()
+
+
 def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     """Row indices grouped by similar total length, `size` rows per group, so little compute goes to padding."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -124,6 +155,8 @@ def train_opcd(
     result = TrainResult()
     log_file = open(log_path, "a") if log_path and accelerator.is_main_process else None
     started = time.perf_counter()
+    compiled = contextlib.ExitStack()
+    compiled.enter_context(compiled_blocks(policy, config.torch_compile))
     try:
         for step in range(first_step, config.steps + 1):
             t0 = time.perf_counter()
@@ -131,9 +164,11 @@ def train_opcd(
             batch = [q for q in rng.sample(train_queries, config.batch_size) for _ in range(config.rollouts)]
             prompts = [student_prompts[q.id] for q in batch]
             if config.method == "opcd":
-                rollout = engine.sample(
-                    prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_ids=eos_ids, pad_id=pad_id,
-                )
+                with eager_only(config.torch_compile):
+                    rollout = engine.sample(
+                        prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_ids=eos_ids,
+                        pad_id=pad_id,
+                    )
             else:  # offpolicy / sft: the teacher's responses, sampled once before training
                 rollout = rollout_from_lists([fixed_responses[q.id][i % config.rollouts] for i, q in enumerate(batch)], pad_id)
             if config.release_memory:
@@ -147,7 +182,8 @@ def train_opcd(
             for index, rows in enumerate(groups):
                 part, part_queries = rollout.select(rows), [batch[r] for r in rows]
                 t_teacher = time.perf_counter()
-                teacher_logits_BTV = teacher.logits(part_queries, part) if config.method != "sft" else None
+                with eager_only(config.torch_compile):
+                    teacher_logits_BTV = teacher.logits(part_queries, part) if config.method != "sft" else None
                 teacher_s += time.perf_counter() - t_teacher
                 last = index == len(groups) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
@@ -214,6 +250,7 @@ def train_opcd(
             if budget_spent:
                 break
     finally:
+        compiled.close()
         if log_file:
             log_file.close()
     result.seconds = time.perf_counter() - started

@@ -67,3 +67,31 @@ def test_cross_size_teacher_sharing_the_tokenizer(tmp_path, tiny_model_dir):
                             overrides=dict(steps=2, batch_size=4, heldout=4, max_new_tokens=8))
     assert result.manifest.teacher_model == str(teacher_dir)
     assert result.manifest.heldout_kl_before > 0
+
+
+def test_torch_compile_gives_the_eager_loss_and_gradient(tmp_path, tiny_model_dir):
+    """Compiling the decoder layers changes speed, not the math: same per-step KL and gradient norm as eager."""
+    prompt = write_prompt(tmp_path / "p")
+    logs = []
+    for compiled in (False, True):
+        result = compile_prompt(
+            prompt, out=tmp_path / f"out{compiled}", model=str(tiny_model_dir),
+            overrides=dict(steps=2, batch_size=4, heldout=0, max_new_tokens=10, precision="fp32", torch_compile=compiled),
+        )
+        logs.append(result.train.log)
+    eager, compiled = logs
+    for a, b in zip(eager, compiled):
+        assert a.response_tokens == b.response_tokens
+        assert a.kl == pytest.approx(b.kl, rel=1e-4)
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-3)
+
+
+def test_compiled_blocks_are_the_decoder_layers_and_eager_again_afterwards(tiny):
+    from promptbake.train import compiled_blocks, repeated_blocks
+
+    model, _ = tiny
+    blocks = repeated_blocks(model)
+    assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * model.config.num_hidden_layers
+    with compiled_blocks(model, True):
+        assert all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in blocks)
