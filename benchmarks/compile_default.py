@@ -55,7 +55,7 @@ def main() -> None:
         print(f"  {key:<38}{timings.get(key, 0.0):>9.1f} s")
     print(f"{'median step':<40}{row['median_step_seconds']:>9.2f} s  "
           f"(sample {phases['sample']:.2f}, teacher {phases['teacher']:.2f}, student {phases['student']:.2f})")
-    print(f"{'peak RSS':<40}{peak_gb:>9.2f} GB")
+    print(f"{'peak RSS':<40}{peak_gb:>9.2f} GiB  ({peak_gb * 2**30 / 1e9:.2f} GB)")
     print(f"{'held-out KL before -> after':<40}{row['heldout_kl'][0]:>9.4f} -> {row['heldout_kl'][1]:.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=2))

@@ -153,7 +153,7 @@ def main() -> None:
                     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
                     runs.setdefault((pname, variant), []).append(json.loads(line[7:]))
         print(f"\nOPCD steps on SmolLM2-135M (batch 16, 48 new tokens), median over {args.steps - 1} steps x {args.rounds} round(s)")
-        print(f"{'prompt':8} {'variant':22} {'s/step':>7} {'tok/s':>6} {'sample':>7} {'teacher':>8} {'student':>8} {'RSS GB':>7} {'vs all on':>9} {'step 1':>7}")
+        print(f"{'prompt':8} {'variant':22} {'s/step':>7} {'tok/s':>6} {'sample':>7} {'teacher':>8} {'student':>8} {'RSS GiB':>7} {'vs all on':>9} {'step 1':>7}")
         for pname in [p for p in prompts if p in args.step_prompts.split(",")]:
             base = statistics.median(r["tokens_per_s"] for r in runs[(pname, "all on")])
             for variant in names:

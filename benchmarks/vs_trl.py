@@ -218,7 +218,7 @@ def main() -> None:
                     "settings": runs["promptbake"][0]["settings"], "kl_base": kls["base"], "trainers": {}}
     print(f"\n{args.steps} steps x 16 queries x <= {report['settings']['max_new_tokens']} tokens, {args.rounds} round(s); "
           f"held-out reverse KL to the prompted teacher on {len(heldout)} queries (base model: {kls['base']:.4f})")
-    print(f"{'trainer':11} {'s/step':>7} {'tok/s':>6} {'peak RSS GB':>11} {'held-out KL':>11}")
+    print(f"{'trainer':11} {'s/step':>7} {'tok/s':>6} {'peak RSS GiB':>12} {'held-out KL':>11}")
     for who, rs in runs.items():
         # step 1 carries one-off warm-up in both trainers; the median of the rest is the steady state
         secs = [x for r in rs for x in (r["step_seconds"][1:] or r["step_seconds"])]
@@ -227,7 +227,7 @@ def main() -> None:
                "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
                "heldout_kl": statistics.mean(kls[f"{who}-{i}"] for i in range(len(rs))), "runs": rs}
         report["trainers"][who] = row
-        print(f"{who:11} {row['s_per_step']:>7.2f} {row['tokens_per_s']:>6.1f} {row['peak_rss_gb']:>11.2f} {row['heldout_kl']:>11.4f}")
+        print(f"{who:11} {row['s_per_step']:>7.2f} {row['tokens_per_s']:>6.1f} {row['peak_rss_gb']:>12.2f} {row['heldout_kl']:>11.4f}")
     pb, trl = report["trainers"]["promptbake"], report["trainers"]["trl"]
     report["tokens_per_s_ratio"] = pb["tokens_per_s"] / trl["tokens_per_s"]
     print(f"promptbake / TRL tokens/s: {report['tokens_per_s_ratio']:.2f}x")

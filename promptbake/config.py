@@ -88,8 +88,8 @@ class BakeConfig(BaseModel):
                            "compile serves every layer). Costs about 20-40 s of compiling on a 2-core CPU (less when "
                            "torch's on-disk cache has it); pays off on long compiles. Needs a C++ compiler on CPUs.")
     release_memory: bool = Field(
-        True, description="Return freed heap pages to the OS after sampling and after each micro-batch (glibc): "
-                          "keeps peak RSS from creeping up over a compile, for some page-fault cost.")
+        True, description="Return freed heap pages to the OS after sampling and after each training micro-batch "
+                          "(glibc): keeps peak RSS from creeping up over a compile, for about 7 % of a step.")
     checkpoint_every: int = Field(10, gt=0, description="Save a resumable checkpoint every N steps (and on SIGINT/SIGTERM).")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores.")
 

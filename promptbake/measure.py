@@ -16,7 +16,8 @@ import torch
 from promptbake.chat import ChatRenderer
 from promptbake.checks import Check, pass_rates
 from promptbake.errors import PromptbakeError
-from promptbake.losses import full_reverse_kl
+from promptbake.losses import full_reverse_kl, log_probs
+from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, Rollout, autocast, eos_token_ids, response_logits
 from promptbake.teacher import PromptedTeacher
@@ -89,8 +90,8 @@ def kl_to_teacher(
                 with _adapter(model, adapter), autocast(device, bf16):
                     policy_BTV = response_logits(model, [prompts[r] for r in rows], part, pad_id)
                 teacher_BTV = teacher.logits([chunk[r] for r in rows], part)
-                policy_logp = torch.log_softmax(policy_BTV.float() / temperature, -1)
-                teacher_logp = torch.log_softmax(teacher_BTV.float().to(policy_logp.device) / temperature, -1)
+                policy_logp = log_probs(policy_BTV, temperature)
+                teacher_logp = log_probs(teacher_BTV.to(policy_logp.device), temperature)
                 del policy_BTV, teacher_BTV
                 if on_teacher_samples:
                     kl_BT = full_reverse_kl(teacher_logp, policy_logp)
@@ -100,6 +101,8 @@ def kl_to_teacher(
                 counts = mask_BT.sum(-1)
                 per_query += ((kl_BT * mask_BT).sum(-1) / counts.clamp(min=1)).tolist()
                 tokens += counts.long().tolist()
+                del policy_logp, teacher_logp, kl_BT
+                release_free_memory()
     engine.sync()
     return KLResult(per_query, tokens)
 
@@ -122,6 +125,7 @@ def generate_ids(
                                 eos_ids=eos_ids, pad_id=pad_id, greedy=True)
         for i, ids, mask in zip(chunk, rollout.response_ids_BT, rollout.response_mask_BT):
             out[i] = ids[mask.bool()].tolist()
+        release_free_memory()
     engine.sync()
     return out
 
