@@ -216,8 +216,7 @@ def compile_prompt(
     timings["load_s"] = time.perf_counter() - t_start
 
     # 3. Held-out KL before training (adapter is zero-initialised, so this is the base model).
-    measure_kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed + 1, bf16=bf16,
-                      batch_size=config.batch_size * config.rollouts)
+    measure_kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed + 1, bf16=bf16)
     kl_before = resume.extra.get("kl_before") if resume else None
     if measure and heldout_queries and kl_before is None:
         stage(f"measuring held-out KL on {len(heldout_queries)} queries")

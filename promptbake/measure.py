@@ -23,6 +23,9 @@ from promptbake.rollout import HFRolloutEngine, Rollout, autocast, eos_token_ids
 from promptbake.teacher import PromptedTeacher
 
 CONDITIONS = ("base", "teacher", "baked")
+# Rows decoded at once when measuring. Decoding is bound by reading the weights, so 24 rows cost little more
+# than 16, and the default 24 held-out queries go in one pass instead of two (16 + 8).
+MEASURE_BATCH = 32
 
 
 def _adapter(model, enabled: bool):
@@ -62,7 +65,7 @@ def kl_to_teacher(
     temperature: float,
     seed: int,
     bf16: bool,
-    batch_size: int = 16,
+    batch_size: int = MEASURE_BATCH,
     score_batch_size: int = 4,
     on_teacher_samples: bool = False,
 ) -> KLResult:
@@ -109,7 +112,8 @@ def kl_to_teacher(
 
 @torch.no_grad()
 def generate_ids(
-    engine: HFRolloutEngine, tokenizer, prompts: list[list[int]], *, adapter: bool, max_new_tokens: int, batch_size: int = 16
+    engine: HFRolloutEngine, tokenizer, prompts: list[list[int]], *, adapter: bool, max_new_tokens: int,
+    batch_size: int = MEASURE_BATCH,
 ) -> list[list[int]]:
     """Greedy response token ids (up to and including EOS), in the order of `prompts`.
 
