@@ -10,10 +10,11 @@ import importlib
 import os
 
 # oneDNN (torch's CPU matmuls) keeps one compiled kernel per matrix shape, up to 1,024 of them. Sampled
-# batches change length every micro-batch, so the cache fills with shapes never seen again and RSS creeps up
-# over a compile: the default 30-step compile peaked at 2.34 GiB with 1,024 and 2.26 GiB with 256, at the
-# same speed within noise (one micro-batch's forward and backward uses a few dozen shapes). oneDNN reads this when
-# it first runs, so it applies when promptbake is imported before any CPU matmul; a value already set wins.
+# batches change length every micro-batch, so the cache fills with shapes never seen again and RSS creeps
+# up over a compile: the default 30-step compile peaked at 2.34 GiB with 1,024 and 2.26 GiB with 256, at
+# the same speed within noise (a micro-batch's forward and backward use a few dozen shapes). oneDNN reads
+# this when it first runs, so it applies when promptbake is imported before any CPU matmul; a value
+# already set wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
 __version__ = "0.1.0"

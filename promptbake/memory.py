@@ -27,7 +27,7 @@ def _malloc_trim():
 
 
 def release_free_memory() -> None:
-    """Return free heap pages to the OS (glibc); cheap next to a forward pass."""
+    """Return free heap pages to the OS (glibc); a no-op where there is no malloc_trim."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
