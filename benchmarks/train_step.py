@@ -124,24 +124,26 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.steps)))
         return
+    chosen = args.variants.split(",")
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:  # before the minutes of the scoring part, not after
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    names = ["all on"] + [v for v in chosen if v != "all on"]
 
     tmp = Path(tempfile.mkdtemp())
     prompts = {"pirate": PIRATE, "long": long_prompt_file(tmp)}
     report: dict = {"machine": f"{os.cpu_count()} cores", "teacher_scoring": [], "steps": {}}
-    for path in prompts.values() if not args.skip_scoring else ():
-        report["teacher_scoring"] += teacher_scoring(path)
-    print("\nTeacher scoring, batch 4 x (prompt + query + 64 tokens), median of 3")
-    print(f"{'prompt':8} {'tokens':>6} {'prec':>5} {'cached s':>9} {'uncached s':>10} {'speedup':>8} {'max |diff|':>10}")
-    for r in report["teacher_scoring"]:
-        print(f"{r['prompt']:8} {r['prompt_tokens']:>6} {r['precision']:>5} {r['cached_s']:>9.3f} {r['uncached_s']:>10.3f} "
-              f"{r['speedup']:>7.1f}x {r['max_abs_logit_diff']:>10.2e}")
+    if not args.skip_scoring:
+        for path in prompts.values():
+            report["teacher_scoring"] += teacher_scoring(path)
+        print("\nTeacher scoring, batch 4 x (prompt + query + 64 tokens), median of 3")
+        print(f"{'prompt':8} {'tokens':>6} {'prec':>5} {'cached s':>9} {'uncached s':>10} {'speedup':>8} {'max |diff|':>10}")
+        for r in report["teacher_scoring"]:
+            print(f"{r['prompt']:8} {r['prompt_tokens']:>6} {r['precision']:>5} {r['cached_s']:>9.3f} {r['uncached_s']:>10.3f} "
+                  f"{r['speedup']:>7.1f}x {r['max_abs_logit_diff']:>10.2e}")
 
     if not args.skip_steps:
         runs: dict[tuple[str, str], list[dict]] = {}
-        unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
-        if unknown:
-            parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
-        names = ["all on"] + [v for v in args.variants.split(",") if v != "all on"]
         for rnd in range(args.rounds):
             order = names if rnd % 2 == 0 else names[::-1]  # alternate: machine noise hits every variant alike
             for pname, path in prompts.items():
