@@ -46,11 +46,16 @@ class BakeManifest(BaseModel):
     queries_file: str
     queries_sha256: str
     num_queries: int
-    heldout_ids: list[int]
+    heldout_ids: list[int]  # rows of heldout_file when there is one, else rows of queries_file kept out of training
+    heldout_file: str | None = None
+    heldout_sha256: str | None = None
     config: dict[str, Any]
     seed: int
     precision: str
     adapter_sha256: str = ""
+    response_cap: int | None = None  # max_new_tokens as used: sampled rollouts and held-out answers
+    response_lengths: dict[str, Any] = {}  # how the cap was chosen (the teacher's answer lengths when auto)
+    cap_hit: dict[str, float] = {}  # fraction of training rollouts and of held-out answers that the cap cut
     heldout_kl_before: float | None = None
     heldout_kl_after: float | None = None
     check_rates: dict[str, dict[str, float]] = {}

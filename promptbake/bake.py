@@ -30,11 +30,11 @@ from promptbake.checkpoint import Checkpointing, load_checkpoint
 from promptbake.chat import ChatRenderer
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
+from promptbake.lengths import LengthProbe, fraction, ids_hit_cap, probe_queries, probe_teacher_lengths, size_cap
 from promptbake.measure import check_rates, condition_ids, decode_all, kl_to_teacher
 from promptbake.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model, weights_sha256
 from promptbake.plan import CompilePlan, plan_compile
-from promptbake.queries import split_queries
-from promptbake.rollout import HFRolloutEngine
+from promptbake.rollout import HFRolloutEngine, eos_token_ids
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import StepLog, TrainResult, train_opcd
 
@@ -143,6 +143,7 @@ def compile_prompt(
     on_stage: Callable[[str], None] | None = None,
     plan: CompilePlan | None = None,
     measure: bool = True,
+    heldout: str | Path | None = None,
 ) -> BakeResult:
     """Bake a prompt file into a LoRA adapter with OPCD. Raises PromptbakeError on bad input.
 
@@ -156,14 +157,14 @@ def compile_prompt(
 
     # 1. Inputs: everything a user can get wrong is checked before the model loads.
     plan = plan or plan_compile(prompt, out=out, queries=queries, model=model, teacher=teacher, overrides=overrides,
-                                variables=variables, trust_pickle=trust_pickle)
+                                variables=variables, trust_pickle=trust_pickle, heldout=heldout)
     spec, config, all_queries, queries_path, out_dir = plan.spec, plan.config, plan.queries, plan.queries_path, plan.out_dir
     if plan.build_key is None:
         plan.resolve()
     if plan.existing(force) == "up-to-date":
         stage(f"{out_dir} is up to date")
         return BakeResult(out_dir, plan.cached_manifest(), TrainResult(), {}, up_to_date=True)
-    train_queries, heldout_queries = split_queries(all_queries, config.heldout, config.seed)
+    train_queries, heldout_queries = plan.split()
     if restart:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
     resume = load_checkpoint(plan.work_dir, plan.build_key)
@@ -212,19 +213,38 @@ def compile_prompt(
                                    dtype="bfloat16" if bf16 else "float32")
     else:
         engine = HFRolloutEngine(student, bf16=bf16, merged_copy=config.sampler_copy)
-    prompted.prepare(all_queries, max(config.max_new_tokens, config.eval_max_new_tokens), str(queries_path))
+    prompted.prepare(train_queries, 1, str(queries_path))
+    if plan.heldout_path:
+        prompted.prepare(heldout_queries, 1, str(plan.heldout_path), keep=True)
     timings["load_s"] = time.perf_counter() - t_start
 
-    # 3. Held-out KL before training (adapter is zero-initialised, so this is the base model).
-    measure_kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed + 1, bf16=bf16)
+    # 3. The response cap: the prompted teacher's own answer lengths decide how long rollouts may run.
+    if config.max_new_tokens == "auto":
+        t = time.perf_counter()
+        probe = measure_response_cap(plan, prompted, engine, tokenizer, train_queries, max_context, bf16, stage)
+        cap, cap_info = probe.cap, probe.summary()
+        timings["length_probe_s"] = time.perf_counter() - t
+        stage(f"response cap {cap} tokens: {probe.quantile:.0%} of the prompted teacher's answers to "
+              f"{len(probe.lengths)} training queries fit (median {cap_info['teacher_median']}, "
+              f"{cap_info['teacher_unfinished_at_limit']:.0%} unfinished at {probe.limit})")
+    else:
+        cap, cap_info = config.max_new_tokens, {"cap": config.max_new_tokens, "source": "config"}
+    eval_cap = config.eval_max_new_tokens or cap
+    prompted.check_room(max(cap, eval_cap))
+    run_config = config.model_copy(update={"max_new_tokens": cap, "eval_max_new_tokens": eval_cap})
+
+    # 4. Held-out KL before training (adapter is zero-initialised, so this is the base model).
+    measure_kw = dict(max_new_tokens=cap, temperature=config.temperature, seed=config.seed + 1, bf16=bf16)
+    cap_hit: dict[str, float] = dict(resume.extra.get("cap_hit", {})) if resume else {}
     kl_before = resume.extra.get("kl_before") if resume else None
     if measure and heldout_queries and kl_before is None:
         stage(f"measuring held-out KL on {len(heldout_queries)} queries")
         t = time.perf_counter()
-        kl_before = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean
+        before = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw)
+        kl_before, cap_hit["heldout_before"] = before.mean, before.capped_fraction
         timings["measure_before_s"] = time.perf_counter() - t
 
-    # 4. Train (resumable: the log and checkpoints live in the work folder beside the output).
+    # 5. Train (resumable: the log and checkpoints live in the work folder beside the output).
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     log_path = plan.work_dir / "train_log.jsonl"
     log_lines = resume.log_lines if resume else 0
@@ -234,17 +254,17 @@ def compile_prompt(
     fixed = None
     if config.method != "opcd":
         stage(f"sampling the prompted teacher's responses for {config.method}")
-        fixed = teacher_responses(plan, prompted, engine, renderer, tokenizer, train_queries, bf16)
+        fixed = teacher_responses(plan, run_config, prompted, engine, tokenizer, train_queries, bf16)
     stage(f"training {config.steps} steps ({config.method}, {config.teacher_mode} teacher)")
     stop_requested, uninstall = _install_stop_handlers()
     prompted.live = config.teacher_mode == "live"
     prompted.refresh()
     try:
         result = train_opcd(
-            student, prompted, renderer, tokenizer, train_queries, config, bf16=bf16, engine=engine,
+            student, prompted, renderer, tokenizer, train_queries, run_config, bf16=bf16, engine=engine,
             log_path=log_path, on_step=on_step,
             checkpointing=Checkpointing(plan.work_dir, plan.build_key, config.checkpoint_every, resume, log_lines,
-                                        {"kl_before": kl_before}, stop_requested),
+                                        {"kl_before": kl_before, "cap_hit": cap_hit}, stop_requested),
             fixed_responses=fixed,
         )
     finally:
@@ -253,20 +273,26 @@ def compile_prompt(
         prompted.refresh()
     result.log = [StepLog(**json.loads(line)) for line in log_path.read_text().splitlines() if line.strip()]
     timings["train_s"] = result.seconds
+    summary = result.summary()
+    if summary.get("rollouts"):
+        cap_hit["train_rollouts"] = summary["rollouts_capped"] / summary["rollouts"]
 
-    # 5. Measure again and compare checks on held-out queries.
+    # 6. Measure again and compare checks on held-out queries.
     kl_after, responses, rates = None, {}, {}
     if measure and heldout_queries:
         stage("measuring held-out KL and checks after training")
         t = time.perf_counter()
-        kl_after = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw).mean
-        responses = decode_all(tokenizer, condition_ids(engine, tokenizer, renderer, heldout_queries,
-                                                        max_new_tokens=config.eval_max_new_tokens))
+        after = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw)
+        kl_after, cap_hit["heldout_after"] = after.mean, after.capped_fraction
+        ids = condition_ids(engine, tokenizer, renderer, heldout_queries, max_new_tokens=eval_cap)
+        eos_ids = eos_token_ids(tokenizer)
+        cap_hit.update({f"greedy_{cond}": fraction(ids_hit_cap(rows, eval_cap, eos_ids)) for cond, rows in ids.items()})
+        responses = decode_all(tokenizer, ids)
         rates = check_rates(spec.checks, responses, heldout_queries)
         timings["measure_after_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
-    # 6. Artifact, then drop the work folder.
+    # 7. Artifact, then drop the work folder.
     manifest = BakeManifest(
         name=spec.name,
         description=spec.description,
@@ -285,13 +311,18 @@ def compile_prompt(
         queries_sha256=sha256_file(queries_path),
         num_queries=len(all_queries),
         heldout_ids=[q.id for q in heldout_queries],
+        heldout_file=str(plan.heldout_path) if plan.heldout_path else None,
+        heldout_sha256=sha256_file(plan.heldout_path) if plan.heldout_path else None,
+        response_cap=cap,
+        response_lengths=cap_info,
+        cap_hit={k: round(v, 4) for k, v in cap_hit.items()},
         config=config.model_dump(),
         seed=config.seed,
         precision="bf16" if bf16 else "fp32",
         heldout_kl_before=kl_before,
         heldout_kl_after=kl_after,
         check_rates=rates,
-        loss_summary=result.summary(),
+        loss_summary=summary,
         timings={k: round(v, 3) for k, v in timings.items()},
         versions=package_versions(),
     )
@@ -300,43 +331,89 @@ def compile_prompt(
     return BakeResult(out_dir, manifest, result, responses)
 
 
-def teacher_responses(plan: CompilePlan, teacher: PromptedTeacher, engine: HFRolloutEngine, renderer: ChatRenderer,
-                      tokenizer, queries, bf16: bool) -> dict[int, list[list[int]]]:
-    """The prompted teacher's sampled responses (`rollouts` per query), cached on disk by everything they depend on."""
+def _disk_cached(kind: str, payload: dict, compute: Callable[[], Any]) -> Any:
+    """JSON result of `compute()`, kept under $PROMPTBAKE_HOME/<kind>/ by the hash of everything it depends on."""
+    from promptbake.artifact import write_text_atomic
     from promptbake.models import promptbake_home
-    from promptbake.rollout import eos_token_ids, sample
+
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    cache = promptbake_home() / kind / f"{key}.json"
+    if cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except ValueError:
+            pass  # a damaged cache file is recomputed
+    value = compute()
+    write_text_atomic(cache, json.dumps(value))
+    return value
+
+
+def _teacher_sampler(teacher: PromptedTeacher, engine, bf16: bool):
+    """A function that samples the prompted teacher: the rollout engine with the adapter off, or a separate model."""
+    from promptbake.rollout import sample
+
+    if teacher.is_student:
+        return engine.sample
+    return lambda prompts, **kw: sample(teacher.model, prompts, bf16=bf16, **kw)
+
+
+def measure_response_cap(plan: CompilePlan, teacher: PromptedTeacher, engine, tokenizer, train_queries, max_context: int,
+                         bf16: bool, stage: Callable[[str], None]) -> LengthProbe:
+    """Sample the prompted teacher on a seeded sample of training queries (cached on disk) and size the cap."""
 
     config = plan.config
-    key = hashlib.sha256(json.dumps({
+    chosen = probe_queries(train_queries, config.length_probe_queries, config.seed)
+    prompts = [teacher.prompt_ids(q) for q in chosen]
+    limit = max(1, min(config.max_new_tokens_limit, max_context - max(len(p) for p in prompts)))
+
+    def compute() -> dict:
+        stage(f"measuring the prompted teacher's answer lengths on {len(chosen)} training queries (up to {limit} tokens)")
+        engine.sync(with_adapter=False)
+        try:
+            lengths, ended = probe_teacher_lengths(
+                _teacher_sampler(teacher, engine, bf16), prompts, limit=limit, temperature=config.temperature,
+                eos_ids=eos_token_ids(tokenizer), pad_id=tokenizer.pad_token_id, seed=config.seed + 3)
+        finally:
+            engine.sync()
+        return {"lengths": lengths, "ended": ended}
+
+    payload = {"prompt": plan.spec.prompt_sha256, "base": weights_sha256(plan.model_dir), "teacher": config.teacher,
+               "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "limit": limit,
+               "temperature": config.temperature, "seed": config.seed}
+    probed = _disk_cached("length_probes", payload, compute)
+    cap = size_cap(probed["lengths"], config.length_quantile, limit)
+    return LengthProbe(cap, config.length_quantile, limit, probed["lengths"], probed["ended"])
+
+
+def teacher_responses(plan: CompilePlan, config: BakeConfig, teacher: PromptedTeacher, engine: HFRolloutEngine, tokenizer,
+                      queries, bf16: bool) -> dict[int, list[list[int]]]:
+    """The prompted teacher's sampled responses (`rollouts` per query), cached on disk by everything they depend on."""
+    eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
+    sampler = _teacher_sampler(teacher, engine, bf16)
+
+    def compute() -> dict:
+        out: dict[int, list[list[int]]] = {q.id: [] for q in queries}
+        rows = [q for q in queries for _ in range(config.rollouts)]
+        engine.sync(with_adapter=False)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed + 2)
+                for i in range(0, len(rows), 16):
+                    chunk = rows[i:i + 16]
+                    ro = sampler([teacher.prompt_ids(q) for q in chunk], max_new_tokens=config.max_new_tokens,
+                                 temperature=config.temperature, eos_ids=eos_ids, pad_id=pad_id)
+                    for q, ids, mask in zip(chunk, ro.response_ids_BT, ro.response_mask_BT):
+                        out[q.id].append(ids[mask.bool()].tolist())
+        finally:
+            engine.sync()
+        return out
+
+    payload = {
         "prompt": plan.spec.prompt_sha256, "base": weights_sha256(plan.model_dir), "teacher": config.teacher,
         "queries": sha256_file(plan.queries_path), "ids": [q.id for q in queries], "temperature": config.temperature,
         "max_new_tokens": config.max_new_tokens, "rollouts": config.rollouts, "seed": config.seed,
-    }, sort_keys=True).encode()).hexdigest()
-    cache = promptbake_home() / "teacher_samples" / f"{key}.json"
-    if cache.is_file():
-        return {int(k): v for k, v in json.loads(cache.read_text()).items()}
-    eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
-    out: dict[int, list[list[int]]] = {q.id: [] for q in queries}
-    rows = [q for q in queries for _ in range(config.rollouts)]
-    engine.sync(with_adapter=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed + 2)
-        for i in range(0, len(rows), 16):
-            chunk = rows[i:i + 16]
-            prompts = [teacher.prompt_ids(q) for q in chunk]
-            if teacher.is_student:
-                ro = engine.sample(prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                   eos_ids=eos_ids, pad_id=pad_id)
-            else:
-                ro = sample(teacher.model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                            eos_ids=eos_ids, pad_id=pad_id, bf16=bf16)
-            for q, ids, mask in zip(chunk, ro.response_ids_BT, ro.response_mask_BT):
-                out[q.id].append(ids[mask.bool()].tolist())
-    engine.sync()
-    from promptbake.artifact import write_text_atomic
-
-    write_text_atomic(cache, json.dumps(out))
-    return out
+    }
+    return {int(k): v for k, v in _disk_cached("teacher_samples", payload, compute).items()}
 
 
 def _truncate_lines(path: Path, keep: int) -> None:

@@ -70,6 +70,17 @@ def _rate_table(title: str, rates: dict[str, dict[str, float]]) -> Table:
     return table
 
 
+def _cap_line(m) -> str:
+    """The response cap and how often it cut an answer: never silent."""
+    how = "sized from the prompted teacher's answers" if m.response_lengths.get("source") == "auto" else "set"
+    hits = m.cap_hit
+    parts = [f"{label} {hits[key]:.0%}" for key, label in (
+        ("train_rollouts", "training rollouts"), ("heldout_after", "held-out samples after training"),
+        ("greedy_teacher", "teacher's greedy answers"), ("greedy_baked", "baked greedy answers")) if key in hits]
+    cut = f"; cut by it: {', '.join(parts)}" if parts else ""
+    return f"response cap: {m.response_cap} tokens ({how}){cut}"
+
+
 @app.command("compile")
 @friendly
 def compile_cmd(
@@ -81,13 +92,16 @@ def compile_cmd(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Queries per step.")] = None,
     rollouts: Annotated[Optional[int], typer.Option(help="Samples per query.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest sampled response.")] = None,
+    max_new_tokens: Annotated[Optional[str], typer.Option(
+        help="Longest sampled response, or auto (sized from the prompted teacher's answers).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
     kl: Annotated[Optional[str], typer.Option(help="full | topk | sampled")] = None,
     topk: Annotated[Optional[int], typer.Option(help="k for --kl topk.")] = None,
     lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
-    heldout: Annotated[Optional[int], typer.Option(help="Held-out queries.")] = None,
+    heldout: Annotated[Optional[int], typer.Option(help="Held-out queries split off the query file (without a held-out file).")] = None,
+    heldout_queries: Annotated[Optional[Path], typer.Option(
+        help="Separate held-out query file, only measured on; default from the front matter's heldout:.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
     rollout: Annotated[Optional[str], typer.Option(help="hf | vllm: who samples the student.")] = None,
@@ -113,7 +127,7 @@ def compile_cmd(
         prefix_cache=False if no_prefix_cache else None, rollout=rollout, torch_compile=True if torch_compile else None,
     )
     plan = plan_compile(prompt, out=out_dir, queries=queries, model=model, teacher=teacher, overrides=overrides,
-                        variables=variables, trust_pickle=trust_pickle)
+                        variables=variables, trust_pickle=trust_pickle, heldout=heldout_queries)
     plan.resolve()
     if plan.existing(force) == "up-to-date":
         manifest = plan.cached_manifest()
@@ -149,7 +163,7 @@ def compile_cmd(
         result = compile_prompt(
             prompt, out=out_dir, queries=queries, model=model, teacher=teacher, overrides=overrides,
             variables=variables, force=force, restart=restart, trust_pickle=trust_pickle, on_step=on_step,
-            on_stage=on_stage, plan=plan,
+            on_stage=on_stage, plan=plan, heldout=heldout_queries,
         )
     finally:
         if progress.live.is_started:
@@ -162,8 +176,12 @@ def compile_cmd(
         f"({summary.get('median_step_seconds', 0):.2f} s/step, {summary.get('tokens_per_s', 0):.0f} tokens/s), "
         f"precision {m.precision}"
     )
+    out.print(_cap_line(m))
+    held_from = f"{m.heldout_file}" if m.heldout_file else f"{len(m.heldout_ids)} queries split off {m.queries_file}"
     if m.heldout_kl_before is not None:
-        out.print(f"held-out reverse KL to the prompted teacher: {m.heldout_kl_before:.4f} -> {m.heldout_kl_after:.4f}")
+        gap = 1 - m.heldout_kl_after / m.heldout_kl_before if m.heldout_kl_before else float("nan")
+        out.print(f"held-out reverse KL to the prompted teacher ({held_from}): {m.heldout_kl_before:.4f} -> "
+                  f"{m.heldout_kl_after:.4f} ({gap:.0%} of the gap closed)")
     if m.check_rates and any(m.check_rates.values()):
         out.print(_rate_table(f"checks on {len(m.heldout_ids)} held-out queries (greedy)", m.check_rates))
     out.print(f"prompt tokens saved per request: {m.prompt_tokens}")
@@ -233,6 +251,9 @@ def _print_verify(report) -> None:
             checks.add_row(name, rates["base"].fmt(), rates["teacher"].fmt(), rates["baked"].fmt(),
                            report.check_ratios[name].fmt(percent=False))
         out.print(checks)
+    if report.cap_hit:
+        cut = ", ".join(f"{k.split('_', 1)[1]} {v:.0%}" for k, v in report.cap_hit.items())
+        out.print(f"answers cut by the {report.response_cap}-token cap: {cut}")
 
 
 @app.command("eval")

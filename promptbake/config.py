@@ -6,7 +6,7 @@ result is stored verbatim in the manifest so a bake can be reproduced.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -50,7 +50,19 @@ class BakeConfig(BaseModel):
     )
     rollouts: int = Field(1, gt=0, description="Student samples per query.")
     micro_batch_size: int = Field(4, gt=0, description="Rows per student forward/backward; bounds memory, not the math.")
-    max_new_tokens: int = Field(48, gt=0, description="Longest sampled response; tokens after EOS are masked.")
+    max_new_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Longest sampled response (the cap); tokens after EOS are masked. auto: measured before training as the "
+            "length_quantile of the prompted teacher's greedy answers to length_probe_queries training queries, "
+            "rounded up to a multiple of 16, between 32 and max_new_tokens_limit. Rollouts and held-out answers that "
+            "hit the cap are counted and reported; a prompt is never cut."
+        ),
+    )
+    max_new_tokens_limit: int = Field(
+        512, gt=0, description="Upper bound of the auto cap, and how far the teacher's probe answers are decoded.")
+    length_quantile: float = Field(0.95, gt=0, le=1, description="Quantile of the teacher's answer lengths the auto cap covers.")
+    length_probe_queries: int = Field(32, gt=0, description="Training queries the auto cap is measured on.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; both logits are divided by it in the loss.")
 
     # Optimisation.
@@ -71,7 +83,8 @@ class BakeConfig(BaseModel):
         description="Stop once this many response tokens have been trained on (steps stays the upper bound); "
                     "`compare` gives every method the same budget this way.")
     heldout: int = Field(24, ge=0, description="Queries kept out of training for the before/after comparison.")
-    eval_max_new_tokens: int = Field(48, gt=0, description="Response length for check pass rates on held-out queries.")
+    eval_max_new_tokens: int | None = Field(
+        None, gt=0, description="Greedy answer length for check pass rates on held-out queries; default: the response cap.")
     seed: int = Field(0, description="Seeds the split, sampling and LoRA init.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast where the hardware has fast bf16 (AMX/AVX-512 CPUs, CUDA), else fp32."

@@ -9,13 +9,14 @@ Conditions:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from promptbake.chat import ChatRenderer
 from promptbake.checks import Check, pass_rates
 from promptbake.errors import PromptbakeError
+from promptbake.lengths import hit_cap
 from promptbake.losses import full_reverse_kl, log_probs
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
@@ -43,6 +44,11 @@ class KLResult:
 
     per_query: list[float]
     tokens: list[int]
+    capped: list[bool] = field(default_factory=list)  # the sampled answer was cut by max_new_tokens
+
+    @property
+    def capped_fraction(self) -> float:
+        return sum(self.capped) / len(self.capped) if self.capped else 0.0
 
     @property
     def mean(self) -> float:
@@ -78,6 +84,7 @@ def kl_to_teacher(
     device = next(model.parameters()).device
     per_query: list[float] = []
     tokens: list[int] = []
+    capped: list[bool] = []
     engine.sync(with_adapter=adapter and not on_teacher_samples)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -86,6 +93,7 @@ def kl_to_teacher(
             sampler_prompts = [teacher.prompt_ids(q) for q in chunk] if on_teacher_samples else prompts
             rollout: Rollout = engine.sample(sampler_prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                              eos_ids=eos_ids, pad_id=pad_id)
+            capped += hit_cap(rollout, max_new_tokens, eos_ids)
             # Sample the whole chunk at once (fast), score it a few rows at a time: full-vocabulary logits of
             # 16 rows x 48 tokens are 150 MB per copy in fp32, and the KL needs several copies.
             for rows in _chunks(list(range(len(chunk))), score_batch_size):
@@ -107,7 +115,7 @@ def kl_to_teacher(
                 del policy_logp, teacher_logp, kl_BT
                 release_free_memory()
     engine.sync()
-    return KLResult(per_query, tokens)
+    return KLResult(per_query, tokens, capped)
 
 
 @torch.no_grad()

@@ -204,6 +204,9 @@ def load_model(model_dir: Path, trust_pickle: bool = False):
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
             tensor.data = tensor.data.clone()
+    from promptbake.fastdecode import use_fast_decode
+
+    use_fast_decode(model)
     model.eval()
     return model
 

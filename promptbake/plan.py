@@ -19,7 +19,7 @@ from promptbake.artifact import BakeManifest, read_manifest, sha256_file
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.models import DEFAULT_MODEL, resolve_model, weights_sha256
-from promptbake.queries import Query, load_queries
+from promptbake.queries import Query, load_queries, split_queries
 from promptbake.spec import PromptSpec, load_spec
 
 BUILD_KEY_VERSION = "1"
@@ -37,6 +37,15 @@ class CompilePlan:
     trust_pickle: bool = False
     model_dir: Path | None = None
     build_key: str | None = None
+    heldout_path: Path | None = None
+    heldout_queries: list[Query] | None = None
+
+    def split(self) -> tuple[list[Query], list[Query]]:
+        """(train, held-out): every query of the file and the separate held-out file when there is one,
+        else a seeded split of the query file."""
+        if self.heldout_path is not None:
+            return self.queries, list(self.heldout_queries or [])
+        return split_queries(self.queries, self.config.heldout, self.config.seed)
 
     @property
     def work_dir(self) -> Path:
@@ -54,6 +63,7 @@ class CompilePlan:
             "promptbake": __version__,
             "prompt_sha256": self.spec.prompt_sha256,
             "queries_sha256": sha256_file(self.queries_path),
+            "heldout_sha256": sha256_file(self.heldout_path) if self.heldout_path else None,
             "base_weights_sha256": weights_sha256(self.model_dir),
             "teacher_weights_sha256": teacher_hash,
             "config": self.config.model_dump(exclude=NOT_IN_KEY),
@@ -92,8 +102,12 @@ def plan_compile(
     overrides: dict[str, Any] | None = None,
     variables: dict[str, str] | None = None,
     trust_pickle: bool = False,
+    heldout: str | Path | None = None,
 ) -> CompilePlan:
-    """Parse and validate every input of a compile; no model is loaded."""
+    """Parse and validate every input of a compile; no model is loaded.
+
+    `heldout` (or the prompt's `heldout:` key) names a separate query file that is only measured on; without
+    one, `config.heldout` queries of the query file are split off."""
     spec = load_spec(prompt, variables)
     try:
         config = BakeConfig().merged(spec.train).merged({**(overrides or {}), "teacher": teacher})
@@ -105,11 +119,34 @@ def plan_compile(
     if queries_path is None:
         raise PromptbakeError(f"{spec.path}: no queries: set 'queries:' in the front matter or pass --queries")
     loaded = load_queries(queries_path)
-    train_count = len(loaded) - min(config.heldout, len(loaded))
+    heldout_path = Path(heldout) if heldout else spec.heldout_path
+    heldout_queries = load_heldout(heldout_path, queries_path, loaded) if heldout_path else None
+    held_count = 0 if heldout_path else min(config.heldout, len(loaded))
+    train_count = len(loaded) - held_count
     if train_count < config.batch_size:
         raise PromptbakeError(
-            f"{queries_path}: {len(loaded)} queries leave {train_count} for training after {config.heldout} held out; "
+            f"{queries_path}: {len(loaded)} queries leave {train_count} for training after {held_count} held out; "
             f"a batch needs {config.batch_size}"
         )
     out_dir = Path(out) if out else Path("build") / spec.name
-    return CompilePlan(spec, config, loaded, queries_path, out_dir, model or spec.model or DEFAULT_MODEL, trust_pickle)
+    return CompilePlan(spec, config, loaded, queries_path, out_dir, model or spec.model or DEFAULT_MODEL, trust_pickle,
+                       heldout_path=heldout_path, heldout_queries=heldout_queries)
+
+
+def _normalised(query: Query) -> str:
+    return " ".join(" ".join(m["content"].casefold().split()) for m in query.messages)
+
+
+def load_heldout(path: Path, queries_path: Path, train: list[Query]) -> list[Query]:
+    """A separate held-out file: readable, not the training file, and sharing no query with it."""
+    if path.resolve() == queries_path.resolve():
+        raise PromptbakeError(f"{path}: the held-out file is the training query file; name a file of other queries")
+    held = load_queries(path)
+    seen = {_normalised(q): q.id for q in train}
+    for q in held:
+        if _normalised(q) in seen:
+            raise PromptbakeError(
+                f"{path}: query {q.id + 1} ({q.text[:60]!r}) is also query {seen[_normalised(q)] + 1} of {queries_path}; "
+                "held-out queries must not be trained on"
+            )
+    return held

@@ -96,6 +96,10 @@ def _draw(logits_BV: torch.Tensor, temperature: float, greedy: bool) -> torch.Te
     return torch.searchsorted(cdf_BV, u_B1).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
 
 
+# Shared prompt prefixes shorter than this are recomputed per row: one extra forward call costs more than it saves.
+MIN_SHARED_PREFIX = 16
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -111,34 +115,47 @@ def sample(
     """Sample (or greedily decode) one response per prompt with a KV cache, stopping when every row ended.
 
     A plain decode loop over the model's forward: on small CPU batches `generate`'s per-step machinery
-    costs as much as the model itself.
+    costs as much as the model itself. On CPUs the prompts' shared first tokens (a system prompt, the chat
+    template's preamble) are run once and attended to as one copy by every row (`fastdecode.shared_prefix`),
+    so a 2,000-token prompt costs one pass, not one per row; positions are the same as without sharing.
     """
     from transformers import DynamicCache
 
+    from promptbake.chat import common_prefix_length
+    from promptbake.fastdecode import can_share_prefix, shared_prefix
+
     device = next(model.parameters()).device
-    ids_BP, mask_BP = left_pad(prompts, pad_id)
-    mask_BL = mask_BP.to(device)
-    eos_t = torch.tensor(eos_ids, device=device)
     was_training = model.training
     model.eval()
-    cache = DynamicCache(config=model.config)
-    next_pos_B1 = mask_BL.sum(-1, keepdim=True) - 1
+    shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
+    if shared < MIN_SHARED_PREFIX or not can_share_prefix(model):
+        shared = 0
+    ids_BS, mask_BS = left_pad([p[shared:] for p in prompts], pad_id)
+    mask_BL = mask_BS.to(device)
+    eos_t = torch.tensor(eos_ids, device=device)
+    next_pos_B1 = mask_BL.sum(-1, keepdim=True) - 1 + shared
     tokens: list[torch.Tensor] = []
     done_B = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    prefix_cache = DynamicCache(config=model.config)
     with autocast(device, bf16):
-        out = model(input_ids=ids_BP.to(device), attention_mask=mask_BL, position_ids=position_ids(mask_BL),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for _ in range(max_new_tokens):
-            token_B = _draw(out.logits[:, -1, :], temperature, greedy)
-            token_B = torch.where(done_B, torch.full_like(token_B, pad_id), token_B)
-            tokens.append(token_B)
-            done_B |= torch.isin(token_B, eos_t)
-            if bool(done_B.all()) or len(tokens) == max_new_tokens:
-                break
-            mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
-            next_pos_B1 = next_pos_B1 + 1
-            out = model(input_ids=token_B[:, None], attention_mask=mask_BL, position_ids=next_pos_B1,
-                        past_key_values=cache, use_cache=True)
+        if shared:
+            model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=prefix_cache,
+                  use_cache=True, logits_to_keep=1)
+        cache = DynamicCache(config=model.config)
+        with shared_prefix(model, prefix_cache) if shared else contextlib.nullcontext():
+            out = model(input_ids=ids_BS.to(device), attention_mask=mask_BL, position_ids=position_ids(mask_BL, shared),
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for _ in range(max_new_tokens):
+                token_B = _draw(out.logits[:, -1, :], temperature, greedy)
+                token_B = torch.where(done_B, torch.full_like(token_B, pad_id), token_B)
+                tokens.append(token_B)
+                done_B |= torch.isin(token_B, eos_t)
+                if bool(done_B.all()) or len(tokens) == max_new_tokens:
+                    break
+                mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
+                next_pos_B1 = next_pos_B1 + 1
+                out = model(input_ids=token_B[:, None], attention_mask=mask_BL, position_ids=next_pos_B1,
+                            past_key_values=cache, use_cache=True)
     model.train(was_training)
     response_ids_BT = torch.stack(tokens, dim=1).cpu()
     response_mask_BT = mask_after_eos(response_ids_BT, eos_ids)
@@ -198,7 +215,8 @@ class HFRolloutEngine:
             from transformers import AutoModelForCausalLM
 
             base = policy.get_base_model()
-            self.model = AutoModelForCausalLM.from_config(base.config, dtype=torch.bfloat16)  # never a fp32 copy
+            self.model = AutoModelForCausalLM.from_config(  # never a fp32 copy
+                base.config, dtype=torch.bfloat16, attn_implementation=base.config._attn_implementation)
             self.model.to(device=next(base.parameters()).device, dtype=torch.bfloat16).eval()
             # Parameters keep requires_grad=True on purpose: with torch 2.13 on CPU, bf16 linears of
             # parameters that do not require grad took a path measured 1.5x slower (sampling runs under no_grad).

@@ -44,6 +44,7 @@ class FrontMatter(BaseModel):
     description: str = ""
     model: str | None = None
     queries: str | None = None
+    heldout: str | None = Field(None, description="Query file used only to measure the bake (never trained on).")
     vars: dict[str, Any] = Field(default_factory=dict)
     checks: list[Check] = Field(default_factory=list)
     train: dict[str, Any] = Field(default_factory=dict)
@@ -58,6 +59,7 @@ class PromptSpec(BaseModel):
     description: str
     model: str | None
     queries_path: Path | None
+    heldout_path: Path | None
     checks: list[Check]
     train: dict[str, Any]
     verify: VerifyThresholds
@@ -201,12 +203,14 @@ def load_spec(path: str | Path, var_overrides: dict[str, str] | None = None) -> 
     if not system_prompt:
         raise PromptbakeError(f"{path}: the prompt body is empty (nothing to bake)")
     queries_path = (path.parent / fm.queries) if fm.queries else None
+    heldout_path = (path.parent / fm.heldout) if fm.heldout else None
     return PromptSpec(
         path=path,
         name=fm.name or path.stem,
         description=fm.description,
         model=fm.model,
         queries_path=queries_path,
+        heldout_path=heldout_path,
         checks=fm.checks,
         train=fm.train,
         verify=fm.verify,

@@ -18,6 +18,10 @@ from promptbake.queries import Query
 from promptbake.rollout import Rollout, autocast, response_logits
 
 
+def _key(query: Query) -> tuple:
+    return tuple((m["role"], m["content"]) for m in query.messages)
+
+
 class PromptedTeacher:
     """Teacher = `model` (with its LoRA adapter disabled when it is the student itself) + system prompt."""
 
@@ -30,16 +34,22 @@ class PromptedTeacher:
         self.is_student = is_student
         self.bf16 = bf16
         self.use_prefix_cache = prefix_cache
-        self._ids: dict[int, list[int]] = {}
+        self._ids: dict[tuple, list[int]] = {}  # by conversation, not id: ids repeat across query files
+        self._where: dict[tuple, str] = {}
         self.prefix_ids: list[int] = []
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def prepare(self, queries: list[Query], max_new_tokens: int, where: str) -> None:
-        """Render every query once, check each fits the context, and find the shared prefix."""
+    def prepare(self, queries: list[Query], max_new_tokens: int, where: str, keep: bool = False) -> None:
+        """Render every query once, check each fits the context, and find the shared prefix.
+
+        `keep` adds these queries to those already prepared (a separate held-out file)."""
+        if not keep:
+            self._where = {}
         for q in queries:
             ids = self.renderer.teacher_ids(q.messages)
-            self.renderer.check_fits(ids, max_new_tokens, f"{where} query {q.id}")
-            self._ids[q.id] = ids
+            self.renderer.check_fits(ids, max_new_tokens, f"{where} query {q.id + 1}")
+            self._ids[_key(q)] = ids
+            self._where[_key(q)] = f"{where} query {q.id + 1}"
         if self.use_prefix_cache:
             rendered = list(self._ids.values())
             # Two probe queries guarantee the prefix stops before any query text, even for one query.
@@ -47,6 +57,11 @@ class PromptedTeacher:
             shared = common_prefix_length(rendered + probes)
             self.prefix_ids = rendered[0][:shared] if rendered else probes[0][:shared]
         self._prefix_kv = None
+
+    def check_room(self, max_new_tokens: int) -> None:
+        """Every prepared query still fits with `max_new_tokens` (once the response cap is known)."""
+        for key, where in self._where.items():
+            self.renderer.check_fits(self._ids[key], max_new_tokens, where)
 
     def refresh(self) -> None:
         """Forget the prefix cache (call after the teacher's weights changed)."""
@@ -69,9 +84,10 @@ class PromptedTeacher:
         return DynamicCache(ddp_cache_data=expanded, config=self.model.config)
 
     def prompt_ids(self, query: Query) -> list[int]:
-        if query.id not in self._ids:
-            self._ids[query.id] = self.renderer.teacher_ids(query.messages)
-        return self._ids[query.id]
+        key = _key(query)
+        if key not in self._ids:
+            self._ids[key] = self.renderer.teacher_ids(query.messages)
+        return self._ids[key]
 
     @torch.no_grad()
     def logits(self, queries: list[Query], rollout: Rollout) -> torch.Tensor:

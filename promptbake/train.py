@@ -28,6 +28,7 @@ from promptbake.chat import ChatRenderer
 from promptbake.checkpoint import Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint
 from promptbake.faults import fault_point
 from promptbake.config import BakeConfig
+from promptbake.lengths import hit_cap
 from promptbake.losses import distill_loss
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
@@ -48,6 +49,8 @@ class StepLog:
     teacher_seconds: float
     student_seconds: float
     tokens_per_s: float
+    rows: int = 0
+    capped_rows: int = 0  # rollouts cut by max_new_tokens before their end-of-turn token
 
     def to_json(self) -> str:
         return json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in self.__dict__.items()})
@@ -72,6 +75,8 @@ class TrainResult:
             "seconds": self.seconds,
             "median_step_seconds": sorted(s.seconds for s in self.log)[len(self.log) // 2],
             "response_tokens": sum(s.response_tokens for s in self.log),
+            "rollouts": sum(s.rows for s in self.log),
+            "rollouts_capped": sum(s.capped_rows for s in self.log),
             "tokens_per_s": sum(s.response_tokens for s in self.log) / max(self.seconds, 1e-9),
         }
 
@@ -225,6 +230,8 @@ def train_opcd(
                 teacher_seconds=t2 - t1,
                 student_seconds=t3 - t2,
                 tokens_per_s=tokens / max(t3 - t0, 1e-9),
+                rows=len(batch),
+                capped_rows=sum(hit_cap(rollout, config.max_new_tokens, eos_ids)),
             )
             if not math.isfinite(entry.kl):
                 raise FloatingPointError(f"KL became {entry.kl} at step {step}; lower the learning rate")

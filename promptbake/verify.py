@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from promptbake.artifact import read_manifest
+from promptbake.artifact import read_manifest, sha256_file
 from promptbake.bake import use_bf16
 from promptbake.chat import ChatRenderer
 from promptbake.checks import check_outcomes
@@ -27,7 +27,8 @@ from promptbake.models import (
     check_same_tokenizer, load_adapter, load_model, load_tokenizer, manifest_base_dir, resolve_model, weights_sha256,
 )
 from promptbake.queries import load_queries
-from promptbake.rollout import HFRolloutEngine
+from promptbake.lengths import fraction, ids_hit_cap
+from promptbake.rollout import HFRolloutEngine, eos_token_ids
 from promptbake.spec import VerifyThresholds, load_spec
 from promptbake.stats import Estimate, gap_closed_ci, mean_ci, ratio_of_means_ci
 from promptbake.teacher import PromptedTeacher
@@ -43,6 +44,8 @@ class VerifyReport:
     thresholds: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     samples: dict[str, list[str]] = field(default_factory=dict)
+    response_cap: int = 0
+    cap_hit: dict[str, float] = field(default_factory=dict)  # fraction of answers the cap cut, per measurement
 
     @property
     def passed(self) -> bool:
@@ -58,6 +61,8 @@ class VerifyReport:
             "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
             "checks": {c: {k: v.to_dict() for k, v in d.items()} for c, d in self.checks.items()},
             "check_ratios": {k: v.to_dict() for k, v in self.check_ratios.items()},
+            "response_cap": self.response_cap,
+            "cap_hit": self.cap_hit,
             "samples": {k: v[:5] for k, v in self.samples.items()},
         }, indent=2)
 
@@ -89,7 +94,8 @@ def verify_adapter(adapter_dir: str | Path, **kwargs) -> VerifyReport:
     return verify_adapters([adapter_dir], **kwargs)[0]
 
 
-SHARED_MANIFEST_FIELDS = ("base_weights_sha256", "prompt_sha256", "teacher_model", "queries_sha256")
+SHARED_MANIFEST_FIELDS = ("base_weights_sha256", "prompt_sha256", "teacher_model", "queries_sha256", "heldout_sha256",
+                          "response_cap")
 SHARED_CONFIG_KEYS = ("max_new_tokens", "temperature", "precision")
 
 
@@ -136,11 +142,15 @@ def verify_adapters(
     if queries:
         query_list = load_queries(queries)
     else:
-        query_list = load_queries(manifest.queries_file)
+        source = manifest.heldout_file or manifest.queries_file
+        if manifest.heldout_file and Path(source).is_file() and sha256_file(Path(source)) != manifest.heldout_sha256:
+            raise PromptbakeError(f"{source}: held-out file changed since {adapter_dir} was baked; pass --queries {source} "
+                                  "to measure on it as it is now")
+        query_list = load_queries(source)
         by_id = {q.id: q for q in query_list}
         missing = [i for i in manifest.heldout_ids if i not in by_id]
         if missing:
-            raise PromptbakeError(f"{manifest.queries_file}: held-out ids {missing[:5]} from the manifest are not in the file")
+            raise PromptbakeError(f"{source}: held-out ids {missing[:5]} from the manifest are not in the file")
         query_list = [by_id[i] for i in manifest.heldout_ids]
     if limit is not None:
         if limit <= 0:
@@ -163,14 +173,15 @@ def verify_adapters(
     bf16 = use_bf16(manifest.config.get("precision", "auto"), device)
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
     renderer = ChatRenderer.for_tokenizer(tokenizer, spec.system_prompt, max_context)
-    new_tokens = max_new_tokens or int(manifest.config.get("max_new_tokens", 48))
+    configured = manifest.config.get("max_new_tokens", 48)
+    new_tokens = max_new_tokens or manifest.response_cap or (configured if isinstance(configured, int) else 48)
     if manifest.teacher_model:
         teacher_dir = resolve_model(manifest.teacher_model)
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir), manifest.teacher_model)
         teacher = PromptedTeacher(load_model(teacher_dir).to(device), renderer, tokenizer.pad_token_id, is_student=False, bf16=bf16)
     else:
         teacher = PromptedTeacher(model, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16)
-    teacher.prepare(query_list, new_tokens, str(queries or manifest.queries_file))
+    teacher.prepare(query_list, new_tokens, str(queries or manifest.heldout_file or manifest.queries_file))
     engine = HFRolloutEngine(model, bf16=bf16)
     temperature = float(manifest.config.get("temperature", 1.0))
     kw = dict(max_new_tokens=new_tokens, temperature=temperature, seed=seed, bf16=bf16)
@@ -181,12 +192,14 @@ def verify_adapters(
     shared_ids = condition_ids(engine, tokenizer, renderer, query_list, max_new_tokens=max(new_tokens, agreement_tokens),
                                conditions=("base", "teacher"))
     base_agree = [token_agreement(b, t, agreement_tokens) for b, t in zip(shared_ids["base"], shared_ids["teacher"])]
+    eos_ids = eos_token_ids(tokenizer)
+    decode_cap = max(new_tokens, agreement_tokens)
     merged = spec.verify.model_copy(update={k: v for k, v in (thresholds or {}).items() if v is not None})
 
     reports = []
     for d, name in zip(dirs, names):
         model.set_adapter(name)
-        report = VerifyReport(str(d), len(query_list))
+        report = VerifyReport(str(d), len(query_list), response_cap=new_tokens)
         for key, on_teacher in [("reverse_kl_baked", False), ("forward_kl_baked", True)]:
             kl[key] = kl_to_teacher(model, engine, teacher, renderer, tokenizer, query_list, adapter=True,
                                     on_teacher_samples=on_teacher, **kw)
@@ -204,6 +217,8 @@ def verify_adapters(
         report.metrics["token_agreement"] = mean_ci(agree)
         report.metrics["token_agreement_base"] = mean_ci(base_agree)
 
+        report.cap_hit = {**{f"samples_{key}": kl[key].capped_fraction for key in sorted(kl)},
+                          **{f"greedy_{cond}": fraction(ids_hit_cap(rows, decode_cap, eos_ids)) for cond, rows in ids.items()}}
         texts = decode_all(tokenizer, ids)
         report.samples = texts
         outcomes = {cond: check_outcomes(spec.checks, texts[cond], [q.tags for q in query_list]) for cond in texts}
