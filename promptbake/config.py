@@ -60,7 +60,7 @@ class BakeConfig(BaseModel):
         ),
     )
     max_new_tokens_limit: int = Field(
-        512, gt=0, description="Upper bound of the auto cap, and how far the teacher's probe answers are decoded.")
+        256, gt=0, description="Upper bound of the auto cap, and how far the teacher's probe answers are decoded.")
     length_quantile: float = Field(0.95, gt=0, le=1, description="Quantile of the teacher's answer lengths the auto cap covers.")
     length_probe_queries: int = Field(32, gt=0, description="Training queries the auto cap is measured on.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; both logits are divided by it in the loss.")

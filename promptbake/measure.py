@@ -45,6 +45,14 @@ class KLResult:
     per_query: list[float]
     tokens: list[int]
     capped: list[bool] = field(default_factory=list)  # the sampled answer was cut by max_new_tokens
+    position_sum: list[float] = field(default_factory=list)  # KL summed over queries at each response position
+    position_count: list[int] = field(default_factory=list)  # answers still running at each position
+
+    def mean_between(self, start: int, stop: int) -> float:
+        """Mean per-token KL over response positions [start, stop) of all answers: where in an answer the gap is."""
+        total = sum(self.position_sum[start:stop])
+        count = sum(self.position_count[start:stop])
+        return total / count if count else float("nan")
 
     @property
     def capped_fraction(self) -> float:
@@ -85,6 +93,8 @@ def kl_to_teacher(
     per_query: list[float] = []
     tokens: list[int] = []
     capped: list[bool] = []
+    position_sum = [0.0] * max_new_tokens
+    position_count = [0] * max_new_tokens
     engine.sync(with_adapter=adapter and not on_teacher_samples)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -112,10 +122,13 @@ def kl_to_teacher(
                 counts = mask_BT.sum(-1)
                 per_query += ((kl_BT * mask_BT).sum(-1) / counts.clamp(min=1)).tolist()
                 tokens += counts.long().tolist()
+                for t, (kl_sum, n) in enumerate(zip((kl_BT * mask_BT).sum(0).tolist(), mask_BT.sum(0).long().tolist())):
+                    position_sum[t] += kl_sum
+                    position_count[t] += n
                 del policy_logp, teacher_logp, kl_BT
                 release_free_memory()
     engine.sync()
-    return KLResult(per_query, tokens, capped)
+    return KLResult(per_query, tokens, capped, position_sum, position_count)
 
 
 @torch.no_grad()

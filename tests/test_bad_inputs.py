@@ -198,3 +198,28 @@ def test_bad_commands(args, fragment):
 
 def test_verify_limit_zero(adapter, tmp_path):
     assert_clean_error(CliRunner().invoke(app, ["verify", str(adapter), "--limit", "0"]), "limit must be positive")
+
+
+HELDOUT_CASES = [
+    ("heldout-missing", {"heldout": "h.txt"}, {}, [], "h.txt: query file not found"),
+    ("heldout-is-training-file", {"heldout": "q.txt"}, {}, [], "is the training query file"),
+    ("heldout-overlaps-training", {"heldout": "h.txt"}, {"h.txt": "a new one?\nQuestion   3?\n"}, [], "also query 4"),
+    ("heldout-bad-json", {"heldout": "h.jsonl"}, {"h.jsonl": '{"query": "a"}\n{"query": \n'}, [], "h.jsonl:2: invalid JSON"),
+    ("heldout-empty", {"heldout": "h.txt"}, {"h.txt": "\n"}, [], "no queries"),
+    ("heldout-not-a-string", {"heldout": "[a, b]"}, {}, [], "heldout"),
+    ("heldout-flag-missing", {}, {}, ["--heldout-queries", "nowhere.txt"], "nowhere.txt: query file not found"),
+    ("max-new-tokens-word", {}, {}, ["--max-new-tokens", "long"], "max_new_tokens"),
+    ("max-new-tokens-zero", {}, {}, ["--max-new-tokens", "0"], "max_new_tokens"),
+]
+
+
+@pytest.mark.parametrize("case", HELDOUT_CASES, ids=[c[0] for c in HELDOUT_CASES])
+def test_bad_heldout_inputs(tmp_path, tiny_model_dir, case):
+    _, keys, files, extra, fragment = case
+    p = make_case(tmp_path / "case", fm(**keys), extra_files=files)
+    out = tmp_path / "out"
+    flags = [f for f in FAST if f not in ("--max-new-tokens", "4")] if "--max-new-tokens" in extra else FAST
+    args = ["compile", str(p), "--out", str(out), "--model", str(tiny_model_dir), *flags, *extra]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert_clean_error(result, fragment)
+    assert not out.exists() and not (tmp_path / ".out.work").exists()

@@ -1,0 +1,287 @@
+"""Quality study: which settings make a faithful bake, and what each costs in minutes of compile.
+
+For every prompt x variant x seed: bake with that variant's settings (the compile's own measurement off),
+then measure it with one fixed protocol, the same for every variant:
+
+- on the prompt's separate held-out file (queries never trained on);
+- reverse KL(baked || prompted teacher) on the baked model's samples at temperature 1, answers up to
+  `--measure-cap` tokens (whole answers where they end sooner), and the KL gap closed against the base
+  model's reverse KL on its own samples (same queries, same seed); also split by response position
+  (tokens 0-47, 48-127, 128+) to show where in an answer the gap is left;
+- forward KL(teacher || baked) on the teacher's samples, the same way;
+- the prompt's checks on greedy answers (same cap): baked pass rate / teacher pass rate.
+
+Base and teacher measurements are made once per prompt and kept in `<out>/reference-<prompt>.json`. Every
+run's result goes to `<out>/runs/<prompt>/<variant>-s<seed>.json` as soon as it is measured, so an
+interrupted study continues where it stopped (adapters are kept under `build/quality/`, not committed).
+Variants train on an equal budget of response tokens (`--token-budget`; steps are only an upper bound),
+so they are compared at equal training compute; the wall time is reported beside each.
+
+    python benchmarks/quality.py --prompts support --variants default,cap48,lr1e-3 --seeds 0,1,2
+    python benchmarks/quality.py --summary            # tables and plot from the saved runs only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Each variant changes a few settings of the default compile. Budgets are equal in response tokens.
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "cap48": {"max_new_tokens": 48},
+    "cap96": {"max_new_tokens": 96},
+    "cap128": {"max_new_tokens": 128},
+    "cap256": {"max_new_tokens": 256},
+    "lr2.5e-4": {"lr": 2.5e-4},
+    "lr1e-3": {"lr": 1e-3},
+    "lr2e-3": {"lr": 2e-3},
+    "r64": {"lora_r": 64, "lora_alpha": 128},
+    "attn-only": {"lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "batch8": {"batch_size": 8},
+    "batch32": {"batch_size": 32},
+    "rollouts2": {"rollouts": 2, "batch_size": 8},
+    "kl-topk": {"kl": "topk"},
+    "kl-sampled": {"kl": "sampled"},
+    "warmup5": {"warmup_steps": 5},
+}
+BUCKETS = ((0, 48), (48, 128), (128, 10**9))
+MEASURE_SEED = 1234
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", default="support", help="comma list of prompt names under prompts/")
+    p.add_argument("--variants", default="default", help=f"comma list of: {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", default="0", help="comma list of seeds")
+    p.add_argument("--token-budget", type=int, default=40_000, help="response tokens each variant trains on")
+    p.add_argument("--max-steps", type=int, default=400, help="upper bound on steps (the budget normally stops first)")
+    p.add_argument("--measure-cap", type=int, default=256, help="longest answer measured (tokens)")
+    p.add_argument("--out", type=Path, default=REPO / "results" / "quality")
+    p.add_argument("--build", type=Path, default=REPO / "build" / "quality")
+    p.add_argument("--summary", action="store_true", help="only print and write the summary of saved runs")
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class Measurer:
+    """One base model and tokenizer; measures the base, the prompted teacher and any adapter on a prompt's held-out file."""
+
+    def __init__(self, prompt_path: Path, cap: int):
+        from promptbake.chat import ChatRenderer
+        from promptbake.models import load_model, load_tokenizer, resolve_model
+        from promptbake.queries import load_queries
+        from promptbake.spec import load_spec
+
+        self.spec = load_spec(prompt_path)
+        if self.spec.heldout_path is None:
+            raise SystemExit(f"{prompt_path}: the study measures on a separate held-out file; add heldout: FILE")
+        self.queries = load_queries(self.spec.heldout_path)
+        self.cap = cap
+        self.model_dir = resolve_model(self.spec.model)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.load_model = lambda: load_model(self.model_dir)
+        self.renderer_cls = ChatRenderer
+
+    def _setup(self, adapter_dir: Path | None):
+        import torch
+
+        from promptbake.bake import make_student, use_bf16
+        from promptbake.config import BakeConfig
+        from promptbake.models import load_adapter
+        from promptbake.rollout import HFRolloutEngine
+        from promptbake.teacher import PromptedTeacher
+
+        base = self.load_model()
+        model = load_adapter(base, adapter_dir) if adapter_dir else make_student(base, BakeConfig())  # zero LoRA = base
+        bf16 = use_bf16("auto", torch.device("cpu"))
+        max_context = int(model.config.max_position_embeddings)
+        renderer = self.renderer_cls.for_tokenizer(self.tokenizer, self.spec.system_prompt, max_context)
+        teacher = PromptedTeacher(model, renderer, self.tokenizer.pad_token_id, is_student=True, bf16=bf16)
+        teacher.prepare(self.queries, self.cap, str(self.spec.heldout_path))
+        return model, HFRolloutEngine(model, bf16=bf16), teacher, renderer, bf16
+
+    def measure(self, adapter_dir: Path | None) -> dict:
+        """KLs both ways (with position buckets) and greedy answers' check outcomes; adapter None = base/teacher."""
+        from promptbake.checks import check_outcomes
+        from promptbake.measure import condition_ids, decode_all, kl_to_teacher
+
+        model, engine, teacher, renderer, bf16 = self._setup(adapter_dir)
+        kw = dict(max_new_tokens=self.cap, temperature=1.0, seed=MEASURE_SEED, bf16=bf16)
+        out: dict = {}
+        for name, on_teacher in (("reverse", False), ("forward", True)):
+            t = time.perf_counter()
+            r = kl_to_teacher(model, engine, teacher, renderer, self.tokenizer, self.queries, adapter=True,
+                              on_teacher_samples=on_teacher, **kw)
+            out[name] = {"mean": r.mean, "per_query": r.per_query, "tokens": r.tokens, "capped": r.capped_fraction,
+                         "buckets": {f"{a}-{min(b, self.cap)}": r.mean_between(a, b) for a, b in BUCKETS},
+                         "seconds": time.perf_counter() - t}
+        conditions = ("baked",) if adapter_dir else ("base", "teacher")
+        ids = condition_ids(engine, self.tokenizer, renderer, self.queries, max_new_tokens=self.cap, conditions=conditions)
+        texts = decode_all(self.tokenizer, ids)
+        tags = [q.tags for q in self.queries]
+        out["checks"] = {cond: check_outcomes(self.spec.checks, texts[cond], tags) for cond in conditions}
+        out["samples"] = {cond: texts[cond][:6] for cond in conditions}
+        return out
+
+
+def gap(baked: dict, base: dict) -> float:
+    return 1 - baked["mean"] / base["mean"] if base["mean"] > 0 else float("nan")
+
+
+def check_ratio(baked: dict[str, list[bool]], teacher: dict[str, list[bool]]) -> float | None:
+    """Baked passes / teacher passes, pooled over the checks the teacher passes at least once."""
+    used = [name for name, passes in teacher.items() if sum(passes) > 0]
+    if not used:
+        return None
+    return sum(sum(baked[n]) for n in used) / sum(sum(teacher[n]) for n in used)
+
+
+def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measurer: Measurer) -> dict:
+    from promptbake.bake import compile_prompt
+
+    overrides = {**VARIANTS[variant], "seed": seed, "token_budget": args.token_budget, "steps": args.max_steps,
+                 "checkpoint_every": 10_000}
+    out_dir = args.build / prompt / f"{variant}-s{seed}"
+    t0 = time.perf_counter()
+    result = compile_prompt(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, measure=False,
+                            on_stage=lambda msg: print(f"  [{prompt} {variant} s{seed}] {msg}", flush=True))
+    compile_s = time.perf_counter() - t0
+    m = result.manifest
+    if result.up_to_date:
+        compile_s = m.timings.get("total_s", compile_s)
+    measured = measurer.measure(out_dir)
+    ref_checks = reference["checks"]
+    baked_checks = measured["checks"]["baked"]
+    return {
+        "prompt": prompt, "variant": variant, "seed": seed, "overrides": VARIANTS[variant],
+        "token_budget": args.token_budget, "measure_cap": args.measure_cap,
+        "command": " ".join(["python", "benchmarks/quality.py"] + sys.argv[1:]),
+        "response_cap": m.response_cap, "response_lengths": m.response_lengths, "cap_hit_train": m.cap_hit.get("train_rollouts"),
+        "steps": m.loss_summary.get("steps"), "tokens_trained": m.loss_summary.get("response_tokens"),
+        "train_s": m.loss_summary.get("seconds"), "compile_s": compile_s, "timings": m.timings,
+        "reverse_gap": gap(measured["reverse"], reference["reverse"]),
+        "forward_gap": gap(measured["forward"], reference["forward"]),
+        "bucket_gaps": {k: 1 - measured["reverse"]["buckets"][k] / v if v else None
+                        for k, v in reference["reverse"]["buckets"].items()},
+        "check_ratio": check_ratio(baked_checks, ref_checks["teacher"]),
+        "check_rates": {name: {"base": _rate(ref_checks["base"][name]), "teacher": _rate(ref_checks["teacher"][name]),
+                               "baked": _rate(baked_checks[name])} for name in baked_checks},
+        "measured": measured,
+    }
+
+
+def _rate(passes: list[bool]) -> float | None:
+    return sum(passes) / len(passes) if passes else None
+
+
+def summarise(out: Path) -> str:
+    """Mean and 95 % t-interval over seeds per prompt x variant, as Markdown; also writes summary.json and plot.svg."""
+    from promptbake.stats import seeds_mean_ci
+
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["prompt"], r["variant"]), []).append(r)
+    rows, table = [], []
+    for (prompt, variant), rs in sorted(groups.items()):
+        def est(key, bounds=None, rs=rs):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            return seeds_mean_ci(vals, bounds) if vals else None
+        row = {"prompt": prompt, "variant": variant, "seeds": sorted(r["seed"] for r in rs),
+               "response_cap": sorted({r["response_cap"] for r in rs}),
+               "reverse_gap": est("reverse_gap"), "forward_gap": est("forward_gap"), "check_ratio": est("check_ratio"),
+               "compile_min": est("compile_s"), "steps": est("steps"),
+               "bucket_gaps": {k: seeds_mean_ci([r["bucket_gaps"][k] for r in rs if r["bucket_gaps"].get(k) is not None])
+                               for k in rs[0]["bucket_gaps"]}}
+        rows.append(row)
+        fmt = lambda e, p=False: "" if e is None else (f"{e.value:.3f}" if e.n == 1 else f"{e.value:.3f} [{e.lo:.3f}, {e.hi:.3f}]")
+        buckets = " / ".join(f"{e.value:.2f}" for e in row["bucket_gaps"].values())
+        table.append(f"| {prompt} | {variant} | {len(rs)} | {','.join(map(str, row['response_cap']))} | "
+                     f"{row['steps'].value:.0f} | {fmt(row['reverse_gap'])} | {buckets} | {fmt(row['forward_gap'])} | "
+                     f"{fmt(row['check_ratio'])} | {row['compile_min'].value / 60:.1f} |")
+    header = ("| prompt | variant | seeds | cap | steps | reverse KL gap closed | by position (0-47 / 48-127 / 128+) | "
+              "forward KL gap closed | check ratio | compile min |\n|---|---|---|---|---|---|---|---|---|---|")
+    md = header + "\n" + "\n".join(table)
+    (out / "summary.md").write_text(md + "\n")
+    write_json(out / "summary.json", {"rows": [{k: (v.to_dict() if hasattr(v, "to_dict") else
+                                                   ({kk: vv.to_dict() for kk, vv in v.items()} if isinstance(v, dict) else v))
+                                               for k, v in row.items()} for row in rows]})
+    (out / "plot.svg").write_text(scatter_svg(rows))
+    return md
+
+
+def scatter_svg(rows: list[dict], width: int = 720, height: int = 420) -> str:
+    """KL gap closed (mean over seeds, with its interval) against compile minutes, one point per prompt x variant."""
+    pts = [(r["compile_min"].value / 60, r["reverse_gap"], f"{r['prompt']}/{r['variant']}") for r in rows if r["reverse_gap"]]
+    if not pts:
+        return "<svg xmlns='http://www.w3.org/2000/svg'/>"
+    left, bottom, top, right = 56, 40, 16, 200
+    xmax = max(p[0] for p in pts) * 1.1 or 1.0
+    lo = min(0.0, min(p[1].lo for p in pts))
+    x = lambda v: left + v / xmax * (width - left - right)
+    y = lambda v: top + (1 - (v - lo) / (1 - lo)) * (height - top - bottom)
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">']
+    for f in (0, 0.25, 0.5, 0.75, 0.9, 1.0):
+        v = lo + f * (1 - lo) if f not in (0.9,) else 0.9
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="{"#f99" if v == 0.9 else "#eee"}"/>'
+                     f'<text x="6" y="{y(v) + 4:.1f}">{v:.2f}</text>')
+    parts.append(f'<text x="{left}" y="{height - 8}">compile minutes (2-core CPU) →</text>'
+                 f'<text x="6" y="12">reverse KL gap closed on held-out file</text>')
+    for i, (mins, est, label) in enumerate(pts):
+        c = colors[i % len(colors)]
+        parts.append(f'<line x1="{x(mins):.1f}" x2="{x(mins):.1f}" y1="{y(est.hi):.1f}" y2="{y(est.lo):.1f}" stroke="{c}"/>'
+                     f'<circle cx="{x(mins):.1f}" cy="{y(est.value):.1f}" r="4" fill="{c}"><title>{label}: {est.value:.3f}</title></circle>'
+                     f'<text x="{width - right + 8}" y="{top + 14 * i + 10}" fill="{c}">● {label}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.summary:
+        print(summarise(args.out))
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for prompt in args.prompts.split(","):
+        measurer = Measurer(REPO / "prompts" / f"{prompt}.md", args.measure_cap)
+        ref_path = args.out / f"reference-{prompt}-cap{args.measure_cap}.json"
+        if ref_path.is_file():
+            reference = json.loads(ref_path.read_text())
+        else:
+            print(f"[{prompt}] measuring base and prompted teacher on {len(measurer.queries)} held-out queries", flush=True)
+            reference = measurer.measure(None)
+            write_json(ref_path, reference)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for variant in args.variants.split(","):
+                path = args.out / "runs" / prompt / f"{variant}-s{seed}.json"
+                if path.is_file():
+                    continue
+                print(f"[{prompt}] {variant} seed {seed}", flush=True)
+                run = run_one(args, prompt, variant, seed, reference, measurer)
+                write_json(path, run)
+                print(f"[{prompt}] {variant} s{seed}: reverse gap {run['reverse_gap']:.3f} forward {run['forward_gap']:.3f} "
+                      f"check ratio {run['check_ratio']} compile {run['compile_s'] / 60:.1f} min", flush=True)
+    print(summarise(args.out))
+
+
+if __name__ == "__main__":
+    main()
