@@ -38,13 +38,16 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "cap48": {"max_new_tokens": 48},
     "cap96": {"max_new_tokens": 96},
+    "cap64": {"max_new_tokens": 64},
     "cap128": {"max_new_tokens": 128},
     "cap256": {"max_new_tokens": 256},
     "lr2.5e-4": {"lr": 2.5e-4},
     "lr1e-3": {"lr": 1e-3},
     "lr2e-3": {"lr": 2e-3},
+    "lr4e-3": {"lr": 4e-3},
     "r64": {"lora_r": 64, "lora_alpha": 128},
     "attn-only": {"lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "batch4": {"batch_size": 4},
     "batch8": {"batch_size": 8},
     "batch32": {"batch_size": 32},
     "rollouts2": {"rollouts": 2, "batch_size": 8},
@@ -53,13 +56,22 @@ VARIANTS: dict[str, dict] = {
     "warmup5": {"warmup_steps": 5},
 }
 BUCKETS = ((0, 48), (48, 128), (128, 10**9))
+
+
+def variant_settings(name: str) -> dict:
+    """A variant's settings; `a+b` combines variants a and b (b wins where both set a field)."""
+    settings: dict = {}
+    for part in name.split("+"):
+        settings.update(VARIANTS[part])
+    return settings
 MEASURE_SEED = 1234
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", default="support", help="comma list of prompt names under prompts/")
-    p.add_argument("--variants", default="default", help=f"comma list of: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="default",
+                   help=f"comma list of: {', '.join(VARIANTS)}; a+b combines two (cap128+lr2e-3)")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
     p.add_argument("--token-budget", type=int, default=40_000, help="response tokens each variant trains on")
     p.add_argument("--max-steps", type=int, default=400, help="upper bound on steps (the budget normally stops first)")
@@ -68,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--build", type=Path, default=REPO / "build" / "quality")
     p.add_argument("--summary", action="store_true", help="only print and write the summary of saved runs")
     args = p.parse_args(argv)
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    unknown = [part for v in args.variants.split(",") for part in v.split("+") if part not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     return args
@@ -157,7 +169,7 @@ def check_ratio(baked: dict[str, list[bool]], teacher: dict[str, list[bool]]) ->
 def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measurer: Measurer) -> dict:
     from promptbake.bake import compile_prompt
 
-    overrides = {**VARIANTS[variant], "seed": seed, "token_budget": args.token_budget, "steps": args.max_steps,
+    overrides = {**variant_settings(variant), "seed": seed, "token_budget": args.token_budget, "steps": args.max_steps,
                  "checkpoint_every": 10_000}
     out_dir = args.build / prompt / f"{variant}-s{seed}"
     t0 = time.perf_counter()
@@ -171,7 +183,7 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
     ref_checks = reference["checks"]
     baked_checks = measured["checks"]["baked"]
     return {
-        "prompt": prompt, "variant": variant, "seed": seed, "overrides": VARIANTS[variant],
+        "prompt": prompt, "variant": variant, "seed": seed, "overrides": variant_settings(variant),
         "token_budget": args.token_budget, "measure_cap": args.measure_cap,
         "command": " ".join(["python", "benchmarks/quality.py"] + sys.argv[1:]),
         "response_cap": m.response_cap, "response_lengths": m.response_lengths, "cap_hit_train": m.cap_hit.get("train_rollouts"),
@@ -188,6 +200,15 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
     }
 
 
+def weakest_check(run: dict, teacher: dict[str, list[bool]], min_teacher_passes: int = 3) -> tuple[str, float] | None:
+    """The check with the lowest baked/teacher ratio among those the teacher passes at least 3 times (fewer
+    passes make a ratio too noisy to read)."""
+    ratios = {name: run["check_rates"][name]["baked"] / run["check_rates"][name]["teacher"]
+              for name, passes in teacher.items()
+              if name != "all" and sum(passes) >= min_teacher_passes and name in run["check_rates"]}
+    return min(ratios.items(), key=lambda kv: kv[1]) if ratios else None
+
+
 def _rate(passes: list[bool]) -> float | None:
     return sum(passes) / len(passes) if passes else None
 
@@ -199,6 +220,9 @@ def summarise(out: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
+        reference = json.loads((out / f"reference-{r['prompt']}-cap{r['measure_cap']}.json").read_text())
+        weakest = weakest_check(r, reference["checks"]["teacher"])
+        r["weakest_check"], r["weakest_ratio"] = weakest if weakest else (None, None)
         groups.setdefault((r["prompt"], r["variant"]), []).append(r)
     rows, table = [], []
     for (prompt, variant), rs in sorted(groups.items()):
@@ -208,6 +232,7 @@ def summarise(out: Path) -> str:
         row = {"prompt": prompt, "variant": variant, "seeds": sorted(r["seed"] for r in rs),
                "response_cap": sorted({r["response_cap"] for r in rs}),
                "reverse_gap": est("reverse_gap"), "forward_gap": est("forward_gap"), "check_ratio": est("check_ratio"),
+               "weakest_ratio": est("weakest_ratio"), "weakest_check": sorted({r["weakest_check"] for r in rs if r["weakest_check"]}),
                "compile_min": est("compile_s"), "steps": est("steps"),
                "bucket_gaps": {k: seeds_mean_ci([r["bucket_gaps"][k] for r in rs if r["bucket_gaps"].get(k) is not None])
                                for k in rs[0]["bucket_gaps"]}}
@@ -216,9 +241,11 @@ def summarise(out: Path) -> str:
         buckets = " / ".join(f"{e.value:.2f}" for e in row["bucket_gaps"].values())
         table.append(f"| {prompt} | {variant} | {len(rs)} | {','.join(map(str, row['response_cap']))} | "
                      f"{row['steps'].value:.0f} | {fmt(row['reverse_gap'])} | {buckets} | {fmt(row['forward_gap'])} | "
-                     f"{fmt(row['check_ratio'])} | {row['compile_min'].value / 60:.1f} |")
+                     f"{fmt(row['check_ratio'])} | {fmt(row['weakest_ratio'])} {','.join(row['weakest_check'])} | "
+                     f"{row['compile_min'].value / 60:.1f} |")
     header = ("| prompt | variant | seeds | cap | steps | reverse KL gap closed | by position (0-47 / 48-127 / 128+) | "
-              "forward KL gap closed | check ratio | compile min |\n|---|---|---|---|---|---|---|---|---|---|")
+              "forward KL gap closed | check ratio (pooled) | weakest check ratio | compile min |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
     md = header + "\n" + "\n".join(table)
     (out / "summary.md").write_text(md + "\n")
     write_json(out / "summary.json", {"rows": [{k: (v.to_dict() if hasattr(v, "to_dict") else

@@ -255,7 +255,8 @@ def compile_prompt(
     if config.method != "opcd":
         stage(f"sampling the prompted teacher's responses for {config.method}")
         fixed = teacher_responses(plan, run_config, prompted, engine, tokenizer, train_queries, bf16)
-    stage(f"training {config.steps} steps ({config.method}, {config.teacher_mode} teacher)")
+    budget = f" or {config.token_budget:,} response tokens, whichever comes first" if config.token_budget else ""
+    stage(f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher)")
     stop_requested, uninstall = _install_stop_handlers()
     prompted.live = config.teacher_mode == "live"
     prompted.refresh()

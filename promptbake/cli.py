@@ -89,6 +89,8 @@ def compile_cmd(
     queries: Annotated[Optional[Path], typer.Option(help="Query file (.jsonl/.txt/.csv); default from front matter.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model: default name, HF folder, .gguf file or hub id.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Separate teacher model sharing the student's tokenizer.")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        help="faithful (default) | quick: shorter rollouts and fewer steps, for CI and demos.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Queries per step.")] = None,
     rollouts: Annotated[Optional[int], typer.Option(help="Samples per query.")] = None,
@@ -122,7 +124,7 @@ def compile_cmd(
 
     variables = parse_var_overrides(var)
     overrides = dict(
-        steps=steps, batch_size=batch_size, rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
+        preset=preset, steps=steps, batch_size=batch_size, rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
         lr=lr, kl=kl, topk=topk, lora_r=lora_r, heldout=heldout, seed=seed, precision=precision,
         prefix_cache=False if no_prefix_cache else None, rollout=rollout, torch_compile=True if torch_compile else None,
     )

@@ -14,10 +14,24 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+# What a preset sets for every field the prompt file and the command line leave alone. `faithful` is the
+# default (the quality study's choice, README "Quality study"); `quick` trades fidelity for minutes (CI, demos).
+PRESETS: dict[str, dict] = {
+    "faithful": {},
+    "quick": {"max_new_tokens": 64, "steps": 16},
+}
+
+
 class BakeConfig(BaseModel):
     """Hyper-parameters of one OPCD compile. Defaults are sized for a 2-core CPU and a 135M model."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    preset: Literal["faithful", "quick"] = Field(
+        "faithful",
+        description="faithful: the defaults below, chosen by the quality study. quick: shorter rollouts and fewer "
+                    "steps for CI and demos (see PRESETS); any field set explicitly still wins.",
+    )
 
     # What is trained and against what.
     method: Literal["opcd", "offpolicy", "sft"] = Field(
@@ -113,6 +127,16 @@ class BakeConfig(BaseModel):
         if not self.lora_targets:
             raise ValueError("lora_targets must name at least one module")
         return self
+
+    @classmethod
+    def from_layers(cls, *layers: dict) -> "BakeConfig":
+        """Defaults, then the chosen preset's values, then each layer (front matter, then flags) in order;
+        None values are ignored. A preset never overrides a field that a layer sets."""
+        explicit: dict = {}
+        for layer in layers:
+            explicit.update({k: v for k, v in layer.items() if v is not None})
+        preset = explicit.get("preset", "faithful")
+        return cls.model_validate({**PRESETS.get(preset, {}), **explicit})
 
     def merged(self, overrides: dict) -> "BakeConfig":
         """A copy with `overrides` applied (None values ignored), validated as a whole."""

@@ -110,7 +110,7 @@ def plan_compile(
     one, `config.heldout` queries of the query file are split off."""
     spec = load_spec(prompt, variables)
     try:
-        config = BakeConfig().merged(spec.train).merged({**(overrides or {}), "teacher": teacher})
+        config = BakeConfig.from_layers(spec.train, {**(overrides or {}), "teacher": teacher})
     except ValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"])

@@ -143,3 +143,16 @@ def test_explicit_cap_skips_the_probe(tmp_path, tiny_model_dir, monkeypatch):
                             overrides={**FAST, "max_new_tokens": 6, "heldout": 4})
     assert result.manifest.response_cap == 6 and result.manifest.response_lengths == {"cap": 6, "source": "config"}
     assert result.manifest.heldout_file is None and len(result.manifest.heldout_ids) == 4
+
+
+def test_presets_fill_only_what_no_layer_sets():
+    from promptbake.config import PRESETS, BakeConfig
+
+    quick = BakeConfig.from_layers({"preset": "quick"})
+    assert all(getattr(quick, k) == v for k, v in PRESETS["quick"].items())
+    # the front matter (first layer) and the flags (second) win over the preset, the flags over the front matter
+    mixed = BakeConfig.from_layers({"steps": 30, "preset": "quick"}, {"lr": 1e-3, "steps": None})
+    assert mixed.steps == 30 and mixed.lr == 1e-3 and mixed.max_new_tokens == PRESETS["quick"]["max_new_tokens"]
+    assert BakeConfig.from_layers({"preset": "quick"}, {"preset": "faithful"}).max_new_tokens == BakeConfig().max_new_tokens
+    with pytest.raises(ValueError):
+        BakeConfig.from_layers({"preset": "fastest"})
