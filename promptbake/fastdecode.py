@@ -109,12 +109,13 @@ def _attention_modules(model) -> dict[int, torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def shared_prefix(model, cache):
-    """While active, every attention layer attends to the prefix held in `cache` (computed for one row) in
-    addition to its own keys and values. The prefix's positions are 0..P-1; callers place the rest after it."""
+def shared_prefix(model, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """While active, every attention layer attends to one copy of a prefix's keys and values (per layer, each
+    (1, kv heads, P, head dim), computed for one row) in addition to each row's own. The prefix holds
+    positions 0..P-1; callers place the rest after it and leave it out of their attention masks."""
     modules = _attention_modules(model)
-    for index, layer in enumerate(cache.layers):
-        setattr(modules[index], _PREFIX, (layer.keys[0], layer.values[0]))
+    for index, (keys, values) in enumerate(prefix_kv):
+        setattr(modules[index], _PREFIX, (keys[0], values[0]))
     try:
         yield
     finally:

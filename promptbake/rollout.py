@@ -142,7 +142,8 @@ def sample(
             model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=prefix_cache,
                   use_cache=True, logits_to_keep=1)
         cache = DynamicCache(config=model.config)
-        with shared_prefix(model, prefix_cache) if shared else contextlib.nullcontext():
+        prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers] if shared else []
+        with shared_prefix(model, prefix_kv) if shared else contextlib.nullcontext():
             out = model(input_ids=ids_BS.to(device), attention_mask=mask_BL, position_ids=position_ids(mask_BL, shared),
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
             for _ in range(max_new_tokens):
@@ -170,11 +171,14 @@ def response_logits(
     pad_id: int,
     past_key_values=None,
     prefix_len: int = 0,
+    prefix_attended: bool = False,
 ) -> torch.Tensor:
     """Logits that predict each response token (logits_BTV), for prompt + response in the shared layout.
 
     With `past_key_values` (a cache of `prefix_len` tokens shared by all rows), `prompts` hold only what
-    follows that prefix; the result is the same as running the full sequences.
+    follows that prefix; the result is the same as running the full sequences. `prefix_attended`: the
+    prefix is attended to through `fastdecode.shared_prefix` instead (one copy for all rows), so it takes no
+    place in the mask or the cache; positions still start after it.
     """
     device = next(model.parameters()).device
     ids_BP, mask_BP = left_pad(prompts, pad_id)
@@ -182,7 +186,7 @@ def response_logits(
     mask_BL = torch.cat([mask_BP, rollout.response_mask_BT], dim=1).to(device)
     T = rollout.response_ids_BT.shape[1]
     full_mask = mask_BL
-    if prefix_len:
+    if prefix_len and not prefix_attended:
         full_mask = torch.cat([torch.ones(mask_BL.shape[0], prefix_len, dtype=mask_BL.dtype, device=device), mask_BL], dim=1)
     out = model(
         input_ids=ids_BL,

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from promptbake.chat import ChatRenderer, common_prefix_length
+from promptbake.fastdecode import can_share_prefix, shared_prefix
 from promptbake.queries import Query
 from promptbake.rollout import Rollout, autocast, response_logits
 
@@ -73,13 +74,18 @@ class PromptedTeacher:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _prefix_cache(self, batch: int) -> DynamicCache | None:
-        if not self.prefix_ids:
-            return None
+    def _prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prompt prefix's keys and values per layer, for one row; computed on first use."""
         if self._prefix_kv is None:
             ids = torch.tensor([self.prefix_ids], device=self._device())
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
             self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return self._prefix_kv
+
+    def _prefix_cache(self, batch: int) -> DynamicCache | None:
+        if not self.prefix_ids:
+            return None
+        self._prefix()
         expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._prefix_kv]
         return DynamicCache(ddp_cache_data=expanded, config=self.model.config)
 
@@ -98,7 +104,12 @@ class PromptedTeacher:
         was_training = self.model.training
         self.model.eval()
         with self._adapter_off(), autocast(self._device(), self.bf16):
-            if usable:
+            if usable and can_share_prefix(self.model):
+                # One copy of the prompt's keys and values for all rows (no per-row expansion).
+                with shared_prefix(self.model, self._prefix()):
+                    logits_BTV = response_logits(self.model, [ids[P:] for ids in full], rollout, self.pad_id,
+                                                 prefix_len=P, prefix_attended=True)
+            elif usable:
                 cache = self._prefix_cache(len(queries))
                 logits_BTV = response_logits(self.model, [ids[P:] for ids in full], rollout, self.pad_id, cache, P)
             else:

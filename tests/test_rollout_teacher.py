@@ -83,8 +83,12 @@ def _queries():
     return [Query(i, [{"role": "user", "content": t}]) for i, t in enumerate(texts)]
 
 
-def test_teacher_prefix_cache_equals_uncached_forward(peft_tiny, tiny):
+@pytest.mark.parametrize("attention", ["promptbake_cpu_decode", "sdpa"])
+def test_teacher_prefix_cache_equals_uncached_forward(peft_tiny, tiny, attention):
+    """The prompt's keys and values computed once: attended as one shared copy (our CPU attention) or
+    expanded into every row's cache (SDPA, as on CUDA); both equal the plain forward."""
     _, tok = tiny
+    peft_tiny.get_base_model().set_attn_implementation(attention)
     renderer = ChatRenderer.for_tokenizer(tok, "You are a careful assistant. " * 20, 8192)
     queries = _queries()
     rollout = Rollout(torch.tensor([[40, 41, 42, EOS], [50, EOS, 0, 0], [60, 61, 62, 63]]),
@@ -104,6 +108,7 @@ def test_teacher_prefix_cache_equals_uncached_forward(peft_tiny, tiny):
         ids = renderer.teacher_ids(queries[0].messages)
         ref = peft_tiny(input_ids=torch.tensor([ids + rollout.response_ids_BT[0].tolist()])).logits[0, len(ids) - 1: len(ids) + 3]
     torch.testing.assert_close(a[0], ref, atol=1e-4, rtol=1e-4)
+    peft_tiny.get_base_model().set_attn_implementation("promptbake_cpu_decode")
 
 
 def test_rollout_engine_bf16_copy_matches_peft_model_under_autocast(peft_tiny):
