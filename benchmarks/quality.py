@@ -65,6 +65,12 @@ def variant_settings(name: str) -> dict:
         settings.update(VARIANTS[part])
     return settings
 MEASURE_SEED = 1234
+DEFAULT_BUDGET = 40_000
+
+
+def run_name(variant: str, seed: int, budget: int) -> str:
+    """`<variant>-s<seed>`, plus `-b<k>k` for budgets other than the default (a point further along the curve)."""
+    return f"{variant}-s{seed}" + ("" if budget == DEFAULT_BUDGET else f"-b{budget // 1000}k")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default="default",
                    help=f"comma list of: {', '.join(VARIANTS)}; a+b combines two (cap128+lr2e-3)")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
-    p.add_argument("--token-budget", type=int, default=40_000, help="response tokens each variant trains on")
+    p.add_argument("--token-budget", type=int, default=DEFAULT_BUDGET, help="response tokens each variant trains on")
     p.add_argument("--max-steps", type=int, default=400, help="upper bound on steps (the budget normally stops first)")
     p.add_argument("--measure-cap", type=int, default=256, help="longest answer measured (tokens)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "quality")
@@ -171,7 +177,7 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
 
     overrides = {**variant_settings(variant), "seed": seed, "token_budget": args.token_budget, "steps": args.max_steps,
                  "checkpoint_every": 10_000}
-    out_dir = args.build / prompt / f"{variant}-s{seed}"
+    out_dir = args.build / prompt / run_name(variant, seed, args.token_budget)
     t0 = time.perf_counter()
     result = compile_prompt(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, measure=False,
                             on_stage=lambda msg: print(f"  [{prompt} {variant} s{seed}] {msg}", flush=True))
@@ -223,13 +229,13 @@ def summarise(out: Path) -> str:
         reference = json.loads((out / f"reference-{r['prompt']}-cap{r['measure_cap']}.json").read_text())
         weakest = weakest_check(r, reference["checks"]["teacher"])
         r["weakest_check"], r["weakest_ratio"] = weakest if weakest else (None, None)
-        groups.setdefault((r["prompt"], r["variant"]), []).append(r)
+        groups.setdefault((r["prompt"], r["variant"], r["token_budget"]), []).append(r)
     rows, table = [], []
-    for (prompt, variant), rs in sorted(groups.items()):
+    for (prompt, variant, budget), rs in sorted(groups.items()):
         def est(key, bounds=None, rs=rs):
             vals = [r[key] for r in rs if r.get(key) is not None]
             return seeds_mean_ci(vals, bounds) if vals else None
-        row = {"prompt": prompt, "variant": variant, "seeds": sorted(r["seed"] for r in rs),
+        row = {"prompt": prompt, "variant": variant, "token_budget": budget, "seeds": sorted(r["seed"] for r in rs),
                "response_cap": sorted({r["response_cap"] for r in rs}),
                "reverse_gap": est("reverse_gap"), "forward_gap": est("forward_gap"), "check_ratio": est("check_ratio"),
                "weakest_ratio": est("weakest_ratio"), "weakest_check": sorted({r["weakest_check"] for r in rs if r["weakest_check"]}),
@@ -239,13 +245,13 @@ def summarise(out: Path) -> str:
         rows.append(row)
         fmt = lambda e, p=False: "" if e is None else (f"{e.value:.3f}" if e.n == 1 else f"{e.value:.3f} [{e.lo:.3f}, {e.hi:.3f}]")
         buckets = " / ".join(f"{e.value:.2f}" for e in row["bucket_gaps"].values())
-        table.append(f"| {prompt} | {variant} | {len(rs)} | {','.join(map(str, row['response_cap']))} | "
+        table.append(f"| {prompt} | {variant} | {budget // 1000}k | {len(rs)} | {','.join(map(str, row['response_cap']))} | "
                      f"{row['steps'].value:.0f} | {fmt(row['reverse_gap'])} | {buckets} | {fmt(row['forward_gap'])} | "
                      f"{fmt(row['check_ratio'])} | {fmt(row['weakest_ratio'])} {','.join(row['weakest_check'])} | "
                      f"{row['compile_min'].value / 60:.1f} |")
-    header = ("| prompt | variant | seeds | cap | steps | reverse KL gap closed | by position (0-47 / 48-127 / 128+) | "
+    header = ("| prompt | variant | tokens trained | seeds | cap | steps | reverse KL gap closed | by position (0-47 / 48-127 / 128+) | "
               "forward KL gap closed | check ratio (pooled) | weakest check ratio | compile min |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|")
+              "|---|---|---|---|---|---|---|---|---|---|---|---|")
     md = header + "\n" + "\n".join(table)
     (out / "summary.md").write_text(md + "\n")
     write_json(out / "summary.json", {"rows": [{k: (v.to_dict() if hasattr(v, "to_dict") else
@@ -257,7 +263,9 @@ def summarise(out: Path) -> str:
 
 def scatter_svg(rows: list[dict], width: int = 720, height: int = 420) -> str:
     """KL gap closed (mean over seeds, with its interval) against compile minutes, one point per prompt x variant."""
-    pts = [(r["compile_min"].value / 60, r["reverse_gap"], f"{r['prompt']}/{r['variant']}") for r in rows if r["reverse_gap"]]
+    pts = [(r["compile_min"].value / 60, r["reverse_gap"],
+            f"{r['prompt']}/{r['variant']}" + ("" if r["token_budget"] == DEFAULT_BUDGET else f" {r['token_budget'] // 1000}k"))
+           for r in rows if r["reverse_gap"]]
     if not pts:
         return "<svg xmlns='http://www.w3.org/2000/svg'/>"
     left, bottom, top, right = 56, 40, 16, 200
@@ -299,7 +307,7 @@ def main(argv=None) -> None:
             write_json(ref_path, reference)
         for seed in [int(s) for s in args.seeds.split(",")]:
             for variant in args.variants.split(","):
-                path = args.out / "runs" / prompt / f"{variant}-s{seed}.json"
+                path = args.out / "runs" / prompt / f"{run_name(variant, seed, args.token_budget)}.json"
                 if path.is_file():
                     continue
                 print(f"[{prompt}] {variant} seed {seed}", flush=True)
