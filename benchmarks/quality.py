@@ -54,6 +54,9 @@ VARIANTS: dict[str, dict] = {
     "kl-topk": {"kl": "topk"},
     "kl-sampled": {"kl": "sampled"},
     "warmup5": {"warmup_steps": 5},
+    # The presets as shipped: run these with --token-budget 0 (their own steps, no budget).
+    "preset-faithful": {"preset": "faithful"},
+    "preset-quick": {"preset": "quick"},
 }
 BUCKETS = ((0, 48), (48, 128), (128, 10**9))
 
@@ -79,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default="default",
                    help=f"comma list of: {', '.join(VARIANTS)}; a+b combines two (cap128+lr2e-3)")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
-    p.add_argument("--token-budget", type=int, default=DEFAULT_BUDGET, help="response tokens each variant trains on")
+    p.add_argument("--token-budget", type=int, default=DEFAULT_BUDGET, help="response tokens each variant trains on; 0: none, the variant's own steps (for the preset-* variants)")
     p.add_argument("--max-steps", type=int, default=400, help="upper bound on steps (the budget normally stops first)")
     p.add_argument("--measure-cap", type=int, default=256, help="longest answer measured (tokens)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "quality")
@@ -175,8 +178,9 @@ def check_ratio(baked: dict[str, list[bool]], teacher: dict[str, list[bool]]) ->
 def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measurer: Measurer) -> dict:
     from promptbake.bake import compile_prompt
 
-    overrides = {**variant_settings(variant), "seed": seed, "token_budget": args.token_budget, "steps": args.max_steps,
-                 "checkpoint_every": 10_000}
+    overrides = {**variant_settings(variant), "seed": seed, "checkpoint_every": 10_000}
+    if args.token_budget:
+        overrides.update(token_budget=args.token_budget, steps=args.max_steps)
     out_dir = args.build / prompt / run_name(variant, seed, args.token_budget)
     t0 = time.perf_counter()
     result = compile_prompt(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, measure=False,
@@ -245,7 +249,7 @@ def summarise(out: Path) -> str:
         rows.append(row)
         fmt = lambda e, p=False: "" if e is None else (f"{e.value:.3f}" if e.n == 1 else f"{e.value:.3f} [{e.lo:.3f}, {e.hi:.3f}]")
         buckets = " / ".join(f"{e.value:.2f}" for e in row["bucket_gaps"].values())
-        table.append(f"| {prompt} | {variant} | {budget // 1000}k | {len(rs)} | {','.join(map(str, row['response_cap']))} | "
+        table.append(f"| {prompt} | {variant} | {f'{budget // 1000}k' if budget else 'its steps'} | {len(rs)} | {','.join(map(str, row['response_cap']))} | "
                      f"{row['steps'].value:.0f} | {fmt(row['reverse_gap'])} | {buckets} | {fmt(row['forward_gap'])} | "
                      f"{fmt(row['check_ratio'])} | {fmt(row['weakest_ratio'])} {','.join(row['weakest_check'])} | "
                      f"{row['compile_min'].value / 60:.1f} |")
@@ -264,7 +268,7 @@ def summarise(out: Path) -> str:
 def scatter_svg(rows: list[dict], width: int = 720, height: int = 420) -> str:
     """KL gap closed (mean over seeds, with its interval) against compile minutes, one point per prompt x variant."""
     pts = [(r["compile_min"].value / 60, r["reverse_gap"],
-            f"{r['prompt']}/{r['variant']}" + ("" if r["token_budget"] == DEFAULT_BUDGET else f" {r['token_budget'] // 1000}k"))
+            f"{r['prompt']}/{r['variant']}" + ("" if r["token_budget"] in (DEFAULT_BUDGET, 0) else f" {r['token_budget'] // 1000}k"))
            for r in rows if r["reverse_gap"]]
     if not pts:
         return "<svg xmlns='http://www.w3.org/2000/svg'/>"

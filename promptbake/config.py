@@ -68,19 +68,26 @@ class BakeConfig(BaseModel):
         "auto",
         description=(
             "Longest sampled response (the cap); tokens after EOS are masked. auto: measured before training as the "
-            "length_quantile of the prompted teacher's greedy answers to length_probe_queries training queries, "
+            "length_quantile of the prompted teacher's answers (sampled at the training temperature) to "
+            "length_probe_queries training queries, "
             "rounded up to a multiple of 16, between 32 and max_new_tokens_limit. Rollouts and held-out answers that "
             "hit the cap are counted and reported; a prompt is never cut."
         ),
     )
     max_new_tokens_limit: int = Field(
-        256, gt=0, description="Upper bound of the auto cap, and how far the teacher's probe answers are decoded.")
+        128, gt=0,
+        description="Upper bound of the auto cap, and how far the teacher's probe answers are decoded. At equal tokens, "
+                    "128 closed more of the held-out gap (over 256-token answers) than 256: twice the optimizer steps. "
+                    "Much shorter caps train the start of answers and let later positions drift.")
     length_quantile: float = Field(0.95, gt=0, le=1, description="Quantile of the teacher's answer lengths the auto cap covers.")
     length_probe_queries: int = Field(32, gt=0, description="Training queries the auto cap is measured on.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; both logits are divided by it in the loss.")
 
     # Optimisation.
-    lr: float = Field(5e-4, gt=0, description="AdamW learning rate (LoRA wants more than full fine-tuning's 5e-6).")
+    lr: float = Field(
+        1e-3, gt=0,
+        description="AdamW learning rate. LoRA wants far more than full fine-tuning's 5e-6; on the quality study's held-out "
+                    "file 1e-3 closed more of the KL gap than 5e-4 at equal tokens, and 2e-3 let late answer positions drift.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
