@@ -1,11 +1,11 @@
-# promptbake: `make demo` bakes the shipped persona prompt on the default model; `make test` runs the tests.
+# promptbake: `make demo` bakes the shipped support-policy prompt on the default model; `make test` runs the tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: setup demo test test-fast bench-trl clean
+.PHONY: setup demo demo-quick test test-fast bench-trl clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,17 @@ $(VLLM_STAMP): $(STAMP)
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $(VLLM_STAMP)
 
+DEMO_QUESTION := "My internet has been down since this morning. What should I do?"
+
+# The default (faithful) settings; about 25 minutes on a 2-core CPU.
 demo: setup
-	$(BIN)/promptbake compile prompts/pirate.md --force
-	$(BIN)/promptbake chat build/pirate -m "How do I keep my boots dry on a rainy day?" --max-new-tokens 60
+	$(BIN)/promptbake compile prompts/support.md --force
+	$(BIN)/promptbake chat build/support -m $(DEMO_QUESTION) --max-new-tokens 96
+
+# The quick preset: shorter rollouts and fewer steps, a few minutes, less faithful.
+demo-quick: setup
+	$(BIN)/promptbake compile prompts/support.md --preset quick -o build/support-quick --force
+	$(BIN)/promptbake chat build/support-quick -m $(DEMO_QUESTION) --max-new-tokens 96
 
 test: $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
