@@ -224,9 +224,15 @@ def compile_prompt(
         probe = measure_response_cap(plan, prompted, engine, tokenizer, train_queries, max_context, bf16, stage)
         cap, cap_info = probe.cap, probe.summary()
         timings["length_probe_s"] = time.perf_counter() - t
-        stage(f"response cap {cap} tokens: {probe.quantile:.0%} of the prompted teacher's answers to "
-              f"{len(probe.lengths)} training queries fit (median {cap_info['teacher_median']}, "
-              f"{cap_info['teacher_unfinished_at_limit']:.0%} unfinished at {probe.limit})")
+        unfinished = cap_info["teacher_unfinished_at_limit"]
+        if cap >= probe.limit and unfinished > 1 - probe.quantile:  # the limit decided, not the answers: say so
+            stage(f"response cap {cap} tokens (max_new_tokens_limit): {unfinished:.0%} of the prompted teacher's "
+                  f"answers to {len(probe.lengths)} training queries were still going at {probe.limit} tokens; "
+                  f"rollouts train their first {cap} tokens")
+        else:
+            stage(f"response cap {cap} tokens: {probe.quantile:.0%} of the prompted teacher's answers to "
+                  f"{len(probe.lengths)} training queries fit (median {cap_info['teacher_median']}, "
+                  f"{unfinished:.0%} unfinished at {probe.limit})")
     else:
         cap, cap_info = config.max_new_tokens, {"cap": config.max_new_tokens, "source": "config"}
     eval_cap = config.eval_max_new_tokens or cap

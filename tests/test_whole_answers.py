@@ -151,8 +151,8 @@ def test_presets_fill_only_what_no_layer_sets():
     quick = BakeConfig.from_layers({"preset": "quick"})
     assert all(getattr(quick, k) == v for k, v in PRESETS["quick"].items())
     # the front matter (first layer) and the flags (second) win over the preset, the flags over the front matter
-    mixed = BakeConfig.from_layers({"steps": 30, "preset": "quick"}, {"lr": 1e-3, "steps": None})
-    assert mixed.steps == 30 and mixed.lr == 1e-3 and mixed.max_new_tokens == PRESETS["quick"]["max_new_tokens"]
+    mixed = BakeConfig.from_layers({"steps": 30, "preset": "quick"}, {"lr": 3e-3, "steps": None})
+    assert mixed.steps == 30 and mixed.lr == 3e-3 and mixed.max_new_tokens == PRESETS["quick"]["max_new_tokens"]
     assert BakeConfig.from_layers({"preset": "quick"}, {"preset": "faithful"}).max_new_tokens == BakeConfig().max_new_tokens
     with pytest.raises(ValueError):
         BakeConfig.from_layers({"preset": "fastest"})
