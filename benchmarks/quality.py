@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 # Each variant changes a few settings of the default compile. Budgets are equal in response tokens.
 VARIANTS: dict[str, dict] = {
     "default": {},
+    "old-default": {"lr": 5e-4, "max_new_tokens_limit": 256},  # the defaults before this study
     "cap48": {"max_new_tokens": 48},
     "cap96": {"max_new_tokens": 96},
     "cap64": {"max_new_tokens": 64},
