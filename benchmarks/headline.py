@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "datasets"
+DATA = Path("../shared/datasets")  # relative to the project root, where every command runs
 BUILD = Path("build/headline")
 RESULTS = Path("results/headline")
 
