@@ -85,8 +85,7 @@ class PromptedTeacher:
     def _prefix_cache(self, batch: int) -> DynamicCache | None:
         if not self.prefix_ids:
             return None
-        self._prefix()
-        expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._prefix_kv]
+        expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._prefix()]
         return DynamicCache(ddp_cache_data=expanded, config=self.model.config)
 
     def prompt_ids(self, query: Query) -> list[int]:
