@@ -193,8 +193,6 @@ def compile_prompt(
     bf16 = use_bf16(config.precision, device)
     if bf16 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         store_frozen_linears_in_bf16(student)
-    if config.teacher_mode == "live" and config.teacher:
-        raise PromptbakeError("teacher_mode live makes the student its own teacher; it cannot be combined with --teacher")
     if config.teacher:
         teacher_dir = resolve_model(config.teacher, trust_pickle)
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir), config.teacher)

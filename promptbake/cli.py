@@ -81,39 +81,79 @@ def _cap_line(m) -> str:
     return f"response cap: {m.response_cap} tokens ({how}){cut}"
 
 
+def _option_for(name: str, field) -> tuple[object, str]:
+    """(typer annotation, help) for one BakeConfig field: every option defaults to None, meaning "not set here",
+    so the prompt file's `train:` block and the preset still apply; BakeConfig validates what is given."""
+    import typing
+
+    from pydantic_core import PydanticUndefined
+
+    annotation = field.annotation
+    default = field.default if field.default is not PydanticUndefined else field.default_factory()
+    help_text = (field.description or "").strip()
+    if default is not None:
+        help_text += f" [default: {','.join(default) if isinstance(default, list) else default}]"
+    flag = "--" + name.replace("_", "-")
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is bool:
+        return Annotated[Optional[bool], typer.Option(f"{flag}/--no-{name.replace('_', '-')}", help=help_text, show_default=False)], help_text
+    if typing.get_origin(annotation) is typing.Literal:
+        help_text = f"{' | '.join(map(str, typing.get_args(annotation)))}. {help_text}"
+        kind: type = str
+    elif annotation in (int, float) or (len(args) == 1 and args[0] in (int, float)):
+        kind = annotation if annotation in (int, float) else args[0]
+    else:  # max_new_tokens (integer or auto), lora_targets (comma list)
+        kind = str
+    return Annotated[Optional[kind], typer.Option(flag, help=help_text, show_default=False)], help_text
+
+
+def with_config_options(command):
+    """Add one option per `BakeConfig` field to `command`, which receives them as `overrides` (a dict).
+
+    The config is the single source: a new field is a new option, its description the option's help."""
+    import inspect
+
+    from promptbake.config import BakeConfig
+
+    fields = BakeConfig.model_fields
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "overrides"]
+    clash = {p.name for p in own} & set(fields)
+    assert not clash, f"options {clash} are both explicit and config fields"
+    generated = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_option_for(name, field)[0])
+        for name, field in fields.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        overrides = {name: kwargs.pop(name) for name in fields}
+        if isinstance(overrides.get("lora_targets"), str):
+            overrides["lora_targets"] = _comma_list(overrides["lora_targets"])
+        return command(**kwargs, overrides=overrides)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *generated])
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    return wrapper
+
+
 @app.command("compile")
 @friendly
+@with_config_options
 def compile_cmd(
     prompt: Annotated[Path, typer.Argument(help="Prompt file (Markdown with optional YAML front matter).")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default build/<name>).")] = None,
     queries: Annotated[Optional[Path], typer.Option(help="Query file (.jsonl/.txt/.csv); default from front matter.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model: default name, HF folder, .gguf file or hub id.")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Separate teacher model sharing the student's tokenizer.")] = None,
-    preset: Annotated[Optional[str], typer.Option(
-        help="faithful (default) | quick: shorter rollouts and fewer steps, for CI and demos.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Queries per step.")] = None,
-    rollouts: Annotated[Optional[int], typer.Option(help="Samples per query.")] = None,
-    max_new_tokens: Annotated[Optional[str], typer.Option(
-        help="Longest sampled response, or auto (sized from the prompted teacher's answers).")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    kl: Annotated[Optional[str], typer.Option(help="full | topk | sampled")] = None,
-    topk: Annotated[Optional[int], typer.Option(help="k for --kl topk.")] = None,
-    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
-    heldout: Annotated[Optional[int], typer.Option(help="Held-out queries split off the query file (without a held-out file).")] = None,
     heldout_queries: Annotated[Optional[Path], typer.Option(
         help="Separate held-out query file, only measured on; default from the front matter's heldout:.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
-    rollout: Annotated[Optional[str], typer.Option(help="hf | vllm: who samples the student.")] = None,
-    no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Recompute the prompt for every teacher call.")] = False,
-    torch_compile: Annotated[bool, typer.Option("--torch-compile", help="torch.compile the student's decoder layers for training.")] = False,
     var: Annotated[list[str], typer.Option("--var", help="Template variable key=value (repeatable).")] = [],
     force: Annotated[bool, typer.Option(help="Rebuild even if up to date; replace an output that is not this prompt's.")] = False,
     restart: Annotated[bool, typer.Option(help="Ignore the checkpoint of an interrupted compile and start over.")] = False,
     make_report: Annotated[bool, typer.Option("--report", help="Write report.html/report.md into the output.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) weights.")] = False,
+    *,
+    overrides: dict,
 ) -> None:
     """Bake PROMPT into a LoRA adapter with on-policy context distillation."""
     _quiet_libraries()
@@ -123,12 +163,7 @@ def compile_cmd(
     from promptbake.spec import parse_var_overrides
 
     variables = parse_var_overrides(var)
-    overrides = dict(
-        preset=preset, steps=steps, batch_size=batch_size, rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
-        lr=lr, kl=kl, topk=topk, lora_r=lora_r, heldout=heldout, seed=seed, precision=precision,
-        prefix_cache=False if no_prefix_cache else None, rollout=rollout, torch_compile=True if torch_compile else None,
-    )
-    plan = plan_compile(prompt, out=out_dir, queries=queries, model=model, teacher=teacher, overrides=overrides,
+    plan = plan_compile(prompt, out=out_dir, queries=queries, model=model, overrides=overrides,
                         variables=variables, trust_pickle=trust_pickle, heldout=heldout_queries)
     plan.resolve()
     if plan.existing(force) == "up-to-date":
@@ -163,7 +198,7 @@ def compile_cmd(
 
     try:
         result = compile_prompt(
-            prompt, out=out_dir, queries=queries, model=model, teacher=teacher, overrides=overrides,
+            prompt, out=out_dir, queries=queries, model=model, overrides=overrides,
             variables=variables, force=force, restart=restart, trust_pickle=trust_pickle, on_step=on_step,
             on_stage=on_stage, plan=plan, heldout=heldout_queries,
         )

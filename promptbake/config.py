@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -127,12 +127,26 @@ class BakeConfig(BaseModel):
     checkpoint_every: int = Field(10, gt=0, description="Save a resumable checkpoint every N steps (and on SIGINT/SIGTERM).")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores.")
 
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _int_or_auto(cls, value):
+        if isinstance(value, str) and value != "auto":
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"must be a positive integer or 'auto', got {value!r}") from None
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "BakeConfig":
         if self.lora_r not in VLLM_LORA_RANKS:
             raise ValueError(f"lora_r={self.lora_r} cannot be served by vLLM; use one of {list(VLLM_LORA_RANKS)}")
         if not self.lora_targets:
             raise ValueError("lora_targets must name at least one module")
+        if self.teacher_mode == "live" and self.teacher:
+            raise ValueError("teacher_mode live makes the student its own teacher; it cannot be combined with teacher")
+        if self.method == "sft" and self.teacher_mode == "live":
+            raise ValueError("method sft trains on the teacher's fixed text; it has no live teacher")
         return self
 
     @classmethod
@@ -145,8 +159,12 @@ class BakeConfig(BaseModel):
         preset = explicit.get("preset", "faithful")
         return cls.model_validate({**PRESETS.get(preset, {}), **explicit})
 
-    def merged(self, overrides: dict) -> "BakeConfig":
-        """A copy with `overrides` applied (None values ignored), validated as a whole."""
-        data = self.model_dump()
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return BakeConfig.model_validate(data)
+
+def setting_error(err: ValidationError, prefix: str = "") -> str:
+    """One line for the first problem of a config, `<prefix><key>: <what is wrong>`, without pydantic's boilerplate."""
+    first = err.errors()[0]
+    key = str(first["loc"][0]) if first["loc"] else ""  # the field; deeper parts name pydantic's union branches
+    msg = first["msg"].removeprefix("Value error, ")
+    if key:
+        return f"{prefix}{key}: {msg}"
+    return f"{prefix.rstrip('.')}: {msg}" if prefix else msg

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from promptbake.artifact import BakeManifest, read_manifest, sha256_file
-from promptbake.config import BakeConfig
+from promptbake.config import BakeConfig, setting_error
 from promptbake.errors import PromptbakeError
 from promptbake.models import DEFAULT_MODEL, resolve_model, weights_sha256
 from promptbake.queries import Query, load_queries, split_queries
@@ -110,11 +110,9 @@ def plan_compile(
     one, `config.heldout` queries of the query file are split off."""
     spec = load_spec(prompt, variables)
     try:
-        config = BakeConfig.from_layers(spec.train, {**(overrides or {}), "teacher": teacher})
+        config = BakeConfig.from_layers(spec.train, overrides or {}, {"teacher": teacher})
     except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise PromptbakeError(f"invalid setting{f' {key!r}' if key else ''}: {first['msg']}") from None
+        raise PromptbakeError(f"invalid settings: {setting_error(e)}") from None
     queries_path = Path(queries) if queries else spec.queries_path
     if queries_path is None:
         raise PromptbakeError(f"{spec.path}: no queries: set 'queries:' in the front matter or pass --queries")

@@ -17,7 +17,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from promptbake.checks import Check
-from promptbake.config import BakeConfig
+from promptbake.config import BakeConfig, setting_error
 from promptbake.errors import PromptbakeError
 
 MAX_PROMPT_CHARS = 200_000
@@ -195,9 +195,9 @@ def load_spec(path: str | Path, var_overrides: dict[str, str] | None = None) -> 
     except ValidationError as e:
         raise PromptbakeError(f"{path}: front matter {_pydantic_message(e)}") from None
     try:
-        BakeConfig().merged(fm.train)
+        BakeConfig.from_layers(fm.train)
     except ValidationError as e:
-        raise PromptbakeError(f"{path}: front matter train.{_pydantic_message(e)[5:]}") from None
+        raise PromptbakeError(f"{path}: front matter {setting_error(e, 'train.')}") from None
     variables = {**fm.vars, **(var_overrides or {})}
     system_prompt = render_template(body, path.parent, variables, str(path), offset).strip()
     if not system_prompt:

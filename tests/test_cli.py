@@ -178,3 +178,51 @@ def test_up_to_date_path_never_imports_torch(tmp_path, prompt, tiny_model_dir):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_compile_offers_every_config_field_as_an_option():
+    from promptbake.config import BakeConfig
+
+    result = CliRunner().invoke(app, ["compile", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    missing = [name for name in BakeConfig.model_fields if "--" + name.replace("_", "-") not in result.output]
+    assert not missing, missing
+
+
+def test_generated_options_reach_the_config_typed_and_unset_ones_stay_unset():
+    import typer
+
+    from promptbake.cli import with_config_options
+    from promptbake.config import BakeConfig
+
+    seen: dict = {}
+    probe = typer.Typer()
+
+    @probe.command()
+    @with_config_options
+    def cmd(name: str, *, overrides: dict) -> None:
+        seen.update(overrides, name=name)
+
+    result = CliRunner().invoke(probe, ["x", "--lora-targets", "q_proj, v_proj", "--no-prefix-cache", "--torch-compile",
+                                        "--max-new-tokens", "96", "--teacher-mode", "live", "--lr", "0.002"])
+    assert result.exit_code == 0, result.output
+    assert seen["name"] == "x"
+    config = BakeConfig.from_layers({k: v for k, v in seen.items() if k != "name"})
+    assert config.lora_targets == ["q_proj", "v_proj"] and config.prefix_cache is False and config.torch_compile is True
+    assert config.max_new_tokens == 96 and config.teacher_mode == "live" and config.lr == 0.002
+    assert seen["steps"] is None and seen["preset"] is None  # not given: the prompt file and the preset decide
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--teacher-mode", "live", "--teacher", "some-other-model"], "teacher_mode live"),
+        (["--method", "sft", "--teacher-mode", "live"], "no live teacher"),
+        (["--max-new-tokens", "12x"], "max_new_tokens: must be a positive integer or 'auto'"),
+    ],
+)
+def test_conflicting_settings_fail_before_any_model_loads(tmp_path, prompt, extra, fragment):
+    out = tmp_path / "out"
+    result = run("compile", prompt, "--out", out, "--model", tmp_path / "no-model-needed", *extra)
+    assert_one_line_error(result, fragment)
+    assert not out.exists()
