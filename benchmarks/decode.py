@@ -37,23 +37,20 @@ def main(argv=None) -> None:
     import torch
 
     import promptbake.rollout as rollout_module
-    from promptbake.bake import make_student
-    from promptbake.chat import ChatRenderer
     from promptbake.config import BakeConfig
-    from promptbake.models import load_model, load_tokenizer, resolve_model
+    from promptbake.models import resolve_model
     from promptbake.queries import load_queries
-    from promptbake.rollout import HFRolloutEngine, Rollout, eos_token_ids
+    from promptbake.rollout import Rollout
+    from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
-    from promptbake.teacher import PromptedTeacher
 
-    model_dir = resolve_model(None)
-    tok = load_tokenizer(model_dir)
-    student = make_student(load_model(model_dir), BakeConfig())
-    engine = HFRolloutEngine(student, bf16=True)
+    runtime = load_runtime(resolve_model(None), train=BakeConfig(), precision="bf16")  # as a compile sets it up
+    tok, student = runtime.tokenizer, runtime.model
+    engine = runtime.engine()
     engine.sync(with_adapter=False)
     sampler = engine.model
     fast = sampler.config._attn_implementation
-    rows, results = [], []
+    results = []
 
     def timed(fn):
         times, out = [], None
@@ -66,7 +63,7 @@ def main(argv=None) -> None:
     for name in ("pirate", "support"):
         spec = load_spec(REPO / "prompts" / f"{name}.md")
         queries = load_queries(spec.queries_path)[: args.rows]
-        renderer = ChatRenderer.for_tokenizer(tok, spec.system_prompt, 8192)
+        renderer = runtime.renderer(spec.system_prompt)
         for who, render in (("teacher", renderer.teacher_ids), ("student", renderer.student_ids)):
             prompts = [render(q.messages) for q in queries]
             variants = {"SDPA, prompt per row": ("sdpa", 10**9), "decode attention": (fast, 10**9),
@@ -92,7 +89,7 @@ def main(argv=None) -> None:
         rollout_module.MIN_SHARED_PREFIX = 16
 
         # Teacher scoring: 4 rows x (query + 64 sampled tokens), prompt cache shared vs expanded per row.
-        teacher = PromptedTeacher(student, renderer, tok.pad_token_id, is_student=True, bf16=True)
+        teacher = runtime.teacher(renderer)
         part = queries[:4]
         teacher.prepare(part, 64, name)
         torch.manual_seed(0)

@@ -107,8 +107,7 @@ class Measurer:
     """One base model and tokenizer; measures the base, the prompted teacher and any adapter on a prompt's held-out file."""
 
     def __init__(self, prompt_path: Path, cap: int):
-        from promptbake.chat import ChatRenderer
-        from promptbake.models import load_model, load_tokenizer, resolve_model
+        from promptbake.models import load_tokenizer, resolve_model
         from promptbake.queries import load_queries
         from promptbake.spec import load_spec
 
@@ -119,26 +118,15 @@ class Measurer:
         self.cap = cap
         self.model_dir = resolve_model(self.spec.model)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.load_model = lambda: load_model(self.model_dir)
-        self.renderer_cls = ChatRenderer
 
     def _setup(self, adapter_dir: Path | None):
-        import torch
+        from promptbake.runtime import load_runtime
 
-        from promptbake.bake import make_student, use_bf16
-        from promptbake.config import BakeConfig
-        from promptbake.models import load_adapter
-        from promptbake.rollout import HFRolloutEngine
-        from promptbake.teacher import PromptedTeacher
-
-        base = self.load_model()
-        model = load_adapter(base, adapter_dir) if adapter_dir else make_student(base, BakeConfig())  # zero LoRA = base
-        bf16 = use_bf16("auto", torch.device("cpu"))
-        max_context = int(model.config.max_position_embeddings)
-        renderer = self.renderer_cls.for_tokenizer(self.tokenizer, self.spec.system_prompt, max_context)
-        teacher = PromptedTeacher(model, renderer, self.tokenizer.pad_token_id, is_student=True, bf16=bf16)
+        runtime = load_runtime(self.model_dir, adapters=[("default", adapter_dir)] if adapter_dir else ())  # none: the base
+        renderer = runtime.renderer(self.spec.system_prompt)
+        teacher = runtime.teacher(renderer)
         teacher.prepare(self.queries, self.cap, str(self.spec.heldout_path))
-        return model, HFRolloutEngine(model, bf16=bf16), teacher, renderer, bf16
+        return runtime.model, runtime.engine(), teacher, renderer, runtime.bf16
 
     def measure(self, adapter_dir: Path | None) -> dict:
         """KLs both ways (with position buckets) and greedy answers' check outcomes; adapter None = base/teacher."""

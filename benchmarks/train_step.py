@@ -52,17 +52,17 @@ def long_prompt_file(folder: Path) -> Path:
 def teacher_scoring(prompt_path: Path, repeats: int = 3) -> list[dict]:
     import torch
 
-    from promptbake.chat import ChatRenderer
-    from promptbake.models import load_model, load_tokenizer, resolve_model
+    from promptbake.models import resolve_model
     from promptbake.queries import load_queries
     from promptbake.rollout import Rollout
+    from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
     from promptbake.teacher import PromptedTeacher
 
-    model_dir = resolve_model(None)
-    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    runtime = load_runtime(resolve_model(None))  # the plain base: scored as a separate teacher, fp32 and bf16
+    tok, model = runtime.tokenizer, runtime.model
     spec = load_spec(prompt_path)
-    renderer = ChatRenderer.for_tokenizer(tok, spec.system_prompt, 8192)
+    renderer = runtime.renderer(spec.system_prompt)
     queries = load_queries(spec.queries_path)[:4]
     g = torch.Generator().manual_seed(0)
     rollout = Rollout(torch.randint(100, 40000, (4, 64), generator=g), torch.ones(4, 64, dtype=torch.long))
@@ -96,7 +96,7 @@ def worker(prompt: str, variant: str, steps: int) -> dict:
     from promptbake.bake import compile_prompt
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = dict(steps=steps, heldout=0, checkpoint_every=10_000, **VARIANTS[variant])
+        overrides = dict(steps=steps, max_new_tokens=48, heldout=0, checkpoint_every=10_000, **VARIANTS[variant])
         result = compile_prompt(prompt, out=Path(tmp) / "out", overrides=overrides)
     log = result.train.log[1:] or result.train.log  # step 1 includes one-off warm-up
     return {

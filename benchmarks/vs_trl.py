@@ -38,6 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = 24
 SEED = 0
+CAP = 48  # response cap of both trainers (--max-new-tokens); a fixed number, so TRL gets the same one
 
 
 def split_files(prompt: Path, folder: Path) -> tuple[Path, list]:
@@ -60,7 +61,7 @@ def split_files(prompt: Path, folder: Path) -> tuple[Path, list]:
 def common_settings(steps: int) -> dict:
     from promptbake.config import BakeConfig
 
-    c = BakeConfig(steps=steps)
+    c = BakeConfig(steps=steps, max_new_tokens=CAP)
     return dict(steps=steps, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size, max_new_tokens=c.max_new_tokens,
                 temperature=c.temperature, lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip,
                 lora_r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, lora_targets=list(c.lora_targets))
@@ -70,7 +71,8 @@ def run_promptbake(prompt_copy: Path, out: Path, steps: int) -> dict:
     from promptbake.bake import compile_prompt
 
     s = common_settings(steps)
-    result = compile_prompt(prompt_copy, out=out, overrides=dict(steps=steps, heldout=0, checkpoint_every=10_000, seed=SEED),
+    result = compile_prompt(prompt_copy, out=out, overrides=dict(steps=steps, max_new_tokens=s["max_new_tokens"], heldout=0,
+                                                                  checkpoint_every=10_000, seed=SEED),
                             force=True)
     log = result.train.log
     return {"step_seconds": [e.seconds for e in log], "step_tokens": [e.response_tokens for e in log],
@@ -84,16 +86,17 @@ def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool) -> dict:
     from transformers import TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from promptbake.models import load_model, load_tokenizer, resolve_model
+    from promptbake.models import resolve_model
     from promptbake.queries import load_queries
+    from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
 
     s = common_settings(steps)
     spec = load_spec(prompt_copy)
     queries = load_queries(spec.queries_path)
     dataset = Dataset.from_list([{"prompt": q.messages, "privileged_context": spec.system_prompt} for q in queries])
-    model_dir = resolve_model(None)
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    runtime = load_runtime(resolve_model(None), precision="fp32")  # the plain base; TRL adds its LoRA and precision
+    tokenizer, model = runtime.tokenizer, runtime.model
     torch.manual_seed(SEED)
     args = SDFTConfig(
         output_dir=str(out / "trl-work"), max_steps=steps, seed=SEED, use_cpu=not torch.cuda.is_available(), bf16=bf16,
@@ -133,33 +136,22 @@ def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool) -> dict:
 
 def measure(prompt: Path, adapters: dict[str, str]) -> dict:
     """Held-out reverse KL(policy || prompted teacher) for the base model and each adapter."""
-    import torch
-    from peft import PeftModel
-
-    from promptbake.bake import use_bf16
-    from promptbake.chat import ChatRenderer
     from promptbake.measure import kl_to_teacher
-    from promptbake.models import load_model, load_tokenizer, resolve_model
+    from promptbake.models import resolve_model
     from promptbake.queries import load_queries, split_queries
-    from promptbake.rollout import HFRolloutEngine
+    from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
-    from promptbake.teacher import PromptedTeacher
 
     s = common_settings(1)
     spec = load_spec(prompt)
     _, heldout = split_queries(load_queries(spec.queries_path), HELDOUT, SEED)
-    model_dir = resolve_model(None)
-    tokenizer, base = load_tokenizer(model_dir), load_model(model_dir)
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
-    model.eval()
-    bf16 = use_bf16("auto", torch.device("cpu"))
-    renderer = ChatRenderer.for_tokenizer(tokenizer, spec.system_prompt, 8192)
-    teacher = PromptedTeacher(model, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16)
+    runtime = load_runtime(resolve_model(None), adapters=[(n, Path(adapters[n])) for n in names])
+    model, tokenizer, bf16 = runtime.model, runtime.tokenizer, runtime.bf16
+    renderer = runtime.renderer(spec.system_prompt)
+    teacher = runtime.teacher(renderer)
     teacher.prepare(heldout, s["max_new_tokens"], "held-out")
-    engine = HFRolloutEngine(model, bf16=bf16)
+    engine = runtime.engine()
     kw = dict(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], seed=SEED + 1, bf16=bf16)
     kls = {"base": kl_to_teacher(model, engine, teacher, renderer, tokenizer, heldout, adapter=False, **kw).mean}
     for name in names:
@@ -178,9 +170,11 @@ def _call(*argv: str) -> dict:
 
 
 def main() -> None:
+    global CAP
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=CAP, help="response cap of both trainers")
     parser.add_argument("--prompt", type=Path, default=REPO / "prompts" / "pirate.md")
     parser.add_argument("--trl-precision", choices=["bf16", "fp32"], default="bf16",
                         help="TRL's mixed precision (promptbake uses its own default, bf16 on CPUs that have it).")
@@ -188,6 +182,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=3, metavar=("WHO", "PROMPT_COPY", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=2, metavar=("PROMPT", "ADAPTERS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    CAP = args.max_new_tokens
     if args.worker:
         who, prompt_copy, out = args.worker
         fn = run_promptbake if who == "promptbake" else (
@@ -207,11 +202,11 @@ def main() -> None:
         for who in order:
             out = tmp / f"{who}-{rnd}"
             print(f"round {rnd + 1}: {who} ...", flush=True)
-            runs[who].append(_call("--steps", str(args.steps), "--trl-precision", args.trl_precision,
+            runs[who].append(_call("--steps", str(args.steps), "--max-new-tokens", str(CAP), "--trl-precision", args.trl_precision,
                                    "--worker", who, str(prompt_copy), str(out)))
             adapters[f"{who}-{rnd}"] = str(out)
     print("measuring held-out KL ...", flush=True)
-    kls = _call("--measure", str(args.prompt), json.dumps(adapters))
+    kls = _call("--max-new-tokens", str(CAP), "--measure", str(args.prompt), json.dumps(adapters))
 
     report: dict = {"machine": f"{os.cpu_count()} cores, {sys.platform}", "steps": args.steps, "rounds": args.rounds,
                     "prompt": str(args.prompt), "heldout_queries": len(heldout), "trl_precision": args.trl_precision,

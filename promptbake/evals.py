@@ -358,14 +358,10 @@ def run_eval(
     on_condition=None,
 ) -> dict:
     """Greedy answers of each condition (base, prompted, each adapter) to the suite, scored side by side."""
-    import torch
-
     from promptbake.artifact import read_manifest
-    from promptbake.bake import use_bf16
-    from promptbake.chat import ChatRenderer
     from promptbake.measure import decode_all, generate_ids
-    from promptbake.models import load_adapter, load_model, load_tokenizer, manifest_base_dir, resolve_model
-    from promptbake.rollout import HFRolloutEngine
+    from promptbake.models import manifest_base_dir, resolve_model
+    from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
 
     suite = load_suite(suite_name)
@@ -405,33 +401,21 @@ def run_eval(
     system_prompts = {c: load_spec(f).system_prompt for c, f in prompt_of.items() if c in wanted}
 
     model_dir = resolve_model(model) if model or not manifests else manifest_base_dir(manifests[0])
-    tokenizer = load_tokenizer(model_dir)
-    base = load_model(model_dir)
-    if manifests:
-        peft_model = load_adapter(base, Path(adapters[0]), names[0])
-        for name, path in zip(names[1:], adapters[1:]):
-            load_adapter(base, Path(path), name, into=peft_model)
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        peft_model = get_peft_model(base, LoraConfig(r=1, target_modules=["q_proj"]))  # zero-init: equals the base
-    peft_model.eval()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peft_model.to(device)
-    engine = HFRolloutEngine(peft_model, bf16=use_bf16("auto", device))
-    max_context = int(getattr(base.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    student = ChatRenderer.for_tokenizer(tokenizer, "-", max_context)
+    runtime = load_runtime(model_dir, adapters=[(n, Path(a)) for n, a in zip(names, adapters)],
+                           precision=manifests[0].precision if manifests else "auto")
+    tokenizer, model, engine = runtime.tokenizer, runtime.model, runtime.engine()
+    student = runtime.renderer("-")
     queries = [[{"role": "user", "content": it.prompt}] for it in items]
 
     ids: dict[str, list[list[int]]] = {}
     for cond in wanted:
         if cond in system_prompts:
-            teacher = ChatRenderer.for_tokenizer(tokenizer, system_prompts[cond], max_context)
+            teacher = runtime.renderer(system_prompts[cond])
             prompts = [teacher.teacher_ids(q) for q in queries]
         else:
             prompts = [student.student_ids(q) for q in queries]
         if cond in names:
-            peft_model.set_adapter(cond)
+            model.set_adapter(cond)
         ids[cond] = generate_ids(engine, tokenizer, prompts, adapter=cond in names,
                                  max_new_tokens=suite.max_new_tokens, batch_size=batch_size)
         if on_condition:

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from promptbake.artifact import read_manifest
-from promptbake.models import load_adapter, load_model, load_tokenizer, manifest_base_dir
+from promptbake.models import manifest_base_dir
 from promptbake.rollout import eos_token_ids, sample
+from promptbake.runtime import load_runtime
 
 
 @dataclass
@@ -23,11 +24,9 @@ class LocalChat:
     @classmethod
     def load(cls, adapter_dir: str | Path, use_adapter: bool = True) -> "LocalChat":
         manifest = read_manifest(adapter_dir)
-        model_dir = manifest_base_dir(manifest)
-        tokenizer = load_tokenizer(model_dir)
-        model = load_adapter(load_model(model_dir), Path(adapter_dir))
-        model.eval()
-        return cls(model, tokenizer, use_adapter, manifest.precision == "bf16")
+        runtime = load_runtime(manifest_base_dir(manifest), adapters=[("default", Path(adapter_dir))],
+                               precision=manifest.precision)
+        return cls(runtime.model, runtime.tokenizer, use_adapter, runtime.bf16)
 
     @torch.no_grad()
     def reply(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0) -> str:

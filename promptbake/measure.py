@@ -30,7 +30,8 @@ MEASURE_BATCH = 32
 
 
 def _adapter(model, enabled: bool):
-    return contextlib.nullcontext() if enabled else model.disable_adapter()
+    """The model with its adapter on or off; a plain model (no adapter) is the base either way."""
+    return contextlib.nullcontext() if enabled or not hasattr(model, "disable_adapter") else model.disable_adapter()
 
 
 def _chunks(items: list, size: int):

@@ -1,4 +1,4 @@
-"""Sampling responses from a policy with Hugging Face `generate`, and the shared batch layout.
+"""Sampling responses from a policy with a plain decode loop over its forward (not `generate`), and the shared batch layout.
 
 Layout used everywhere (student forward, teacher scoring, generation):
     [left-padded prompt, P columns][response, T columns]
@@ -200,7 +200,7 @@ def response_logits(
 
 
 class HFRolloutEngine:
-    """Samples the current policy with Hugging Face `generate`.
+    """Samples the current policy (a PeftModel, or a plain model) with this package's decoding loop.
 
     With bf16, the engine keeps its own bf16 copy of the base weights with the LoRA delta merged in,
     refreshed by `sync()` after every optimizer step. Decoding small batches on a CPU is bound by reading
@@ -218,7 +218,7 @@ class HFRolloutEngine:
         if bf16 and merged_copy:
             from transformers import AutoModelForCausalLM
 
-            base = policy.get_base_model()
+            base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
             self.model = AutoModelForCausalLM.from_config(  # never a fp32 copy
                 base.config, dtype=torch.bfloat16, attn_implementation=base.config._attn_implementation)
             self.model.to(device=next(base.parameters()).device, dtype=torch.bfloat16).eval()
@@ -253,7 +253,7 @@ class HFRolloutEngine:
     def sample(self, prompts: list[list[int]], **kwargs) -> Rollout:
         if self.model is not None:
             return sample(self.model, prompts, bf16=False, **kwargs)
-        if self.with_adapter:
+        if self.with_adapter or not hasattr(self.policy, "disable_adapter"):  # a plain model has no adapter to turn off
             return sample(self.policy, prompts, bf16=self.bf16, **kwargs)
         with self.policy.disable_adapter():
             return sample(self.policy, prompts, bf16=self.bf16, **kwargs)

@@ -190,18 +190,18 @@ def chat_completion(url: str, model: str, messages: list[dict], max_tokens: int 
 
 def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
     """Merge the LoRA into the base weights and write a full safetensors model, atomically."""
-    from promptbake.models import load_adapter, load_model, load_tokenizer
+    from promptbake.runtime import load_runtime
 
     manifest = read_manifest(adapter_dir)
     if out_dir.exists():
         raise PromptbakeError(f"{out_dir}: already exists; choose another --out")
-    base_dir = manifest_base_dir(manifest)
-    merged = load_adapter(load_model(base_dir), adapter_dir).merge_and_unload()
+    runtime = load_runtime(manifest_base_dir(manifest), adapters=[("default", adapter_dir)], precision="fp32")
+    merged = runtime.model.merge_and_unload()
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(base_dir).save_pretrained(tmp)
+        runtime.tokenizer.save_pretrained(tmp)
         (tmp / "promptbake_merged.json").write_text(json.dumps({"adapter": str(adapter_dir), "adapter_sha256": manifest.adapter_sha256}))
         os.replace(tmp, out_dir)
     finally:

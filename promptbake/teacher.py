@@ -69,7 +69,9 @@ class PromptedTeacher:
         self._prefix_kv = None
 
     def _adapter_off(self):
-        return self.model.disable_adapter() if self.is_student and not self.live else contextlib.nullcontext()
+        if self.is_student and not self.live and hasattr(self.model, "disable_adapter"):  # a plain model is the base
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -15,23 +15,18 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from promptbake.artifact import read_manifest, sha256_file
-from promptbake.bake import use_bf16
-from promptbake.chat import ChatRenderer
 from promptbake.checks import check_outcomes
 from promptbake.errors import PromptbakeError
 from promptbake.measure import condition_ids, decode_all, kl_to_teacher
-from promptbake.models import (
-    check_same_tokenizer, load_adapter, load_model, load_tokenizer, manifest_base_dir, resolve_model, weights_sha256,
-)
+from promptbake.models import manifest_base_dir, weights_sha256
 from promptbake.queries import load_queries
 from promptbake.lengths import fraction, ids_hit_cap
-from promptbake.rollout import HFRolloutEngine, eos_token_ids
+from promptbake.rollout import eos_token_ids
+from promptbake.runtime import load_runtime
 from promptbake.spec import VerifyThresholds, load_spec
 from promptbake.stats import Estimate, gap_closed_ci, mean_ci, ratio_of_means_ci
-from promptbake.teacher import PromptedTeacher
 
 
 @dataclass
@@ -162,27 +157,15 @@ def verify_adapters(
     model_dir = manifest_base_dir(manifest)
     if weights_sha256(model_dir) != manifest.base_weights_sha256:
         raise PromptbakeError(f"{model_dir}: base weights differ from the ones {adapter_dir} was baked on (sha256 mismatch)")
-    tokenizer = load_tokenizer(model_dir)
     names = [f"adapter{i}" for i in range(len(dirs))]
-    model = load_adapter(load_model(model_dir), dirs[0], names[0])
-    for d, name in zip(dirs[1:], names[1:]):
-        load_adapter(None, d, name, into=model)
-    model.eval()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    bf16 = use_bf16(manifest.config.get("precision", "auto"), device)
-    max_context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    renderer = ChatRenderer.for_tokenizer(tokenizer, spec.system_prompt, max_context)
+    runtime = load_runtime(model_dir, adapters=list(zip(names, dirs)), precision=manifest.precision)
+    tokenizer, model, bf16 = runtime.tokenizer, runtime.model, runtime.bf16
+    renderer = runtime.renderer(spec.system_prompt)
     configured = manifest.config.get("max_new_tokens", 48)
     new_tokens = max_new_tokens or manifest.response_cap or (configured if isinstance(configured, int) else 48)
-    if manifest.teacher_model:
-        teacher_dir = resolve_model(manifest.teacher_model)
-        check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir), manifest.teacher_model)
-        teacher = PromptedTeacher(load_model(teacher_dir).to(device), renderer, tokenizer.pad_token_id, is_student=False, bf16=bf16)
-    else:
-        teacher = PromptedTeacher(model, renderer, tokenizer.pad_token_id, is_student=True, bf16=bf16)
+    teacher = runtime.teacher(renderer, manifest.teacher_model)
     teacher.prepare(query_list, new_tokens, str(queries or manifest.heldout_file or manifest.queries_file))
-    engine = HFRolloutEngine(model, bf16=bf16)
+    engine = runtime.engine()
     temperature = float(manifest.config.get("temperature", 1.0))
     kw = dict(max_new_tokens=new_tokens, temperature=temperature, seed=seed, bf16=bf16)
 

@@ -159,7 +159,7 @@ def test_frozen_linears_in_bf16_give_the_autocast_numbers(tiny_model_dir):
     """bf16 storage of the frozen projections: same logits and LoRA gradients as fp32 weights under autocast."""
     import copy
 
-    from promptbake.bake import store_frozen_linears_in_bf16
+    from promptbake.runtime import store_frozen_linears_in_bf16
     from promptbake.models import load_model
 
     torch.manual_seed(1)
