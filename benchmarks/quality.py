@@ -97,10 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    from promptbake.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 class Measurer:

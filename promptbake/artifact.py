@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from promptbake.atomic import atomic_folder
 from promptbake.errors import PromptbakeError
 from promptbake.faults import fault_point
 
@@ -72,37 +72,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a file via a temporary sibling and a rename, so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_artifact(out_dir: Path, peft_model, manifest: BakeManifest, train_log: Path | None) -> Path:
     """Save adapter + manifest into a temp folder, then swap it into `out_dir` with renames.
 
     The caller decided that replacing `out_dir` is allowed (see CompilePlan.existing)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out_dir) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         manifest.adapter_sha256 = sha256_file(tmp / "adapter_model.safetensors")
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -111,15 +85,7 @@ def write_artifact(out_dir: Path, peft_model, manifest: BakeManifest, train_log:
         readme = tmp / "README.md"
         if readme.exists():  # PEFT writes a model-card stub; the manifest says more
             readme.unlink()
-        _fsync_tree(tmp)
         fault_point("write")
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from promptbake.artifact import BakeManifest, sha256_file, write_artifact
+from promptbake.atomic import write_text_atomic
 from promptbake.checkpoint import Checkpointing, load_checkpoint
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
@@ -276,7 +277,6 @@ def compile_prompt(
 
 def _disk_cached(kind: str, payload: dict, compute: Callable[[], Any]) -> Any:
     """JSON result of `compute()`, kept under $PROMPTBAKE_HOME/<kind>/ by the hash of everything it depends on."""
-    from promptbake.artifact import write_text_atomic
     from promptbake.models import promptbake_home
 
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -364,4 +364,4 @@ def _truncate_lines(path: Path, keep: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)[:keep]
-    path.write_text("".join(lines))
+    write_text_atomic(path, "".join(lines))

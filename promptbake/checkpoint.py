@@ -9,8 +9,6 @@ CPU a resumed run then reproduces the uninterrupted run bit for bit. Tensors are
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +16,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from promptbake.atomic import atomic_folder
 from promptbake.faults import fault_point
 
 CHECKPOINT = "checkpoint"
@@ -53,45 +52,28 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _fsync_dir(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
 def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimizer, python_rng_state: Any,
                     log_lines: int, extra: dict[str, Any]) -> None:
-    work_dir.mkdir(parents=True, exist_ok=True)
-    tmp = work_dir / f".{CHECKPOINT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    params = trainable(model)
-    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "lora.safetensors"))
-    moments: dict[str, torch.Tensor] = {}
-    adam_steps: list[float] = []
-    for index, p in enumerate(params.values()):
-        state = optimizer.state.get(p, {})
-        if state:
-            moments[f"{index}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
-            moments[f"{index}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
-            adam_steps.append(float(state["step"]))
-        else:
-            adam_steps.append(0.0)
-    save_file(moments or {"empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
-    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    fault_point("checkpoint")
-    (tmp / "state.json").write_text(json.dumps({
-        "step": step, "build_key": build_key, "adam_steps": adam_steps, "python_rng": python_rng_state,
-        "log_lines": log_lines, "extra": extra,
-    }))
-    _fsync_dir(tmp)
-    final = work_dir / CHECKPOINT
-    old = work_dir / f".{CHECKPOINT}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(work_dir / CHECKPOINT) as tmp:
+        params = trainable(model)
+        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "lora.safetensors"))
+        moments: dict[str, torch.Tensor] = {}
+        adam_steps: list[float] = []
+        for index, p in enumerate(params.values()):
+            state = optimizer.state.get(p, {})
+            if state:
+                moments[f"{index}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
+                moments[f"{index}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+                adam_steps.append(float(state["step"]))
+            else:
+                adam_steps.append(0.0)
+        save_file(moments or {"empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        fault_point("checkpoint")
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "build_key": build_key, "adam_steps": adam_steps, "python_rng": python_rng_state,
+            "log_lines": log_lines, "extra": extra,
+        }))
 
 
 def load_checkpoint(work_dir: Path, build_key: str) -> Checkpoint | None:

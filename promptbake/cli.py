@@ -245,7 +245,7 @@ def verify(
 ) -> None:
     """Compare baked adapters with their prompted baseline; exit 1 when a threshold fails for any of them."""
     _quiet_libraries()
-    from promptbake.artifact import write_text_atomic
+    from promptbake.atomic import write_text_atomic
     from promptbake.verify import verify_adapters
 
     reports = verify_adapters(
@@ -314,7 +314,7 @@ def eval_cmd(
     _quiet_libraries()
     import json as _json
 
-    from promptbake.artifact import write_text_atomic
+    from promptbake.atomic import write_text_atomic
     from promptbake.evals import export_queries as write_queries
     from promptbake.evals import load_items, load_suite, run_eval
 

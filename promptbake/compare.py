@@ -165,7 +165,7 @@ def compare_methods(
     on_stage: Callable[[str], None] | None = None,
 ) -> dict:
     """Compile, verify and evaluate every variant for `seeds` seeds; write compare.json and compare.md to `out`."""
-    from promptbake.artifact import write_text_atomic
+    from promptbake.atomic import write_text_atomic
     from promptbake.bake import compile_prompt
     from promptbake.evals import run_eval
     from promptbake.plan import plan_compile
@@ -252,7 +252,7 @@ def compare_methods(
 
 def _saved(path: Path, key: dict, compute: Callable[[], Any], on_reuse: Callable[[], None]) -> Any:
     """compute()'s result, kept in `path` under `key`: a rerun after an interruption reuses what finished."""
-    from promptbake.artifact import write_text_atomic
+    from promptbake.atomic import write_text_atomic
 
     key = json.loads(json.dumps(key))  # what it reads back as
     if path.exists():

@@ -169,7 +169,7 @@ def load_items(suite: SuiteSpec, data: str | Path | None, limit: int | None = No
 
 def export_queries(items: list[EvalItem], path: str | Path) -> int:
     """Write the items' questions (no answers) as a JSONL query file to bake on; returns how many."""
-    from promptbake.artifact import write_text_atomic
+    from promptbake.atomic import write_text_atomic
 
     write_text_atomic(path, "".join(json.dumps({"query": it.prompt}) + "\n" for it in items))
     return len(items)

@@ -11,11 +11,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 from promptbake.artifact import sha256_file
+from promptbake.atomic import atomic_folder, write_text_atomic
 from promptbake.errors import PromptbakeError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -49,31 +49,23 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with warnings.catch_warnings(), _quiet_transformers():
-            warnings.simplefilter("ignore")
-            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-            config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
-            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            plain.load_state_dict(quantized.state_dict())
-    except Exception as e:  # a broken GGUF surfaces as many different exception types
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PromptbakeError(f"{gguf_path}: cannot read GGUF model: {e}") from None
-    plain.generation_config.eos_token_id = tok.eos_token_id
-    plain.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with _quiet_transformers():
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    (tmp / "promptbake_source.json").write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path)}))
-    if (out_dir / "config.json").is_file():  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+    with atomic_folder(out_dir, if_exists="keep") as tmp:  # another process may convert the same file meanwhile
+        try:
+            with warnings.catch_warnings(), _quiet_transformers():
+                warnings.simplefilter("ignore")
+                tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+                quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+                config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+                plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                plain.load_state_dict(quantized.state_dict())
+        except Exception as e:  # a broken GGUF surfaces as many different exception types
+            raise PromptbakeError(f"{gguf_path}: cannot read GGUF model: {e}") from None
+        plain.generation_config.eos_token_id = tok.eos_token_id
+        plain.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with _quiet_transformers():
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        (tmp / "promptbake_source.json").write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path)}))
     return out_dir
 
 
@@ -176,10 +168,9 @@ def weights_sha256(model_dir: Path) -> str:
         h.update(sha256_file(f).encode())
     digest = h.hexdigest()
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+        write_text_atomic(cache, json.dumps({"stamp": stamp, "sha256": digest}))
     except OSError:
-        pass
+        pass  # a read-only home only costs the next run another hash
     return digest
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from promptbake.artifact import read_manifest, write_text_atomic
+from promptbake.artifact import read_manifest
+from promptbake.atomic import write_text_atomic
 
 COLORS = {"base": "#9e9e9e", "teacher": "#1f77b4", "prompted": "#1f77b4", "baked": "#d62728"}
 

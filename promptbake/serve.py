@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from promptbake.artifact import BakeManifest, read_manifest
 from promptbake.config import VLLM_LORA_RANKS
+from promptbake.atomic import atomic_folder
 from promptbake.errors import PromptbakeError
 from promptbake.models import manifest_base_dir
 
@@ -197,13 +197,8 @@ def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
         raise PromptbakeError(f"{out_dir}: already exists; choose another --out")
     runtime = load_runtime(manifest_base_dir(manifest), adapters=[("default", adapter_dir)], precision="fp32")
     merged = runtime.model.merge_and_unload()
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         runtime.tokenizer.save_pretrained(tmp)
         (tmp / "promptbake_merged.json").write_text(json.dumps({"adapter": str(adapter_dir), "adapter_sha256": manifest.adapter_sha256}))
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
