@@ -63,23 +63,22 @@ def main() -> None:
     args = parser.parse_args()
 
     from promptbake.bake import compile_prompt
+    from promptbake.events import StepDone, TrainingStarted
 
     prof = profile(activities=[ProfilerActivity.CPU], with_flops=True)
     window: dict[str, float] = {}
 
-    def on_stage(message: str) -> None:
-        if message.startswith("training"):
+    def on_event(event) -> None:
+        if isinstance(event, TrainingStarted):
             window["start"] = time.perf_counter()
             prof.start()
-
-    def on_step(entry) -> None:
-        if entry.step == args.steps:
+        elif isinstance(event, StepDone) and event.entry.step == args.steps:
             prof.stop()
             window["end"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
         result = compile_prompt(PIRATE, out=Path(tmp) / "pirate", overrides={"steps": args.steps}, measure=False,
-                                on_stage=on_stage, on_step=on_step)
+                                on_event=on_event)
     log = result.train.log
     wall = window["end"] - window["start"]
 

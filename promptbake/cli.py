@@ -170,8 +170,9 @@ def compile_cmd(
         manifest = plan.cached_manifest()
         out.print(f"[bold green]up to date[/] {manifest.name} -> {plan.out_dir} (same prompt, model, queries and config)")
         return
-    config = plan.config
     from promptbake.bake import compile_prompt
+    from promptbake.events import Notice, StepDone, TrainingStarted
+
     progress = Progress(
         TextColumn("[bold]step {task.completed}/{task.total}"),
         BarColumn(),
@@ -181,27 +182,30 @@ def compile_cmd(
         TimeRemainingColumn(),
         console=console,
     )
-    task = progress.add_task("train", total=config.steps, kl=float("nan"), tps=0.0)
+    task = progress.add_task("train", total=plan.config.steps, kl=float("nan"), tps=0.0)
     interactive = console.is_terminal
 
-    def on_step(entry) -> None:
-        progress.update(task, completed=entry.step, kl=entry.kl, tps=entry.tokens_per_s)
-        if not interactive and (entry.step == 1 or entry.step % 10 == 0 or entry.step == config.steps):
-            console.print(f"step {entry.step}/{config.steps}  KL {entry.kl:.4f}  {entry.tokens_per_s:.0f} tok/s  {entry.seconds:.2f} s/step")
-
-    def on_stage(msg: str) -> None:
-        console.print(f"[dim]{msg}[/]" if not msg.startswith("warning") else f"[yellow]{msg}[/]")
-        if msg.startswith("training") and interactive:
-            progress.start()
-        elif progress.live.is_started:
+    def on_event(event) -> None:
+        """Stages and notices as lines; training as a live bar on a terminal, every tenth step in a log."""
+        if isinstance(event, StepDone):
+            e = event.entry
+            progress.update(task, completed=e.step, kl=e.kl, tps=e.tokens_per_s)
+            if not interactive and (e.step == 1 or e.step % 10 == 0 or e.step == event.steps):
+                console.print(event.message, highlight=False)
+            return
+        if progress.live.is_started:
             progress.stop()
+        if isinstance(event, Notice) and event.warning:
+            console.print(f"[yellow]warning: {event.message}[/]", highlight=False)
+        else:
+            console.print(f"[dim]{event.message}[/]", highlight=False)
+        if isinstance(event, TrainingStarted):
+            progress.update(task, completed=event.first_step - 1)
+            if interactive:
+                progress.start()
 
     try:
-        result = compile_prompt(
-            prompt, out=out_dir, queries=queries, model=model, overrides=overrides,
-            variables=variables, force=force, restart=restart, trust_pickle=trust_pickle, on_step=on_step,
-            on_stage=on_stage, plan=plan, heldout=heldout_queries,
-        )
+        result = compile_prompt(plan, force=force, restart=restart, on_event=on_event)
     finally:
         if progress.live.is_started:
             progress.stop()
@@ -359,7 +363,7 @@ def compare(
         prompt, methods=_comma_list(methods), teacher_modes=_comma_list(teacher_modes), seeds=seeds, suites=_comma_list(suites),
         eval_limit=_eval_limits(eval_limit, _comma_list(suites)), eval_batch_size=eval_batch_size, data=data, out=out_dir, model=model,
         overrides={"steps": steps, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
-        on_stage=lambda msg: console.print(f"[dim]{msg}[/]"),
+        on_message=lambda msg: console.print(f"[dim]{msg}[/]"),
     )
     out.print(result["markdown"], highlight=False)
 

@@ -162,7 +162,7 @@ def compare_methods(
     out: str | Path | None = None,
     model: str | None = None,
     overrides: dict[str, Any] | None = None,
-    on_stage: Callable[[str], None] | None = None,
+    on_message: Callable[[str], None] | None = None,
 ) -> dict:
     """Compile, verify and evaluate every variant for `seeds` seeds; write compare.json and compare.md to `out`."""
     from promptbake.atomic import write_text_atomic
@@ -171,7 +171,7 @@ def compare_methods(
     from promptbake.plan import plan_compile
     from promptbake.verify import verify_adapters
 
-    stage = on_stage or (lambda _msg: None)
+    stage = on_message or (lambda _msg: None)
     if seeds <= 0:
         raise PromptbakeError(f"--seeds must be positive, got {seeds}")
     if eval_batch_size <= 0:
