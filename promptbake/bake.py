@@ -36,7 +36,7 @@ from promptbake.measure import check_rates, condition_ids, decode_all, kl_to_tea
 from promptbake.models import weights_sha256
 from promptbake.plan import CompilePlan, plan_compile
 from promptbake.queries import Query
-from promptbake.rollout import HFRolloutEngine, eos_token_ids
+from promptbake.rollout import HFRolloutEngine, adapter_set, eos_token_ids
 from promptbake.runtime import Runtime, load_runtime
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import StepLog, TrainResult, train_opcd
@@ -365,13 +365,10 @@ def measure_response_cap(run: CompileRun) -> LengthProbe:
     def compute() -> dict:
         run.emit(StageStarted("length_probe", f"measuring the prompted teacher's answer lengths on {len(chosen)} "
                                               f"training queries (up to {limit} tokens)"))
-        engine.sync(with_adapter=False)
-        try:
+        with adapter_set(engine, False):
             lengths, ended = probe_teacher_lengths(
                 _teacher_sampler(teacher, engine, run.runtime.bf16), prompts, limit=limit, temperature=config.temperature,
                 eos_ids=eos_token_ids(tokenizer), pad_id=tokenizer.pad_token_id, seed=config.seed + 3)
-        finally:
-            engine.sync()
         return {"lengths": lengths, "ended": ended}
 
     payload = {"prompt": plan.spec.prompt_sha256, "base": weights_sha256(plan.model_dir), "teacher": config.teacher,
@@ -391,18 +388,14 @@ def teacher_responses(plan: CompilePlan, config: BakeConfig, teacher: PromptedTe
     def compute() -> dict:
         out: dict[int, list[list[int]]] = {q.id: [] for q in queries}
         rows = [q for q in queries for _ in range(config.rollouts)]
-        engine.sync(with_adapter=False)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed + 2)
-                for i in range(0, len(rows), 16):
-                    chunk = rows[i:i + 16]
-                    ro = sampler([teacher.prompt_ids(q) for q in chunk], max_new_tokens=config.max_new_tokens,
-                                 temperature=config.temperature, eos_ids=eos_ids, pad_id=pad_id)
-                    for q, ids, mask in zip(chunk, ro.response_ids_BT, ro.response_mask_BT):
-                        out[q.id].append(ids[mask.bool()].tolist())
-        finally:
-            engine.sync()
+        with adapter_set(engine, False), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 2)
+            for i in range(0, len(rows), 16):
+                chunk = rows[i:i + 16]
+                ro = sampler([teacher.prompt_ids(q) for q in chunk], max_new_tokens=config.max_new_tokens,
+                             temperature=config.temperature, eos_ids=eos_ids, pad_id=pad_id)
+                for q, ids, mask in zip(chunk, ro.response_ids_BT, ro.response_mask_BT):
+                    out[q.id].append(ids[mask.bool()].tolist())
         return out
 
     payload = {

@@ -20,7 +20,7 @@ from promptbake.lengths import hit_cap
 from promptbake.losses import full_reverse_kl, log_probs
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
-from promptbake.rollout import HFRolloutEngine, Rollout, autocast, eos_token_ids, response_logits
+from promptbake.rollout import adapter_set, HFRolloutEngine, Rollout, autocast, eos_token_ids, response_logits
 from promptbake.teacher import PromptedTeacher
 
 CONDITIONS = ("base", "teacher", "baked")
@@ -96,8 +96,7 @@ def kl_to_teacher(
     capped: list[bool] = []
     position_sum = [0.0] * max_new_tokens
     position_count = [0] * max_new_tokens
-    engine.sync(with_adapter=adapter and not on_teacher_samples)
-    with torch.random.fork_rng(devices=[]):
+    with adapter_set(engine, adapter and not on_teacher_samples), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for chunk in _chunks(queries, batch_size):
             prompts = [renderer.student_ids(q.messages) for q in chunk]
@@ -128,7 +127,6 @@ def kl_to_teacher(
                     position_count[t] += n
                 del policy_logp, teacher_logp, kl_BT
                 release_free_memory()
-    engine.sync()
     return KLResult(per_query, tokens, capped, position_sum, position_count)
 
 
@@ -145,14 +143,13 @@ def generate_ids(
     eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    engine.sync(with_adapter=adapter)
-    for chunk in _chunks(order, batch_size):
-        rollout = engine.sample([prompts[i] for i in chunk], max_new_tokens=max_new_tokens, temperature=1.0,
-                                eos_ids=eos_ids, pad_id=pad_id, greedy=True)
-        for i, ids, mask in zip(chunk, rollout.response_ids_BT, rollout.response_mask_BT):
-            out[i] = ids[mask.bool()].tolist()
-        release_free_memory()
-    engine.sync()
+    with adapter_set(engine, adapter):
+        for chunk in _chunks(order, batch_size):
+            rollout = engine.sample([prompts[i] for i in chunk], max_new_tokens=max_new_tokens, temperature=1.0,
+                                    eos_ids=eos_ids, pad_id=pad_id, greedy=True)
+            for i, ids, mask in zip(chunk, rollout.response_ids_BT, rollout.response_mask_BT):
+                out[i] = ids[mask.bool()].tolist()
+            release_free_memory()
     return out
 
 

@@ -199,6 +199,16 @@ def response_logits(
     return out.logits[:, :-1, :]
 
 
+@contextlib.contextmanager
+def adapter_set(engine, enabled: bool):
+    """Sample from `engine` with the adapter on or off inside the block; on again afterwards, whatever happens."""
+    engine.sync(with_adapter=enabled)
+    try:
+        yield engine
+    finally:
+        engine.sync()
+
+
 class HFRolloutEngine:
     """Samples the current policy (a PeftModel, or a plain model) with this package's decoding loop.
 
