@@ -39,7 +39,7 @@ from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, adapter_set, eos_token_ids
 from promptbake.runtime import Runtime, load_runtime
 from promptbake.teacher import PromptedTeacher
-from promptbake.train import StepLog, TrainResult, train_opcd
+from promptbake.train import StepLog, TrainResult, train_student
 
 
 @dataclass
@@ -255,7 +255,7 @@ def train(run: CompileRun, resume, kl_before: float | None) -> TrainResult:
     run.teacher.live = config.teacher_mode == "live"
     run.teacher.refresh()
     try:
-        result = train_opcd(
+        result = train_student(
             rt.model, run.teacher, run.renderer, rt.tokenizer, run.train_queries, run_config, bf16=rt.bf16,
             engine=run.engine, log_path=log_path, on_step=lambda entry: run.emit(StepDone(entry, config.steps)),
             checkpointing=Checkpointing(plan.work_dir, plan.build_key, config.checkpoint_every, resume, log_lines,

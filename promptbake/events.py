@@ -45,7 +45,8 @@ class StepDone:
     @property
     def message(self) -> str:
         e = self.entry
-        return f"step {e.step}/{self.steps}  KL {e.kl:.4f}  {e.tokens_per_s:.0f} tok/s  {e.seconds:.2f} s/step"
+        label = "KL" if e.loss.startswith("reverse_kl") else e.loss
+        return f"step {e.step}/{self.steps}  {label} {e.kl:.4f}  {e.tokens_per_s:.0f} tok/s  {e.seconds:.2f} s/step"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Per-token reverse KL(student || teacher) estimators, and the masked mean over response tokens.
+"""Per-token training objectives: reverse KL(student || teacher) estimators and the off-policy baselines.
 
 Shapes: B batch, T response positions, V vocabulary. Inputs are log-probabilities already divided by the
 temperature and log-softmaxed. Gradients flow through the student only; teacher inputs are detached.
@@ -13,6 +13,9 @@ temperature and log-softmaxed. Gradients flow through the student only; teacher 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 
@@ -45,37 +48,6 @@ def sampled_reverse_kl(student_logp_BT: torch.Tensor, teacher_logp_BT: torch.Ten
     return k3_BT + surrogate_BT - surrogate_BT.detach()
 
 
-def reverse_kl(
-    kind: str,
-    student_logits_BTV: torch.Tensor,
-    teacher_logits_BTV: torch.Tensor | None,
-    sampled_ids_BT: torch.Tensor,
-    temperature: float = 1.0,
-    topk: int = 256,
-    teacher_sampled_logp_BT: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token reverse KL (kl_BT) from raw logits, dividing both sides by the temperature."""
-    student_logp_BTV = log_probs(student_logits_BTV, temperature)
-    if kind == "sampled":
-        if teacher_sampled_logp_BT is None:
-            teacher_logp_BTV = log_probs(teacher_logits_BTV, temperature)
-            teacher_sampled_logp_BT = teacher_logp_BTV.gather(-1, sampled_ids_BT.unsqueeze(-1)).squeeze(-1)
-        student_sampled_BT = student_logp_BTV.gather(-1, sampled_ids_BT.unsqueeze(-1)).squeeze(-1)
-        return sampled_reverse_kl(student_sampled_BT, teacher_sampled_logp_BT)
-    teacher_logp_BTV = log_probs(teacher_logits_BTV, temperature)
-    if kind == "full":
-        return full_reverse_kl(student_logp_BTV, teacher_logp_BTV)
-    if kind == "topk":
-        return topk_reverse_kl(student_logp_BTV, teacher_logp_BTV, topk)
-    raise ValueError(f"unknown KL estimator '{kind}'")
-
-
-def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Mean over valid response tokens of the whole batch (long answers weigh more, as in the paper)."""
-    mask_BT = mask_BT.to(values_BT.dtype)
-    return (values_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1.0)
-
-
 def forward_kl_topk(student_logp_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, k: int) -> torch.Tensor:
     """Off-policy baseline: sum over the teacher's top-k tokens of p_t (log p_t - log p_s), per position."""
     k = min(k, teacher_logp_BTV.shape[-1])
@@ -91,23 +63,72 @@ def token_cross_entropy(student_logp_BTV: torch.Tensor, target_ids_BT: torch.Ten
     return -student_logp_BTV.gather(-1, target_ids_BT.unsqueeze(-1)).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class TokenLoss:
+    """One training objective: what it needs from the teacher and its per-token value.
+
+    `teacher_input` is "logits" (full-vocabulary logits over the response), "sampled_logprobs" (log-probs of the
+    sampled tokens only, what a served teacher returns for given tokens) or "none"."""
+
+    name: str
+    teacher_input: Literal["logits", "sampled_logprobs", "none"]
+    per_token: Callable[..., torch.Tensor]  # (student_logp_BTV, teacher input or None, ids_BT, topk) -> loss_BT
+
+
+def _sampled(student_logp_BTV, teacher_logp_BT, ids_BT, topk):
+    return sampled_reverse_kl(student_logp_BTV.gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1), teacher_logp_BT)
+
+
+REVERSE_KL: dict[str, TokenLoss] = {
+    "full": TokenLoss("reverse_kl_full", "logits", lambda s, t, ids, k: full_reverse_kl(s, t)),
+    "topk": TokenLoss("reverse_kl_topk", "logits", lambda s, t, ids, k: topk_reverse_kl(s, t, k)),
+    "sampled": TokenLoss("reverse_kl_sampled", "sampled_logprobs", _sampled),
+}
+OFF_POLICY = {  # the teacher's fixed samples instead of the student's
+    "offpolicy": TokenLoss("forward_kl_topk", "logits", lambda s, t, ids, k: forward_kl_topk(s, t, k)),
+    "sft": TokenLoss("cross_entropy", "none", lambda s, t, ids, k: token_cross_entropy(s, ids)),
+}
+
+
+def token_loss(method: str, kl: str) -> TokenLoss:
+    """The objective of a training method: opcd minimises reverse KL with the chosen estimator on the student's
+    samples; offpolicy (forward KL over the teacher's top-k) and sft (cross-entropy) train on the teacher's."""
+    if method == "opcd":
+        if kl not in REVERSE_KL:
+            raise ValueError(f"unknown KL estimator '{kl}'")
+        return REVERSE_KL[kl]
+    if method not in OFF_POLICY:
+        raise ValueError(f"unknown method '{method}'")
+    return OFF_POLICY[method]
+
+
+def teacher_sampled_logprobs(teacher_logits_BTV: torch.Tensor, ids_BT: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The teacher's log-probs of the sampled tokens (logp_BT), at the sampling temperature."""
+    return log_probs(teacher_logits_BTV, temperature).gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1)
+
+
 def distill_loss(
     method: str,
     kl: str,
     student_logits_BTV: torch.Tensor,
-    teacher_logits_BTV: torch.Tensor | None,
+    teacher: torch.Tensor | None,
     ids_BT: torch.Tensor,
     temperature: float,
     topk: int,
 ) -> torch.Tensor:
-    """Per-token loss of each training method (opcd: reverse KL on the student's samples; offpolicy:
-    forward KL over the teacher's top-k on the teacher's samples; sft: cross-entropy on the teacher's samples)."""
-    if method == "opcd":
-        return reverse_kl(kl, student_logits_BTV, teacher_logits_BTV, ids_BT, temperature=temperature, topk=topk)
+    """Per-token loss (loss_BT) of a method from raw student logits. `teacher` is what the objective's
+    `teacher_input` asks for: raw logits (BTV), or log-probs of the sampled tokens (BT), or None; raw logits are
+    accepted for "sampled_logprobs" too and reduced here. Both sides are divided by the temperature."""
+    loss = token_loss(method, kl)
     student_logp_BTV = log_probs(student_logits_BTV, temperature)
-    if method == "sft":
-        return token_cross_entropy(student_logp_BTV, ids_BT)
-    if method == "offpolicy":
-        teacher_logp_BTV = log_probs(teacher_logits_BTV, temperature)
-        return forward_kl_topk(student_logp_BTV, teacher_logp_BTV, topk)
-    raise ValueError(f"unknown method '{method}'")
+    if loss.teacher_input == "logits":
+        teacher = log_probs(teacher, temperature)
+    elif loss.teacher_input == "sampled_logprobs" and teacher.dim() == 3:
+        teacher = teacher_sampled_logprobs(teacher, ids_BT, temperature)
+    return loss.per_token(student_logp_BTV, teacher, ids_BT, topk)
+
+
+def reverse_kl(kind: str, student_logits_BTV: torch.Tensor, teacher: torch.Tensor, sampled_ids_BT: torch.Tensor,
+               temperature: float = 1.0, topk: int = 256) -> torch.Tensor:
+    """Per-token reverse KL (kl_BT) with estimator `kind` from raw logits (see distill_loss for `teacher`)."""
+    return distill_loss("opcd", kind, student_logits_BTV, teacher, sampled_ids_BT, temperature, topk)

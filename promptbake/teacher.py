@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from promptbake.chat import ChatRenderer, common_prefix_length
 from promptbake.fastdecode import can_share_prefix, shared_prefix
+from promptbake.losses import teacher_sampled_logprobs
 from promptbake.queries import Query
 from promptbake.rollout import Rollout, autocast, response_logits
 
@@ -95,6 +96,13 @@ class PromptedTeacher:
         if key not in self._ids:
             self._ids[key] = self.renderer.teacher_ids(query.messages)
         return self._ids[key]
+
+    @torch.no_grad()
+    def sampled_logprobs(self, queries: list[Query], rollout: Rollout, temperature: float) -> torch.Tensor:
+        """Log-probs of the response tokens only (logp_BT) at `temperature`: what a teacher behind a server returns
+        for given tokens, and all that kl=sampled needs. The full-vocabulary logits live only inside this call."""
+        logits_BTV = self.logits(queries, rollout)
+        return teacher_sampled_logprobs(logits_BTV, rollout.response_ids_BT.to(logits_BTV.device), temperature)
 
     @torch.no_grad()
     def logits(self, queries: list[Query], rollout: Rollout) -> torch.Tensor:

@@ -2,12 +2,14 @@
 
 One step:
     1. sample `batch_size` train queries, `rollouts` responses each, from the student without the prompt;
-    2. in micro-batches of similar length: teacher logits over those exact tokens, with the prompt (adapter
-       off, prefix cache); student logits with gradient; per-token reverse KL summed and divided by the
-       valid response tokens of the whole batch, so the accumulated gradient is that of the batch mean;
+    2. in micro-batches of similar length: the teacher scores those exact tokens with the prompt (adapter off,
+       prefix cache): full-vocabulary logits, or with kl=sampled only the sampled tokens' log-probs; student
+       logits with gradient; per-token reverse KL summed and divided by the valid response tokens of the whole
+       batch, so the accumulated gradient is that of the batch mean;
     3. clip the gradient norm, AdamW step, refresh the rollout engine's weights.
 The loop goes through `accelerate`, so `accelerate launch` runs it data-parallel without changes: each
-process draws its own queries and gradients are averaged.
+process draws its own queries and gradients are averaged. The same loop trains the off-policy baselines
+(promptbake.losses.OFF_POLICY) on the teacher's fixed samples; the log names the objective of each number.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from promptbake.checkpoint import Checkpointing, python_rng_from_json, python_rn
 from promptbake.faults import fault_point
 from promptbake.config import BakeConfig
 from promptbake.lengths import hit_cap
-from promptbake.losses import distill_loss
+from promptbake.losses import distill_loss, token_loss
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, autocast, eos_token_ids, response_logits, rollout_from_lists
@@ -51,6 +53,7 @@ class StepLog:
     tokens_per_s: float
     rows: int = 0
     capped_rows: int = 0  # rollouts cut by max_new_tokens before their end-of-turn token
+    loss: str = "reverse_kl_full"  # what `kl` holds: the objective's name (cross_entropy for sft, ...)
 
     def to_json(self) -> str:
         return json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in self.__dict__.items()})
@@ -118,7 +121,7 @@ def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def train_opcd(
+def train_student(
     student,
     teacher: PromptedTeacher,
     renderer: ChatRenderer,
@@ -133,7 +136,9 @@ def train_opcd(
     checkpointing: Checkpointing | None = None,
     fixed_responses: dict[int, list[list[int]]] | None = None,
 ) -> TrainResult:
-    """Run `config.steps` OPCD steps on `student` (a PEFT model) in place, resuming from a checkpoint if given."""
+    """Run `config.steps` steps of `config.method` on `student` (a PEFT model) in place, resuming from a checkpoint
+    if given. OPCD samples the student each step; offpolicy and sft train on `fixed_responses` (the teacher's)."""
+    objective = token_loss(config.method, config.kl)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -188,23 +193,28 @@ def train_opcd(
                 part, part_queries = rollout.select(rows), [batch[r] for r in rows]
                 t_teacher = time.perf_counter()
                 with eager_only(config.torch_compile):
-                    teacher_logits_BTV = teacher.logits(part_queries, part) if config.method != "sft" else None
+                    if objective.teacher_input == "logits":
+                        teacher_out = teacher.logits(part_queries, part)  # logits_BTV
+                    elif objective.teacher_input == "sampled_logprobs":
+                        teacher_out = teacher.sampled_logprobs(part_queries, part, config.temperature)  # logp_BT
+                    else:
+                        teacher_out = None
                 teacher_s += time.perf_counter() - t_teacher
                 last = index == len(groups) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
                     with autocast(accelerator.device, bf16):
                         student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], part, pad_id)
                     device = student_logits_BTV.device
-                    kl_BT = distill_loss(
+                    loss_BT = distill_loss(
                         config.method, config.kl, student_logits_BTV,
-                        teacher_logits_BTV.to(device) if teacher_logits_BTV is not None else None,
+                        teacher_out.to(device) if teacher_out is not None else None,
                         part.response_ids_BT.to(device), temperature=config.temperature, topk=config.topk,
                     )
                     # Sum over this micro-batch / tokens of the whole batch: the gradients add up to the batch mean.
-                    part_loss = (kl_BT * part.response_mask_BT.to(device)).sum() / total_tokens
+                    part_loss = (loss_BT * part.response_mask_BT.to(device)).sum() / total_tokens
                     accelerator.backward(part_loss)
                 loss_sum += float(part_loss.detach())
-                del teacher_logits_BTV, student_logits_BTV, kl_BT
+                del teacher_out, student_logits_BTV, loss_BT
                 if config.release_memory:
                     release_free_memory()
             t2 = t1 + teacher_s
@@ -232,9 +242,10 @@ def train_opcd(
                 tokens_per_s=tokens / max(t3 - t0, 1e-9),
                 rows=len(batch),
                 capped_rows=sum(hit_cap(rollout, config.max_new_tokens, eos_ids)),
+                loss=objective.name,
             )
             if not math.isfinite(entry.kl):
-                raise FloatingPointError(f"KL became {entry.kl} at step {step}; lower the learning rate")
+                raise FloatingPointError(f"{objective.name} became {entry.kl} at step {step}; lower the learning rate")
             result.log.append(entry)
             if log_file:
                 log_file.write(entry.to_json() + "\n")

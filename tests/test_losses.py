@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptbake.losses import full_reverse_kl, masked_mean, reverse_kl, sampled_reverse_kl, topk_reverse_kl
+from promptbake.losses import full_reverse_kl, reverse_kl, sampled_reverse_kl, topk_reverse_kl
 
 
 def brute_kl(student_logits, teacher_logits, temperature=1.0, only=None):
@@ -116,13 +116,6 @@ def test_sampled_value_is_k3_and_non_negative():
     assert (sampled_reverse_kl(ls, lt) >= 0).all()
 
 
-def test_masked_mean_counts_only_valid_tokens():
-    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert masked_mean(values, mask).item() == pytest.approx(2.0)
-    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
-
-
 def test_identical_distributions_have_zero_kl(logits):
     s, _ = logits
     ids = torch.zeros(2, 3, dtype=torch.long)
@@ -175,3 +168,33 @@ def test_sft_loss_is_negative_log_likelihood(logits):
     got = distill_loss("sft", "full", s, None, ids, 1.0, 0)
     want = -torch.log_softmax(s, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(got, want)
+
+
+def test_sampled_estimator_needs_only_the_sampled_tokens_log_probs(logits):
+    """kl=sampled from the teacher's log-probs of the sampled tokens (what a served teacher returns) equals the
+    same loss from its full logits, value and gradient."""
+    from promptbake.losses import distill_loss, teacher_sampled_logprobs, token_loss
+
+    s, t = logits
+    ids = torch.tensor([[0, 5, 10], [3, 7, 1]])
+    assert token_loss("opcd", "sampled").teacher_input == "sampled_logprobs"
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    from_logits = distill_loss("opcd", "sampled", s1, t, ids, 0.7, 0)
+    teacher_BT = teacher_sampled_logprobs(t, ids, 0.7)
+    assert teacher_BT.shape == ids.shape
+    torch.testing.assert_close(teacher_BT, torch.log_softmax(t / 0.7, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1))
+    from_logprobs = distill_loss("opcd", "sampled", s2, teacher_BT, ids, 0.7, 0)
+    torch.testing.assert_close(from_logits, from_logprobs)
+    from_logits.sum().backward()
+    from_logprobs.sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_every_method_and_estimator_has_one_named_objective():
+    from promptbake.losses import token_loss
+
+    names = {token_loss("opcd", kl).name for kl in ("full", "topk", "sampled")}
+    names |= {token_loss(m, "full").name for m in ("offpolicy", "sft")}
+    assert len(names) == 5 and token_loss("sft", "topk").teacher_input == "none"
+    with pytest.raises(ValueError, match="unknown"):
+        token_loss("opcd", "forward")

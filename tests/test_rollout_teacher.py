@@ -202,3 +202,18 @@ def test_kl_to_teacher_scored_in_sub_batches_equals_row_by_row(peft_tiny, tiny):
     assert grouped.tokens == single.tokens and len(grouped.per_query) == 9
     assert max(grouped.per_query) > 0
     assert grouped.per_query == pytest.approx(single.per_query, abs=1e-5)
+
+
+def test_teacher_sampled_logprobs_are_its_logits_at_the_sampled_tokens(peft_tiny, tiny):
+    _, tok = tiny
+    renderer = ChatRenderer.for_tokenizer(tok, "You are terse.", 8192)
+    queries = _queries()
+    teacher = PromptedTeacher(peft_tiny, renderer, tok.pad_token_id, is_student=True, bf16=False)
+    teacher.prepare(queries, 16, "test")
+    rollout = Rollout(torch.tensor([[40, 41, 42, EOS], [50, EOS, 0, 0], [60, 61, 62, 63]]),
+                      torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]))
+    got_BT = teacher.sampled_logprobs(queries, rollout, temperature=0.8)
+    logp_BTV = torch.log_softmax(teacher.logits(queries, rollout).float() / 0.8, -1)
+    want_BT = logp_BTV.gather(-1, rollout.response_ids_BT.unsqueeze(-1)).squeeze(-1)
+    assert got_BT.shape == (3, 4)
+    torch.testing.assert_close(got_BT, want_BT)
