@@ -7,7 +7,7 @@ import pytest
 from conftest import SHARED_DATA
 from promptbake.errors import PromptbakeError
 from promptbake.evals import (
-    EvalItem, is_refusal, list_suites, load_items, load_suite, parse_choice, parse_number, parse_yes_no, score,
+    PARSERS, EvalItem, is_refusal, list_suites, load_items, load_suite, parse_choice, parse_number, parse_yes_no, score,
 )
 
 OPTS = ["Aspirin", "Paracetamol", "Ibuprofen", "Morphine"]
@@ -43,7 +43,12 @@ def test_parse_choice(text, want):
      ("The weather is nice today.", None)],
 )
 def test_parse_yes_no(text, want):
-    assert parse_yes_no(text) == want
+    """The hate-speech suites' parser (named in their YAML) reads the tags, a leading yes/no, then a prose verdict;
+    the plain yes/no parser stops before the prose."""
+    for suite in ("hatecheck", "ethos", "tweeteval-hate"):
+        assert PARSERS[load_suite(suite).parser](text, []) == want
+    prose = text.lower().startswith(("the text", "this text"))
+    assert parse_yes_no(text) == (None if prose else want)
 
 
 @pytest.mark.parametrize(
@@ -205,3 +210,14 @@ def test_medmcqa_train_and_test_subjects_and_query_export(tmp_path):
         bad = CliRunner().invoke(app, ["eval", "--suite", "medmcqa", "--data", str(data), *args, "--export-queries", str(tmp_path / "x.jsonl")])
         assert bad.exit_code == 2 and fragment in bad.output
         assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_suite_naming_an_unknown_parser_is_refused(tmp_path):
+    import yaml
+
+    ethos = load_suite("ethos").model_dump()
+    assert ethos["parser"] == "hate_speech"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**ethos, "parser": "sentiment"}))
+    with pytest.raises(PromptbakeError, match="parser 'sentiment' is not one of"):
+        load_suite(str(path))

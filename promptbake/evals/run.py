@@ -1,0 +1,107 @@
+"""Running a suite: greedy answers of base, prompted and each adapter on one runtime, scored side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from promptbake.errors import PromptbakeError
+from promptbake.evals.scoring import markdown_table, score
+from promptbake.evals.suites import load_items, load_suite
+
+
+def run_eval(
+    suite_name: str,
+    adapters: list[str | Path],
+    *,
+    data: str | Path | None = None,
+    limit: int | None = None,
+    conditions: list[str] | None = None,
+    prompt: str | Path | None = None,
+    model: str | None = None,
+    seed: int = 0,
+    groups: Literal["all", "train", "test"] = "all",
+    batch_size: int = 16,
+    on_condition=None,
+) -> dict:
+    """Greedy answers of each condition (base, prompted, each adapter) to the suite, scored side by side."""
+    from promptbake.artifact import read_manifest
+    from promptbake.measure import decode_all, generate_ids
+    from promptbake.models import manifest_base_dir, resolve_model
+    from promptbake.runtime import load_runtime
+    from promptbake.spec import load_spec
+
+    suite = load_suite(suite_name)
+    items = load_items(suite, data, limit, seed, groups)
+    manifests = [read_manifest(a) for a in adapters]
+    bases = {m.base_weights_sha256 for m in manifests}
+    if len(bases) > 1:
+        raise PromptbakeError("adapters were baked on different base models; evaluate them separately")
+    names = [m.name for m in manifests]
+    if len(set(names)) != len(names):
+        names = [f"{m.name}@{Path(a).name}" for m, a in zip(manifests, adapters)]
+    # The prompted baseline: --prompt for all; else each adapter's own prompt ("prompted" when they share one,
+    # "prompted:<adapter>" per distinct prompt when they differ, so every adapter meets its own baseline).
+    prompt_of: dict[str, str] = {}   # prompted condition -> prompt file
+    own: dict[str, str] = {}         # adapter condition -> its prompted condition
+    if prompt is not None or not manifests:
+        if prompt is not None:
+            prompt_of["prompted"] = str(prompt)
+        own = {n: "prompted" for n in names}
+    else:
+        first_with: dict[str, str] = {}  # prompt sha256 -> first adapter baked from it
+        for n, m in zip(names, manifests):
+            first_with.setdefault(m.prompt_sha256, n)
+        for n, m in zip(names, manifests):
+            cond = "prompted" if len(first_with) == 1 else f"prompted:{first_with[m.prompt_sha256]}"
+            prompt_of.setdefault(cond, m.prompt_file)
+            own[n] = cond
+    default = ["base"] + [c for n in names for c in (own[n], n)] if manifests else ["base", "prompted"]
+    default = list(dict.fromkeys(default))
+    wanted = conditions or default
+    known = ("base", "prompted", *prompt_of, *names)
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise PromptbakeError(f"--conditions: unknown {unknown}; choose from {', '.join(dict.fromkeys(known))}")
+    if "prompted" in wanted and "prompted" not in prompt_of:
+        raise PromptbakeError("condition 'prompted' needs --prompt (or adapters baked from one prompt)")
+    system_prompts = {c: load_spec(f).system_prompt for c, f in prompt_of.items() if c in wanted}
+
+    model_dir = resolve_model(model) if model or not manifests else manifest_base_dir(manifests[0])
+    runtime = load_runtime(model_dir, adapters=[(n, Path(a)) for n, a in zip(names, adapters)],
+                           precision=manifests[0].precision if manifests else "auto")
+    tokenizer, model, engine = runtime.tokenizer, runtime.model, runtime.engine()
+    student = runtime.renderer("-")
+    queries = [[{"role": "user", "content": it.prompt}] for it in items]
+
+    ids: dict[str, list[list[int]]] = {}
+    for cond in wanted:
+        if cond in system_prompts:
+            teacher = runtime.renderer(system_prompts[cond])
+            prompts = [teacher.teacher_ids(q) for q in queries]
+        else:
+            prompts = [student.student_ids(q) for q in queries]
+        if cond in names:
+            model.set_adapter(cond)
+        ids[cond] = generate_ids(engine, tokenizer, prompts, adapter=cond in names,
+                                 max_new_tokens=suite.max_new_tokens, batch_size=batch_size)
+        if on_condition:
+            on_condition(cond)
+    responses = decode_all(tokenizer, ids)
+    references = {c: own.get(c, "prompted") for c in wanted if c not in prompt_of}
+    results = score(suite, items, responses, reference=references)
+    return {
+        "suite": suite.name,
+        "task": suite.task,
+        "n": len(items),
+        "seed": seed,
+        "limit": limit,
+        "groups": groups,
+        "prompt_file": prompt_of.get("prompted"),
+        "prompt_files": prompt_of,
+        "adapters": {n: str(a) for n, a in zip(names, adapters)},
+        "results": results,
+        "markdown": markdown_table(suite, results),
+        "examples": {c: responses[c][:3] for c in responses},
+        "responses": responses,  # every answer, so a result can be audited or re-scored without decoding again
+    }
