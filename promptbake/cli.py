@@ -461,17 +461,23 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     base: Annotated[bool, typer.Option(help="Talk to the base model without the adapter, for comparison.")] = False,
+    prompted: Annotated[bool, typer.Option(
+        help="Talk to the prompted teacher: the base model with the prompt the adapter was baked from.")] = False,
 ) -> None:
-    """Talk to a baked adapter, with no system prompt sent."""
+    """Talk to a baked adapter, with no system prompt sent (or to the base, or the prompted teacher, to compare)."""
     _quiet_libraries()
     from promptbake.local_chat import LocalChat
 
-    bot = LocalChat.load(adapter, use_adapter=not base)
+    if base and prompted:
+        raise PromptbakeError("--base and --prompted each pick whom to talk to; give one")
+    mode = "base" if base else "prompted" if prompted else "baked"
+    bot = LocalChat.load(adapter, mode=mode)
     if message is not None:
         out.print(bot.reply([{"role": "user", "content": message}], max_new_tokens, temperature), highlight=False)
         return
     history: list[dict[str, str]] = []
-    console.print(f"chatting with {adapter} ({'base, adapter off' if base else 'baked'}); empty line or Ctrl-D ends")
+    who = {"base": "base, adapter off", "prompted": "prompted teacher, adapter off", "baked": "baked"}[mode]
+    console.print(f"chatting with {adapter} ({who}); empty line or Ctrl-D ends")
     while True:
         try:
             line = input("you> ")

@@ -29,7 +29,7 @@ CONDITIONS = ("base", "teacher", "baked")
 MEASURE_BATCH = 32
 
 
-def _adapter(model, enabled: bool):
+def adapter_enabled(model, enabled: bool):
     """The model with its adapter on or off; a plain model (no adapter) is the base either way."""
     return contextlib.nullcontext() if enabled or not hasattr(model, "disable_adapter") else model.disable_adapter()
 
@@ -108,7 +108,7 @@ def kl_to_teacher(
             # 16 rows x 48 tokens are 150 MB per copy in fp32, and the KL needs several copies.
             for rows in _chunks(list(range(len(chunk))), score_batch_size):
                 part = rollout.select(rows)
-                with _adapter(model, adapter), autocast(device, bf16):
+                with adapter_enabled(model, adapter), autocast(device, bf16):
                     policy_BTV = response_logits(model, [prompts[r] for r in rows], part, pad_id)
                 teacher_BTV = teacher.logits([chunk[r] for r in rows], part)
                 policy_logp = log_probs(policy_BTV, temperature)
