@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate import PartialState
 
 from promptbake.artifact import BakeManifest, sha256_file, write_artifact
 from promptbake.atomic import write_text_atomic
@@ -49,6 +50,7 @@ class BakeResult:
     train: TrainResult
     responses: dict[str, list[str]]
     up_to_date: bool = False
+    main_process: bool = True  # under `accelerate launch`, only the main process measures, writes and reports
 
 
 def package_versions() -> dict[str, str]:
@@ -129,7 +131,6 @@ def compile_prompt(
     held-out KL and check measurements around training (compare runs verify on every adapter instead).
     Progress goes to `on_event` as typed events (promptbake.events).
     """
-    emit = on_event or ignore
     t_start = time.perf_counter()
     if isinstance(prompt, CompilePlan):
         if inputs:
@@ -139,11 +140,15 @@ def compile_prompt(
         plan = plan_compile(prompt, **inputs)  # every input a user can get wrong, checked before the model loads
     if plan.build_key is None:
         plan.resolve()
+    processes = PartialState(cpu=not torch.cuda.is_available())  # one, or each of those `accelerate launch` started
+    main = processes.is_main_process
+    emit = (on_event or ignore) if main else ignore
     if plan.existing(force) == "up-to-date":
         emit(UpToDate(str(plan.out_dir), f"{plan.out_dir} is up to date"))
-        return BakeResult(plan.out_dir, plan.cached_manifest(), TrainResult(), {}, up_to_date=True)
-    if restart:
+        return BakeResult(plan.out_dir, plan.cached_manifest(), TrainResult(), {}, up_to_date=True, main_process=main)
+    if restart and main:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
+    processes.wait_for_everyone()
     resume = load_checkpoint(plan.work_dir, plan.build_key)
 
     run = load(plan, emit)
@@ -151,18 +156,20 @@ def compile_prompt(
     size_response_cap(run)
     kl_before = resume.extra.get("kl_before") if resume else None
     run.cap_hit.update(resume.extra.get("cap_hit", {}) if resume else {})
-    if measure and run.heldout_queries and kl_before is None:
+    measure = measure and bool(run.heldout_queries) and main  # the other processes go on and wait in training
+    if measure and kl_before is None:
         kl_before = measure_heldout_kl(run, "before")
-    result = train(run, resume, kl_before)
+    result = train(run, resume, kl_before, main)
     kl_after, responses, rates = None, {}, {}
-    if measure and run.heldout_queries:
+    if measure:
         kl_after, responses, rates = measure_after(run)
     run.timings["total_s"] = time.perf_counter() - t_start
     manifest = make_manifest(run, result, kl_before, kl_after, rates)
-    emit(StageStarted("write", f"writing {plan.out_dir}"))
-    write_artifact(plan.out_dir, run.runtime.model, manifest, plan.work_dir / "train_log.jsonl")
-    shutil.rmtree(plan.work_dir, ignore_errors=True)
-    return BakeResult(plan.out_dir, manifest, result, responses)
+    if main:
+        emit(StageStarted("write", f"writing {plan.out_dir}"))
+        write_artifact(plan.out_dir, run.runtime.model, manifest, plan.work_dir / "train_log.jsonl")
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+    return BakeResult(plan.out_dir, manifest, result, responses, main_process=main)
 
 
 def load(plan: CompilePlan, emit: OnEvent) -> CompileRun:
@@ -232,13 +239,15 @@ def measure_heldout_kl(run: CompileRun, when: str) -> float:
     return kl.mean
 
 
-def train(run: CompileRun, resume, kl_before: float | None) -> TrainResult:
-    """OPCD steps (or the off-policy baselines), resumable: the log and checkpoints live in the work folder."""
+def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -> TrainResult:
+    """OPCD steps (or the off-policy baselines), resumable: the log and checkpoints live in the work folder,
+    written by the main process."""
     plan, config, rt = run.plan, run.config, run.runtime
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     log_path = plan.work_dir / "train_log.jsonl"
     log_lines = resume.log_lines if resume else 0
-    _truncate_lines(log_path, log_lines)
+    if main:
+        _truncate_lines(log_path, log_lines)
     if resume:
         run.emit(Notice(f"resuming from step {resume.step} (checkpoint in {plan.work_dir}; --restart to start over)"))
     eval_cap = config.eval_max_new_tokens or run.cap
@@ -266,7 +275,8 @@ def train(run: CompileRun, resume, kl_before: float | None) -> TrainResult:
         uninstall()
         run.teacher.live = False  # measure against the prompted initial weights, whatever taught
         run.teacher.refresh()
-    result.log = [StepLog(**json.loads(line)) for line in log_path.read_text().splitlines() if line.strip()]
+    if main:  # the whole log, the steps before a resume included
+        result.log = [StepLog(**json.loads(line)) for line in log_path.read_text().splitlines() if line.strip()]
     run.timings["train_s"] = result.seconds
     run.emit(TrainingDone(len(result.log), result.seconds, f"trained {len(result.log)} steps in {result.seconds:.0f} s"))
     summary = result.summary()

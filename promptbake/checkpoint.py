@@ -30,9 +30,13 @@ class Checkpoint:
     optimizer: dict[str, torch.Tensor]
     adam_steps: list[float]
     python_rng: Any
-    torch_rng: torch.Tensor
+    torch_rng: torch.Tensor  # process 0's; each process restores its own from `torch_rngs`
     log_lines: int
     extra: dict[str, Any] = field(default_factory=dict)
+    torch_rngs: list[torch.Tensor] = field(default_factory=list)  # one per process, by process index
+
+    def torch_rng_of(self, process_index: int) -> torch.Tensor:
+        return self.torch_rngs[process_index] if process_index < len(self.torch_rngs) else self.torch_rng
 
 
 @dataclass
@@ -53,7 +57,8 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimizer, python_rng_state: Any,
-                    log_lines: int, extra: dict[str, Any]) -> None:
+                    log_lines: int, extra: dict[str, Any], torch_rngs: list[torch.Tensor] | None = None) -> None:
+    """Write the checkpoint atomically. `torch_rngs`: every process's torch RNG state (default: this one's)."""
     with atomic_folder(work_dir / CHECKPOINT) as tmp:
         params = trainable(model)
         save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "lora.safetensors"))
@@ -68,7 +73,9 @@ def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimiz
             else:
                 adam_steps.append(0.0)
         save_file(moments or {"empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
-        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        rngs = torch_rngs or [torch.get_rng_state()]
+        save_file({"torch_rng": rngs[0].clone(), **{f"torch_rng.{i}": r.clone() for i, r in enumerate(rngs)}},
+                  str(tmp / "rng.safetensors"))
         fault_point("checkpoint")
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "build_key": build_key, "adam_steps": adam_steps, "python_rng": python_rng_state,
@@ -79,13 +86,14 @@ def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimiz
 def load_checkpoint(work_dir: Path, build_key: str) -> Checkpoint | None:
     """The last complete checkpoint of a compile with this build key, or None."""
     folder = work_dir / CHECKPOINT
-    if not folder.is_dir():
-        old = work_dir / f".{CHECKPOINT}.old"  # killed between the two renames
-        folder = old if old.is_dir() else folder
+    if not folder.is_dir():  # killed between the two renames of atomic_folder: the previous one was moved aside
+        olds = sorted(work_dir.glob(f".{CHECKPOINT}.old-*"), key=lambda p: p.stat().st_mtime)
+        folder = olds[-1] if olds else folder
     try:
         state = json.loads((folder / "state.json").read_text())
         if state["build_key"] != build_key:
             return None
+        rng = load_file(str(folder / "rng.safetensors"))
         return Checkpoint(
             step=int(state["step"]),
             build_key=state["build_key"],
@@ -93,9 +101,10 @@ def load_checkpoint(work_dir: Path, build_key: str) -> Checkpoint | None:
             optimizer=load_file(str(folder / "optimizer.safetensors")),
             adam_steps=state["adam_steps"],
             python_rng=state["python_rng"],
-            torch_rng=load_file(str(folder / "rng.safetensors"))["torch_rng"],
+            torch_rng=rng["torch_rng"],
             log_lines=int(state["log_lines"]),
             extra=state.get("extra", {}),
+            torch_rngs=[rng[f"torch_rng.{i}"] for i in range(len(rng)) if f"torch_rng.{i}" in rng],
         )
     except (OSError, ValueError, KeyError):
         return None

@@ -209,6 +209,8 @@ def compile_cmd(
     finally:
         if progress.live.is_started:
             progress.stop()
+    if not result.main_process:  # under `accelerate launch`: the main process reports
+        return
     m = result.manifest
     summary = m.loss_summary
     out.print(f"[bold green]baked[/] {m.name} -> {result.out_dir}")

@@ -25,11 +25,13 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from promptbake.chat import ChatRenderer
 from promptbake.checkpoint import Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint
 from promptbake.faults import fault_point
 from promptbake.config import BakeConfig
+from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
 from promptbake.losses import distill_loss, token_loss
 from promptbake.memory import release_free_memory
@@ -63,6 +65,7 @@ class StepLog:
 class TrainResult:
     log: list[StepLog] = field(default_factory=list)
     seconds: float = 0.0
+    processes: int = 1
 
     def summary(self) -> dict:
         if not self.log:
@@ -81,6 +84,7 @@ class TrainResult:
             "rollouts": sum(s.rows for s in self.log),
             "rollouts_capped": sum(s.capped_rows for s in self.log),
             "tokens_per_s": sum(s.response_tokens for s in self.log) / max(self.seconds, 1e-9),
+            "processes": self.processes,
         }
 
 
@@ -140,19 +144,27 @@ def train_student(
     if given. OPCD samples the student each step; offpolicy and sft train on `fixed_responses` (the teacher's)."""
     objective = token_loss(config.method, config.kl)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise PromptbakeError(f"train.batch_size={config.batch_size} is the batch of all {world} processes together; "
+                              f"make it a multiple of {world}")
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, config.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     policy = accelerator.unwrap_model(wrapped)
-    rng = random.Random(config.seed * 1000 + accelerator.process_index)
+    # Every process draws the same global batch and keeps its share, so a step trains on the same queries
+    # whatever the number of processes; sampling noise differs per process (its own torch seed).
+    rng = random.Random(config.seed * 1000)
+    if world > 1:
+        torch.manual_seed(config.seed * 1000 + rank)
     first_step = 1
     if checkpointing and checkpointing.resume_from:
         ckpt = checkpointing.resume_from
         restore(ckpt, policy, optimizer)
         rng.setstate(python_rng_from_json(ckpt.python_rng))
-        torch.set_rng_state(ckpt.torch_rng)
+        torch.set_rng_state(ckpt.torch_rng_of(rank))
         for _ in range(ckpt.step):
             scheduler.step()
         first_step = ckpt.step + 1
@@ -171,7 +183,8 @@ def train_student(
         for step in range(first_step, config.steps + 1):
             t0 = time.perf_counter()
             fault_point("sampling", step)
-            batch = [q for q in rng.sample(train_queries, config.batch_size) for _ in range(config.rollouts)]
+            drawn = rng.sample(train_queries, config.batch_size)[rank::world]
+            batch = [q for q in drawn for _ in range(config.rollouts)]
             prompts = [student_prompts[q.id] for q in batch]
             if config.method == "opcd":
                 with eager_only(config.torch_compile):
@@ -185,7 +198,10 @@ def train_student(
                 release_free_memory()  # the sampler's KV cache and logits are freed; keep the heap from growing
             t1 = time.perf_counter()
             teacher_s, loss_sum = 0.0, 0.0
-            total_tokens = max(rollout.num_tokens, 1)
+            # The loss is a mean over the response tokens of all processes; DDP averages gradients over
+            # processes, so each one scales its sum by `world` (1 in a single process).
+            step_tokens = int(accelerator.reduce(torch.tensor(rollout.num_tokens, device=accelerator.device), "sum"))
+            total_tokens = max(step_tokens, 1) / world
             wrapped.train()
             groups = micro_batches([len(p) + n for p, n in zip(prompts, rollout.response_mask_BT.sum(-1).tolist())],
                                    config.micro_batch_size)
@@ -213,7 +229,7 @@ def train_student(
                     # Sum over this micro-batch / tokens of the whole batch: the gradients add up to the batch mean.
                     part_loss = (loss_BT * part.response_mask_BT.to(device)).sum() / total_tokens
                     accelerator.backward(part_loss)
-                loss_sum += float(part_loss.detach())
+                loss_sum += float(part_loss.detach()) / world
                 del teacher_out, student_logits_BTV, loss_BT
                 if config.release_memory:
                     release_free_memory()
@@ -227,21 +243,23 @@ def train_student(
             if config.teacher_mode == "live":
                 teacher.refresh()  # the teacher's weights just changed: its prompt cache is stale
             t3 = time.perf_counter()
-            tokens = rollout.num_tokens
+            rows_capped = accelerator.reduce(torch.tensor(
+                [len(batch), sum(hit_cap(rollout, config.max_new_tokens, eos_ids))], device=accelerator.device), "sum")
+            all_rows, capped_rows = (int(x) for x in rows_capped.tolist())
             entry = StepLog(
                 step=step,
-                kl=float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean")),
+                kl=float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum")),
                 grad_norm=float(grad_norm),
                 lr=scheduler.get_last_lr()[0],
-                response_tokens=tokens,
-                mean_response_len=tokens / len(batch),
+                response_tokens=step_tokens,
+                mean_response_len=step_tokens / all_rows,
                 seconds=t3 - t0,
                 sample_seconds=t1 - t0,
                 teacher_seconds=t2 - t1,
                 student_seconds=t3 - t2,
-                tokens_per_s=tokens / max(t3 - t0, 1e-9),
-                rows=len(batch),
-                capped_rows=sum(hit_cap(rollout, config.max_new_tokens, eos_ids)),
+                tokens_per_s=step_tokens / max(t3 - t0, 1e-9),
+                rows=all_rows,
+                capped_rows=capped_rows,
                 loss=objective.name,
             )
             if not math.isfinite(entry.kl):
@@ -252,17 +270,23 @@ def train_student(
                 log_file.flush()
             if on_step:
                 on_step(entry)
-            tokens_trained += tokens
+            tokens_trained += step_tokens  # counted over all processes: every process stops on the same step
             budget_spent = config.token_budget is not None and tokens_trained >= config.token_budget
-            if checkpointing and accelerator.is_main_process:
+            if checkpointing:
                 checkpointing.extra["tokens_trained"] = tokens_trained
-                stop = checkpointing.stop_requested()
+                # Any process asked to stop stops them all, after the same step.
+                stop = bool(accelerator.reduce(torch.tensor(int(checkpointing.stop_requested()),
+                                                            device=accelerator.device), "sum"))
                 if stop or step % checkpointing.every == 0 or step == config.steps or budget_spent:
-                    save_checkpoint(
-                        checkpointing.work_dir, step=step, build_key=checkpointing.build_key, model=policy,
-                        optimizer=optimizer, python_rng_state=python_rng_to_json(rng.getstate()),
-                        log_lines=checkpointing.log_lines_before + len(result.log), extra=checkpointing.extra,
-                    )
+                    torch_rngs = gather_object([torch.get_rng_state()]) if world > 1 else None
+                    if accelerator.is_main_process:
+                        save_checkpoint(
+                            checkpointing.work_dir, step=step, build_key=checkpointing.build_key, model=policy,
+                            optimizer=optimizer, python_rng_state=python_rng_to_json(rng.getstate()),
+                            log_lines=checkpointing.log_lines_before + len(result.log), extra=checkpointing.extra,
+                            torch_rngs=torch_rngs,
+                        )
+                    accelerator.wait_for_everyone()  # nobody stops before the checkpoint is on disk
                 if stop:
                     raise KeyboardInterrupt
             if budget_spent:
@@ -272,5 +296,11 @@ def train_student(
         if log_file:
             log_file.close()
     result.seconds = time.perf_counter() - started
+    result.processes = world
+    if world > 1:  # DDP keeps the replicas equal; check it rather than assume it, before anyone writes
+        digest = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+        digests = accelerator.gather(digest)
+        if not torch.all(digests == digests[0]):
+            raise RuntimeError(f"the adapters of the {world} processes differ after training: {digests.tolist()}")
     return result
 
