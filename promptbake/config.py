@@ -119,6 +119,11 @@ class BakeConfig(BaseModel):
     rollout: Literal["hf", "vllm"] = Field(
         "hf", description="Who samples the student: Hugging Face in this process, or vLLM (adapter re-registered every step)."
     )
+    rollout_url: str | None = Field(
+        None,
+        description="An OpenAI-compatible vLLM server holding the base model, started with --enable-lora and "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True: the student samples there, its adapter reloaded after "
+                    "every step. The server must read this machine's files (same machine or shared filesystem).")
     sampler_copy: bool = Field(
         True, description="With bf16, sample from a bf16 copy of the base with the LoRA merged in (refreshed every step)."
     )
@@ -152,6 +157,8 @@ class BakeConfig(BaseModel):
             raise ValueError("teacher_mode live makes the student its own teacher; it cannot be combined with teacher")
         if self.method == "sft" and self.teacher_mode == "live":
             raise ValueError("method sft trains on the teacher's fixed text; it has no live teacher")
+        if self.rollout_url and self.rollout == "vllm":
+            raise ValueError("rollout vllm samples in this process; rollout_url on a server: give one")
         if self.teacher_url:
             if self.teacher:
                 raise ValueError("teacher and teacher_url both name the teacher; give one")

@@ -10,10 +10,6 @@ vLLM's prefix caching keeps the system prompt's keys and values between requests
 
 from __future__ import annotations
 
-import json
-import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import torch
@@ -22,8 +18,7 @@ from promptbake.chat import ChatRenderer
 from promptbake.errors import PromptbakeError
 from promptbake.queries import Query
 from promptbake.rollout import Rollout, rollout_from_lists
-
-TOKENIZER_PROBE = "Hello, wörld! 1234 <answer>B</answer>\n  indented\tcode()"
+from promptbake.vllm_client import VLLMClient
 
 
 class ServedTeacher:
@@ -32,50 +27,13 @@ class ServedTeacher:
 
     is_student = False
 
-    def __init__(self, url: str, renderer: ChatRenderer, tokenizer, *, timeout: float = 300.0, retries: int = 3,
-                 rows_per_request: int = 16):
-        self.url = url.rstrip("/").removesuffix("/v1")
-        self.renderer, self.tokenizer = renderer, tokenizer
-        self.timeout, self.retries, self.rows_per_request = timeout, retries, rows_per_request
+    def __init__(self, url: str, renderer: ChatRenderer, tokenizer, *, rows_per_request: int = 16):
+        self.client = VLLMClient(url, "--teacher-url")
+        self.client.check_tokenizer(tokenizer)
+        self.url, self.model_id, self.max_model_len = self.client.url, self.client.model_id, self.client.max_model_len
+        self.renderer, self.tokenizer, self.rows_per_request = renderer, tokenizer, rows_per_request
         self.live = False
         self._ids: dict[tuple, list[int]] = {}
-        models = self._call("GET", "/v1/models").get("data") or []
-        if not models:
-            raise PromptbakeError(f"--teacher-url {self.url}: the server lists no model")
-        self.model_id: str = models[0]["id"]
-        self.max_model_len = int(models[0].get("max_model_len") or 0)
-        self._check_tokenizer()
-
-    # -- transport ---------------------------------------------------------------------------------------------
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        """One JSON request, retried with backoff on connection errors and server errors (5xx)."""
-        data = json.dumps(body).encode() if body is not None else None
-        last = ""
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:300]
-                if e.code < 500:
-                    raise PromptbakeError(f"--teacher-url {self.url}{path}: HTTP {e.code}: {detail}") from None
-                last = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                last = str(getattr(e, "reason", e))
-            if attempt < self.retries:
-                time.sleep(min(2.0 ** attempt, 10.0))
-        raise PromptbakeError(f"--teacher-url {self.url}: no answer after {self.retries + 1} tries ({last})")
-
-    def _check_tokenizer(self) -> None:
-        """The server scores our token ids, so its tokenizer must map text to the same ids."""
-        theirs = self._call("POST", "/tokenize", {"model": self.model_id, "prompt": TOKENIZER_PROBE,
-                                                  "add_special_tokens": False}).get("tokens")
-        ours = self.tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-        if theirs != ours:
-            raise PromptbakeError(f"--teacher-url {self.url}: the served model '{self.model_id}' tokenizes text "
-                                  "differently from the student; the teacher must share the student's tokenizer")
 
     # -- what the compile asks of a teacher ---------------------------------------------------------------------
     def prompt_ids(self, query: Query) -> list[int]:
@@ -118,7 +76,7 @@ class ServedTeacher:
             rows.append((b, self.prompt_ids(query), response))
         for start in range(0, len(rows), self.rows_per_request):
             chunk = rows[start:start + self.rows_per_request]
-            answer = self._call("POST", "/v1/completions", {
+            answer = self.client.call("POST", "/v1/completions", {
                 "model": self.model_id, "prompt": [prompt + response for _, prompt, response in chunk],
                 "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
             })
@@ -134,24 +92,9 @@ class ServedTeacher:
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_ids: list[int],
                pad_id: int, greedy: bool = False) -> Rollout:
-        """The prompted teacher's own answers (the response-cap probe and the off-policy baselines use them)."""
-        responses: list[list[int]] = []
-        for start in range(0, len(prompts), self.rows_per_request):
-            chunk = prompts[start:start + self.rows_per_request]
-            answer = self._call("POST", "/v1/completions", {
-                "model": self.model_id, "prompt": chunk, "max_tokens": max_new_tokens,
-                "temperature": 0.0 if greedy else temperature, "top_p": 1.0, "top_k": -1,
-                "stop_token_ids": eos_ids, "skip_special_tokens": False, "return_token_ids": True,
-                "seed": int(torch.randint(0, 2**31 - 1, (1,))),
-            })
-            for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-                tokens = choice.get("token_ids")
-                if tokens is None:
-                    raise PromptbakeError(f"--teacher-url {self.url}: the server does not return token ids "
-                                          "(return_token_ids needs a recent vLLM)")
-                if choice.get("finish_reason") == "stop" and (not tokens or tokens[-1] not in eos_ids):
-                    tokens = [*tokens, eos_ids[0]]  # vLLM drops the stop token; the layout keeps it
-                responses.append(tokens or [eos_ids[0]])
+        """The prompted teacher's own answers (the response-cap probe samples them)."""
+        responses = self.client.sample_ids(self.model_id, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           eos_ids=eos_ids, greedy=greedy, rows_per_request=self.rows_per_request)
         return rollout_from_lists(responses, pad_id)
 
 

@@ -222,6 +222,7 @@ def test_generated_options_reach_the_config_typed_and_unset_ones_stay_unset():
         (["--teacher-url", "http://127.0.0.1:9", "--kl", "full"], "needs method opcd with kl sampled"),
         (["--teacher-url", "http://127.0.0.1:9", "--kl", "sampled", "--teacher-mode", "live"], "cannot be a server"),
         (["--teacher-url", "http://127.0.0.1:9", "--kl", "sampled", "--temperature", "0.7"], "scores at temperature 1"),
+        (["--rollout-url", "http://127.0.0.1:9", "--rollout", "vllm"], "rollout_url on a server: give one"),
     ],
 )
 def test_conflicting_settings_fail_before_any_model_loads(tmp_path, prompt, extra, fragment):
@@ -231,11 +232,12 @@ def test_conflicting_settings_fail_before_any_model_loads(tmp_path, prompt, extr
     assert not out.exists()
 
 
-def test_unreachable_teacher_server_is_one_line_before_training(tmp_path, prompt, tiny_model_dir):
+def test_unreachable_servers_are_one_line_before_training(tmp_path, prompt, tiny_model_dir):
     from promptbake.serve import free_port
 
     out = tmp_path / "out"
     url = f"http://127.0.0.1:{free_port()}"
-    result = run("compile", prompt, "--out", out, "--model", tiny_model_dir, *FAST, "--kl", "sampled", "--teacher-url", url)
-    assert_one_line_error(result, f"--teacher-url {url}: no answer after")
-    assert not out.exists() and not (tmp_path / ".out.work" / "train_log.jsonl").exists()
+    for flag in ("--teacher-url", "--rollout-url"):
+        result = run("compile", prompt, "--out", out, "--model", tiny_model_dir, *FAST, "--kl", "sampled", flag, url)
+        assert_one_line_error(result, f"{flag} {url}: no answer after")
+        assert not out.exists() and not (tmp_path / ".out.work" / "train_log.jsonl").exists()

