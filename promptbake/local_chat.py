@@ -11,9 +11,8 @@ import torch
 
 from promptbake.artifact import read_manifest
 from promptbake.chat import ChatRenderer
-from promptbake.measure import adapter_enabled
 from promptbake.models import manifest_base_dir
-from promptbake.rollout import eos_token_ids, sample
+from promptbake.rollout import adapter_enabled, eos_token_ids, sample
 from promptbake.runtime import load_runtime
 from promptbake.spec import load_spec
 

@@ -8,7 +8,6 @@ Conditions:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -20,18 +19,13 @@ from promptbake.lengths import hit_cap
 from promptbake.losses import full_reverse_kl, log_probs
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
-from promptbake.rollout import adapter_set, HFRolloutEngine, Rollout, autocast, eos_token_ids, response_logits
+from promptbake.rollout import adapter_enabled, adapter_set, HFRolloutEngine, Rollout, autocast, eos_token_ids, response_logits
 from promptbake.teacher import PromptedTeacher
 
 CONDITIONS = ("base", "teacher", "baked")
 # Rows decoded at once when measuring. Decoding is bound by reading the weights, so 24 rows cost little more
 # than 16, and the default 24 held-out queries go in one pass instead of two (16 + 8).
 MEASURE_BATCH = 32
-
-
-def adapter_enabled(model, enabled: bool):
-    """The model with its adapter on or off; a plain model (no adapter) is the base either way."""
-    return contextlib.nullcontext() if enabled or not hasattr(model, "disable_adapter") else model.disable_adapter()
 
 
 def _chunks(items: list, size: int):

@@ -199,6 +199,11 @@ def response_logits(
     return out.logits[:, :-1, :]
 
 
+def adapter_enabled(model, enabled: bool):
+    """The model with its adapter on or off; a plain model (no adapter) is the base either way."""
+    return contextlib.nullcontext() if enabled or not hasattr(model, "disable_adapter") else model.disable_adapter()
+
+
 @contextlib.contextmanager
 def adapter_set(engine, enabled: bool):
     """Sample from `engine` with the adapter on or off inside the block; on again afterwards, whatever happens."""

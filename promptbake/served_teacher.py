@@ -18,6 +18,7 @@ from promptbake.chat import ChatRenderer
 from promptbake.errors import PromptbakeError
 from promptbake.queries import Query
 from promptbake.rollout import Rollout, rollout_from_lists
+from promptbake.teacher import query_key
 from promptbake.vllm_client import VLLMClient
 
 
@@ -37,7 +38,7 @@ class ServedTeacher:
 
     # -- what the compile asks of a teacher ---------------------------------------------------------------------
     def prompt_ids(self, query: Query) -> list[int]:
-        key = (query.id, query.text)
+        key = query_key(query)
         if key not in self._ids:
             self._ids[key] = self.renderer.teacher_ids(query.messages)
         return self._ids[key]

@@ -8,7 +8,6 @@ weights change (self-distillation with a live teacher).
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from transformers import DynamicCache
@@ -17,10 +16,11 @@ from promptbake.chat import ChatRenderer, common_prefix_length
 from promptbake.fastdecode import can_share_prefix, shared_prefix
 from promptbake.losses import teacher_sampled_logprobs
 from promptbake.queries import Query
-from promptbake.rollout import Rollout, autocast, response_logits
+from promptbake.rollout import Rollout, adapter_enabled, autocast, response_logits
 
 
-def _key(query: Query) -> tuple:
+def query_key(query: Query) -> tuple:
+    """What a query's rendered prompt depends on: its messages (ids are only unique within one file)."""
     return tuple((m["role"], m["content"]) for m in query.messages)
 
 
@@ -50,8 +50,8 @@ class PromptedTeacher:
         for q in queries:
             ids = self.renderer.teacher_ids(q.messages)
             self.renderer.check_fits(ids, max_new_tokens, f"{where} query {q.id + 1}")
-            self._ids[_key(q)] = ids
-            self._where[_key(q)] = f"{where} query {q.id + 1}"
+            self._ids[query_key(q)] = ids
+            self._where[query_key(q)] = f"{where} query {q.id + 1}"
         if self.use_prefix_cache:
             rendered = list(self._ids.values())
             # Two probe queries guarantee the prefix stops before any query text, even for one query.
@@ -70,9 +70,7 @@ class PromptedTeacher:
         self._prefix_kv = None
 
     def _adapter_off(self):
-        if self.is_student and not self.live and hasattr(self.model, "disable_adapter"):  # a plain model is the base
-            return self.model.disable_adapter()
-        return contextlib.nullcontext()
+        return adapter_enabled(self.model, not (self.is_student and not self.live))
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -92,7 +90,7 @@ class PromptedTeacher:
         return DynamicCache(ddp_cache_data=expanded, config=self.model.config)
 
     def prompt_ids(self, query: Query) -> list[int]:
-        key = _key(query)
+        key = query_key(query)
         if key not in self._ids:
             self._ids[key] = self.renderer.teacher_ids(query.messages)
         return self._ids[key]
