@@ -45,6 +45,7 @@ class BakeManifest(BaseModel):
     teacher_model: str | None
     queries_file: str
     queries_sha256: str
+    queries_synthesized: bool = False  # queries_file was written from the prompt's rules (no query file given)
     num_queries: int
     heldout_ids: list[int]  # rows of heldout_file when there is one, else rows of queries_file kept out of training
     heldout_file: str | None = None

@@ -139,7 +139,7 @@ def compile_prompt(
     else:
         plan = plan_compile(prompt, **inputs)  # every input a user can get wrong, checked before the model loads
     if plan.build_key is None:
-        plan.resolve()
+        plan.resolve(on_event)
     processes = PartialState(cpu=not torch.cuda.is_available())  # one, or each of those `accelerate launch` started
     main = processes.is_main_process
     emit = (on_event or ignore) if main else ignore
@@ -328,6 +328,7 @@ def make_manifest(run: CompileRun, result: TrainResult, kl_before: float | None,
         teacher_model=config.teacher,
         queries_file=str(plan.queries_path),
         queries_sha256=sha256_file(plan.queries_path),
+        queries_synthesized=plan.synthesized,
         num_queries=len(plan.queries),
         heldout_ids=[q.id for q in run.heldout_queries],
         heldout_file=str(plan.heldout_path) if plan.heldout_path else None,

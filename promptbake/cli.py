@@ -165,7 +165,7 @@ def compile_cmd(
     variables = parse_var_overrides(var)
     plan = plan_compile(prompt, out=out_dir, queries=queries, model=model, overrides=overrides,
                         variables=variables, trust_pickle=trust_pickle, heldout=heldout_queries)
-    plan.resolve()
+    plan.resolve(on_event=lambda event: console.print(f"[dim]{event.message}[/]", highlight=False))
     if plan.existing(force) == "up-to-date":
         manifest = plan.cached_manifest()
         out.print(f"[bold green]up to date[/] {manifest.name} -> {plan.out_dir} (same prompt, model, queries and config)")
@@ -234,6 +234,64 @@ def compile_cmd(
         out.print(f"report: {build_report(result.out_dir)[0]}")
 
 
+@app.command("queries")
+@friendly
+def queries_cmd(
+    prompt: Annotated[Path, typer.Argument(help="Prompt file to write queries for.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Output query file (.jsonl).")],
+    n: Annotated[int, typer.Option("-n", help="Number of queries.")] = 500,
+    turns: Annotated[int, typer.Option(help="1: single messages; 2: a first turn answered by the prompted teacher, "
+                                            "then the follow-up query.")] = 1,
+    model: Annotated[Optional[str], typer.Option(help="Base model (the prompted teacher; default generator).")] = None,
+    generator: Annotated[Optional[str], typer.Option(help="Another local model to write the queries.")] = None,
+    generator_url: Annotated[Optional[str], typer.Option(help="An OpenAI-compatible endpoint to write the queries.")] = None,
+    exclude: Annotated[Optional[Path], typer.Option(
+        help="Query file whose (near-)copies are dropped; default the prompt's heldout: file.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling and of the rule order.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Generator sampling temperature.")] = 0.8,
+    off_topic: Annotated[float, typer.Option(help="Share of off-topic messages.")] = 0.1,
+    var: Annotated[list[str], typer.Option("--var", help="Template variable key=value (repeatable).")] = [],
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) weights.")] = False,
+) -> None:
+    """Write user queries that exercise each rule of PROMPT, tagged with the rule (JSONL)."""
+    _quiet_libraries()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from promptbake.atomic import write_text_atomic
+    from promptbake.queries import load_queries
+    from promptbake.spec import load_spec, parse_var_overrides
+    from promptbake.synthesis import SynthesisSettings, diversity, records_to_jsonl, synthesize_for_prompt
+
+    settings = SynthesisSettings(n=n, turns=turns, seed=seed, temperature=temperature, off_topic=off_topic)
+    settings.validate()
+    if out_file.suffix.lower() != ".jsonl":
+        raise PromptbakeError(f"{out_file}: the output must be a .jsonl file (it holds rule tags and conversations)")
+    if out_file.exists() and not force:
+        raise PromptbakeError(f"{out_file}: exists; pass --force to replace it")
+    spec = load_spec(prompt, parse_var_overrides(var))
+    exclude_path = exclude or spec.heldout_path
+    excluded = load_queries(exclude_path) if exclude_path else []
+    progress = Progress(TextColumn("[bold]writing queries"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console)
+    with progress:
+        task = progress.add_task("queries", total=n)
+        result = synthesize_for_prompt(spec.system_prompt, model=model or spec.model, generator=generator,
+                                       generator_url=generator_url, settings=settings, exclude=excluded,
+                                       on_progress=lambda done, total: progress.update(task, completed=done),
+                                       trust_pickle=trust_pickle)
+    write_text_atomic(out_file, records_to_jsonl(result.records))
+    figures = diversity([" ".join(m["content"] for m in r["messages"] if m["role"] == "user") if "messages" in r
+                         else r["query"] for r in result.records])
+    source = "from cache" if result.cached else f"{result.attempts} generated, {result.rejected}"
+    out.print(f"wrote {len(result.records)} queries to {out_file} ({source}); rules covered "
+              f"{result.rules_covered}/{len(result.rules)}; distinct 2-grams {figures['distinct_2']:.2f}"
+              + (f"; excluded near-copies of {exclude_path}" if exclude_path else ""))
+    if len(result.records) < n:
+        console.print(f"[yellow]warning: only {len(result.records)} of {n} distinct usable queries "
+                      f"after {settings.max_rounds} rounds[/]")
+
+
 @app.command()
 @friendly
 def verify(
@@ -294,6 +352,16 @@ def _print_verify(report) -> None:
             checks.add_row(name, rates["base"].fmt(), rates["teacher"].fmt(), rates["baked"].fmt(),
                            report.check_ratios[name].fmt(percent=False))
         out.print(checks)
+    if report.rules:
+        rules = Table(title="per rule, worst first (held-out queries of each rule; 95% CI)")
+        for col in ("rule", "queries", "KL gap closed", "checks teacher", "checks baked"):
+            rules.add_column(col, justify="left" if col == "rule" else "right")
+        for r in report.rules:
+            text = r.text if len(r.text) <= 60 else r.text[:57] + "..."
+            rules.add_row(f"{r.rule}: {text}", str(r.num_queries), r.kl_gap_closed.fmt(percent=False),
+                          r.checks_teacher.fmt() if r.checks_teacher else "-",
+                          r.checks_baked.fmt() if r.checks_baked else "-")
+        out.print(rules)
     if report.cap_hit:
         cut = ", ".join(f"{k.split('_', 1)[1]} {v:.0%}" for k, v in report.cap_hit.items())
         out.print(f"answers cut by the {report.response_cap}-token cap: {cut}")

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import ValidationError
 
@@ -39,6 +39,7 @@ class CompilePlan:
     build_key: str | None = None
     heldout_path: Path | None = None
     heldout_queries: list[Query] | None = None
+    synthesized: bool = False  # no query file was given: queries are written from the prompt's rules in resolve()
 
     def split(self) -> tuple[list[Query], list[Query]]:
         """(train, held-out): every query of the file and the separate held-out file when there is one,
@@ -52,9 +53,12 @@ class CompilePlan:
         """Checkpoints of an unfinished compile live beside the output, never inside it."""
         return self.out_dir.parent / f".{self.out_dir.name}.work"
 
-    def resolve(self) -> None:
-        """Find the model (converting a GGUF once) and compute the build key."""
+    def resolve(self, on_event: Callable[[object], None] | None = None) -> None:
+        """Find the model (converting a GGUF once), write the queries when there is no query file (cached by
+        prompt, model and seed: a second compile reads them back), and compute the build key."""
         self.model_dir = resolve_model(self.model_name, self.trust_pickle)
+        if self.synthesized and not self.queries:
+            self._synthesize_queries(on_event or (lambda event: None))
         teacher_hash = weights_sha256(resolve_model(self.config.teacher, self.trust_pickle)) if self.config.teacher else None
         from promptbake import __version__
 
@@ -69,6 +73,26 @@ class CompilePlan:
             "config": self.config.model_dump(exclude=NOT_IN_KEY),
         }
         self.build_key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def _synthesize_queries(self, emit: Callable[[object], None]) -> None:
+        from promptbake.events import Notice
+        from promptbake.synthesis import SynthesisSettings, synthesize_for_prompt
+
+        from promptbake.rules import split_rules
+
+        if not split_rules(self.spec.system_prompt):
+            raise PromptbakeError(f"{self.spec.path}: no queries: set 'queries:' in the front matter or pass --queries "
+                                  "(the prompt has no list items or instructing sentences to write queries from)")
+        settings = SynthesisSettings(seed=self.config.seed)
+        emit(Notice(f"{self.spec.path} names no query file: writing {settings.n} queries from the prompt's rules "
+                    "(cached; `promptbake queries` writes them to a file you can read and edit, --queries uses one)"))
+        result = synthesize_for_prompt(self.spec.system_prompt, model=self.model_name, settings=settings,
+                                       exclude=self.heldout_queries, trust_pickle=self.trust_pickle)
+        emit(Notice(f"{len(result.records)} queries{' (from cache)' if result.cached else ''} covering "
+                    f"{result.rules_covered}/{len(result.rules)} rules: {result.path}"))
+        self.queries_path = result.path
+        self.queries = load_queries(result.path)
+        check_train_count(self.queries_path, self.queries, self.heldout_path, self.config)
 
     def existing(self, force: bool) -> Literal["absent", "up-to-date", "stale"]:
         """State of the output folder; refuses to overwrite something that is not this prompt's artifact."""
@@ -114,11 +138,21 @@ def plan_compile(
     except ValidationError as e:
         raise PromptbakeError(f"invalid settings: {setting_error(e)}") from None
     queries_path = Path(queries) if queries else spec.queries_path
-    if queries_path is None:
-        raise PromptbakeError(f"{spec.path}: no queries: set 'queries:' in the front matter or pass --queries")
-    loaded = load_queries(queries_path)
     heldout_path = Path(heldout) if heldout else spec.heldout_path
+    out_dir = Path(out) if out else Path("build") / spec.name
+    model_name = model or spec.model or DEFAULT_MODEL
+    if queries_path is None:  # written from the prompt in resolve(), once the model is known
+        heldout_queries = load_queries(heldout_path) if heldout_path else None
+        return CompilePlan(spec, config, [], Path(), out_dir, model_name, trust_pickle, heldout_path=heldout_path,
+                           heldout_queries=heldout_queries, synthesized=True)
+    loaded = load_queries(queries_path)
     heldout_queries = load_heldout(heldout_path, queries_path, loaded) if heldout_path else None
+    check_train_count(queries_path, loaded, heldout_path, config)
+    return CompilePlan(spec, config, loaded, queries_path, out_dir, model_name, trust_pickle,
+                       heldout_path=heldout_path, heldout_queries=heldout_queries)
+
+
+def check_train_count(queries_path: Path, loaded: list[Query], heldout_path: Path | None, config: BakeConfig) -> None:
     held_count = 0 if heldout_path else min(config.heldout, len(loaded))
     train_count = len(loaded) - held_count
     if train_count < config.batch_size:
@@ -126,9 +160,6 @@ def plan_compile(
             f"{queries_path}: {len(loaded)} queries leave {train_count} for training after {held_count} held out; "
             f"a batch needs {config.batch_size}"
         )
-    out_dir = Path(out) if out else Path("build") / spec.name
-    return CompilePlan(spec, config, loaded, queries_path, out_dir, model or spec.model or DEFAULT_MODEL, trust_pickle,
-                       heldout_path=heldout_path, heldout_queries=heldout_queries)
 
 
 def _normalised(query: Query) -> str:

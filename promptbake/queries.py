@@ -25,6 +25,7 @@ class Query:
     id: int
     messages: Messages
     tags: tuple[str, ...] = ()
+    rule: str | None = None  # the prompt rule a synthesised query exercises (promptbake.rules ids)
 
     @property
     def text(self) -> str:
@@ -36,6 +37,13 @@ def _tags_from_json(obj: object, where: str) -> tuple[str, ...]:
     if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
         raise PromptbakeError(f"{where}: 'tags' must be a list of strings")
     return tuple(tags)
+
+
+def _rule_from_json(obj: object, where: str) -> str | None:
+    rule = obj.get("rule") if isinstance(obj, dict) else None
+    if rule is not None and not (isinstance(rule, str) and rule.strip()):
+        raise PromptbakeError(f"{where}: 'rule' must be a non-empty string")
+    return rule
 
 
 def _messages_from_json(obj: object, where: str) -> Messages:
@@ -79,6 +87,7 @@ def load_queries(path: str | Path) -> list[Query]:
     suffix = path.suffix.lower()
     messages: list[Messages] = []
     tags: list[tuple[str, ...]] = []
+    rules: list[str | None] = []
     if suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -89,6 +98,7 @@ def load_queries(path: str | Path) -> list[Query]:
                 raise PromptbakeError(f"{path}:{number}: invalid JSON: {e.msg}") from None
             messages.append(_messages_from_json(obj, f"{path}:{number}"))
             tags.append(_tags_from_json(obj, f"{path}:{number}"))
+            rules.append(_rule_from_json(obj, f"{path}:{number}"))
     elif suffix == ".txt":
         messages = [[{"role": "user", "content": line.strip()}] for line in text.splitlines() if line.strip()]
     elif suffix == ".csv":
@@ -108,7 +118,8 @@ def load_queries(path: str | Path) -> list[Query]:
     if not messages:
         raise PromptbakeError(f"{path}: no queries in file")
     tags = tags or [()] * len(messages)
-    return [Query(id=i, messages=m, tags=t) for i, (m, t) in enumerate(zip(messages, tags))]
+    rules = rules or [None] * len(messages)
+    return [Query(id=i, messages=m, tags=t, rule=r) for i, (m, t, r) in enumerate(zip(messages, tags, rules))]
 
 
 def split_queries(queries: list[Query], heldout: int, seed: int) -> tuple[list[Query], list[Query]]:

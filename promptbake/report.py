@@ -86,6 +86,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _ci(estimate: dict, spec: str) -> str:
+    lo, hi = estimate["ci95"]
+    return f"{estimate['value']:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
 def build_report(adapter_dir: str | Path) -> tuple[Path, Path]:
     adapter_dir = Path(adapter_dir)
     m = read_manifest(adapter_dir)
@@ -103,12 +108,19 @@ def build_report(adapter_dir: str | Path) -> tuple[Path, Path]:
         md += ["## Checks", _md_table(check_header, check_rows), ""]
 
     verify = None
-    verify_table = ""
+    verify_table = rules_table = ""
     if (reports / "verify.json").is_file():
         verify = json.loads((reports / "verify.json").read_text())
         rows = [[k, f"{v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"] for k, v in verify["metrics"].items()]
         verify_table = _table(["metric", "value [95% CI]"], rows)
         md += ["## Verify", _md_table(["metric", "value [95% CI]"], rows), ""]
+        if verify.get("rules"):
+            header = ["rule", "queries", "KL gap closed [95% CI]", "checks teacher", "checks baked"]
+            rule_rows = [[f"{r['rule']}: {r['text']}", str(r["num_queries"]), _ci(r["kl_gap_closed"], ".2f"),
+                          _ci(r["checks_teacher"], ".0%") if "checks_teacher" in r else "-",
+                          _ci(r["checks_baked"], ".0%") if "checks_baked" in r else "-"] for r in verify["rules"]]
+            rules_table = _table(header, rule_rows)
+            md += ["## Per rule, worst first", _md_table(header, rule_rows), ""]
     evals = []
     for path in sorted(reports.glob("eval-*.json")) if reports.is_dir() else []:
         data = json.loads(path.read_text())
@@ -135,7 +147,7 @@ def build_report(adapter_dir: str | Path) -> tuple[Path, Path]:
         kl_svg=Markup(line_svg(kl)),
         check_svg=Markup(bars_svg(checks)) if checks else "",
         check_table=Markup(_table(check_header, check_rows)) if check_rows else "",
-        verify=verify, verify_table=Markup(verify_table),
+        verify=verify, verify_table=Markup(verify_table), rules_table=Markup(rules_table),
         evals=[{**e, "svg": Markup(e["svg"]), "table": Markup(e["table"])} for e in evals],
         serving=Markup(serving),
         config=json.dumps(m.config), versions=", ".join(f"{k} {v}" for k, v in m.versions.items()),

@@ -24,9 +24,55 @@ from promptbake.models import manifest_base_dir, weights_sha256
 from promptbake.queries import load_queries
 from promptbake.lengths import fraction, ids_hit_cap
 from promptbake.rollout import eos_token_ids
+from promptbake.rules import split_rules
 from promptbake.runtime import load_runtime
 from promptbake.spec import VerifyThresholds, load_spec
 from promptbake.stats import Estimate, gap_closed_ci, mean_ci, ratio_of_means_ci
+
+
+@dataclass
+class RuleResult:
+    """How well one rule of the prompt was learned, on the held-out queries that exercise it."""
+
+    rule: str  # a rule id of promptbake.rules, 'off-topic', or a query tag
+    text: str
+    num_queries: int
+    kl_gap_closed: Estimate
+    reverse_kl_baked: Estimate
+    checks_teacher: Estimate | None = None  # every applicable check passes, greedy
+    checks_baked: Estimate | None = None
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "text": self.text, "num_queries": self.num_queries,
+                **{k: getattr(self, k).to_dict() for k in ("kl_gap_closed", "reverse_kl_baked", "checks_teacher",
+                                                           "checks_baked") if getattr(self, k) is not None}}
+
+
+def rule_groups(queries: list) -> dict[str, list[int]]:
+    """Query positions per rule: a query's `rule` when it has one, else each of its tags."""
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(queries):
+        for key in [q.rule] if q.rule else q.tags:
+            groups.setdefault(key, []).append(i)
+    return groups
+
+
+def per_rule_results(queries: list, rule_texts: dict[str, str], baked, base,
+                     checks_all: dict[str, list[float]] | None) -> list[RuleResult]:
+    """Gap closed and check rates per rule, with bootstrap intervals over that rule's queries, worst first."""
+    out = []
+    for key, idx in rule_groups(queries).items():
+        pick = lambda values: [values[i] for i in idx]  # noqa: E731
+        result = RuleResult(
+            key, rule_texts.get(key, "off-topic messages" if key == "off-topic" else f"queries tagged '{key}'"), len(idx),
+            gap_closed_ci(pick(baked.per_query), pick(base.per_query), pick(baked.tokens), pick(base.tokens)),
+            mean_ci(pick(baked.per_query)))
+        if checks_all:
+            result.checks_teacher = mean_ci(pick(checks_all["teacher"]))
+            result.checks_baked = mean_ci(pick(checks_all["baked"]))
+        out.append(result)
+    return sorted(out, key=lambda r: (r.kl_gap_closed.value if r.kl_gap_closed.value == r.kl_gap_closed.value
+                                      else float("inf"), r.rule))
 
 
 @dataclass
@@ -41,6 +87,7 @@ class VerifyReport:
     samples: dict[str, list[str]] = field(default_factory=dict)
     response_cap: int = 0
     cap_hit: dict[str, float] = field(default_factory=dict)  # fraction of answers the cap cut, per measurement
+    rules: list[RuleResult] = field(default_factory=list)  # per rule (or tag), worst KL gap closed first
 
     @property
     def passed(self) -> bool:
@@ -58,6 +105,7 @@ class VerifyReport:
             "check_ratios": {k: v.to_dict() for k, v in self.check_ratios.items()},
             "response_cap": self.response_cap,
             "cap_hit": self.cap_hit,
+            "rules": [r.to_dict() for r in self.rules],
             "samples": {k: v[:5] for k, v in self.samples.items()},
         }, indent=2)
 
@@ -177,6 +225,7 @@ def verify_adapters(
     base_agree = [token_agreement(b, t, agreement_tokens) for b, t in zip(shared_ids["base"], shared_ids["teacher"])]
     eos_ids = eos_token_ids(tokenizer)
     decode_cap = max(new_tokens, agreement_tokens)
+    rule_texts = {rule.id: rule.text for rule in split_rules(spec.system_prompt)}
     merged = spec.verify.model_copy(update={k: v for k, v in (thresholds or {}).items() if v is not None})
 
     reports = []
@@ -211,6 +260,9 @@ def verify_adapters(
                 continue  # no query carries this check's tags
             report.checks[check.name] = {cond: mean_ci(v) for cond, v in passed.items()}
             report.check_ratios[check.name] = ratio_of_means_ci(passed["baked"], passed["teacher"])
+        checks_all = {cond: outcomes[cond]["all"] for cond in ("teacher", "baked")} if spec.checks else None
+        report.rules = per_rule_results(query_list, rule_texts, kl["reverse_kl_baked"], kl["reverse_kl_base"],
+                                        checks_all)
         apply_thresholds(report, merged)
         reports.append(report)
     return reports
