@@ -58,6 +58,10 @@ VARIANTS: dict[str, dict] = {
     # The presets as shipped: run these with --token-budget 0 (their own steps, no budget).
     "preset-faithful": {"preset": "faithful"},
     "preset-quick": {"preset": "quick"},
+    # Where the training queries come from (benchmarks/query_sources.py): the prompt's hand-written file,
+    # 500 written from the prompt's rules by `promptbake queries`, or both files together.
+    "queries-synth": {"queries": "synth"},
+    "queries-both": {"queries": "both"},
 }
 BUCKETS = ((0, 48), (48, 128), (128, 10**9))
 
@@ -151,6 +155,30 @@ class Measurer:
         return out
 
 
+SYNTH_QUERIES = 500
+
+
+def query_file(prompt: str, source: str, build: Path) -> Path:
+    """The training query file of a query source: 'synth' (written from the prompt's rules, near-copies of its
+    held-out queries excluded; cached) or 'both' (the hand-written file followed by the synthesised one)."""
+    from promptbake.queries import load_queries
+    from promptbake.spec import load_spec
+    from promptbake.synthesis import SynthesisSettings, synthesize_for_prompt
+
+    spec = load_spec(REPO / "prompts" / f"{prompt}.md")
+    synth = synthesize_for_prompt(spec.system_prompt, model=spec.model, settings=SynthesisSettings(n=SYNTH_QUERIES),
+                                  exclude=load_queries(spec.heldout_path) if spec.heldout_path else None).path
+    if source == "synth":
+        return synth
+    both = build / f"{prompt}-queries-both.jsonl"
+    text = spec.queries_path.read_text(encoding="utf-8").rstrip("\n") + "\n" + synth.read_text(encoding="utf-8")
+    if not both.is_file() or both.read_text(encoding="utf-8") != text:
+        from promptbake.atomic import write_text_atomic
+
+        write_text_atomic(both, text)
+    return both
+
+
 def gap(baked: dict, base: dict) -> float:
     return 1 - baked["mean"] / base["mean"] if base["mean"] > 0 else float("nan")
 
@@ -168,6 +196,8 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
     from promptbake.events import StepDone
 
     overrides = {**variant_settings(variant), "seed": seed, "checkpoint_every": 10_000}
+    source = overrides.pop("queries", "hand")
+    queries = None if source == "hand" else query_file(prompt, source, args.build)
     if args.token_budget:
         overrides.update(token_budget=args.token_budget, steps=args.max_steps)
     out_dir = args.build / prompt / run_name(variant, seed, args.token_budget)
@@ -176,7 +206,8 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
         if not isinstance(event, StepDone) or event.entry.step % 10 == 0:
             print(f"  [{prompt} {variant} s{seed}] {event.message}", flush=True)
 
-    result = compile_prompt(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, measure=False, on_event=show)
+    result = compile_prompt(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, queries=queries,
+                            measure=False, on_event=show)
     compile_s = time.perf_counter() - t0
     m = result.manifest
     if result.up_to_date:
