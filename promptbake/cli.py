@@ -292,6 +292,49 @@ def queries_cmd(
                       f"after {settings.max_rounds} rounds[/]")
 
 
+@app.command("learn")
+@friendly
+def learn_cmd(
+    suite: Annotated[str, typer.Option(help="A suite with gold answers (gsm8k, medmcqa, mmlu, ...).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (knowledge.md, adapter/, learn.json).")],
+    train_limit: Annotated[int, typer.Option(help="Training tasks the model learns from.")] = 64,
+    heldout_limit: Annotated[int, typer.Option(help="Held-out tasks every stage is measured on.")] = 100,
+    rounds: Annotated[int, typer.Option(help="Extract-and-accumulate rounds (the training tasks are split among them).")] = 2,
+    knowledge_tokens: Annotated[int, typer.Option(help="Token budget of the knowledge text.")] = 400,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root (default $PROMPTBAKE_DATA).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model (default the built-in one).")] = None,
+    extractor: Annotated[Optional[str], typer.Option(help="Another local model to write the lessons.")] = None,
+    extractor_url: Annotated[Optional[str], typer.Option(help="An OpenAI-compatible endpoint to write the lessons.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the task split, sampling and compile.")] = 0,
+    preset: Annotated[str, typer.Option(help="Compile preset for the knowledge: faithful or quick.")] = "faithful",
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder (only once learning succeeds).")] = False,
+) -> None:
+    """Learn lessons from the model's own attempts at a suite, accumulate them, and bake them into an adapter."""
+    _quiet_libraries()
+    from promptbake.learn import LearnSettings, learn
+
+    if preset not in ("faithful", "quick"):
+        raise PromptbakeError(f"--preset must be faithful or quick, got {preset!r}")
+    settings = LearnSettings(suite=suite, train_limit=train_limit, heldout_limit=heldout_limit, rounds=rounds,
+                             seed=seed, knowledge_tokens=knowledge_tokens)
+    result = learn(settings, out_dir, data=data, model=model, extractor=extractor, extractor_url=extractor_url,
+                   compile_overrides={"preset": preset, "seed": seed}, force=force,
+                   on_event=lambda message: console.print(f"[dim]{message}[/]", highlight=False))
+    table = Table(title=f"{suite}: accuracy on {result.final['heldout_tasks']} held-out tasks (95% CI)")
+    for col in ("stage", "base", "base + knowledge in context", "baked (no context)", "knowledge tokens"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    fmt = lambda e: f"{e['value']:.1%} [{e['ci95'][0]:.1%}, {e['ci95'][1]:.1%}]"  # noqa: E731
+    for r in result.rounds:
+        table.add_row(f"round {r['round']} ({r['lessons']} lessons)", fmt(r["heldout_base"]), fmt(r["heldout_in_context"]),
+                      "", str(r["knowledge_tokens"]))
+    f = result.final
+    table.add_row("baked", fmt(f["heldout_base"]), fmt(f["heldout_in_context"]), fmt(f["heldout_baked"]),
+                  str(f["knowledge_tokens"]))
+    out.print(table)
+    out.print(f"[bold green]learned[/] {len(result.lessons)} lessons -> {result.out_dir}/knowledge.md, adapter in "
+              f"{result.out_dir}/adapter")
+
+
 @app.command()
 @friendly
 def verify(

@@ -159,10 +159,10 @@ class LocalGenerator:
 class ServedGenerator:
     """Any OpenAI-compatible chat endpoint: the document goes in one user message, the first line comes back."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, option: str = "--generator-url"):
         from promptbake.vllm_client import VLLMClient
 
-        self.client = VLLMClient(url, "--generator-url", timeout=120.0)
+        self.client = VLLMClient(url, option, timeout=120.0, retries=2)
         self.identity = f"{self.client.url}#{self.client.model_id}"
 
     def next_lines(self, documents: list[str], *, max_new_tokens: int, temperature: float) -> list[str]:
