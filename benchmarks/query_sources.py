@@ -45,10 +45,17 @@ def main(argv=None) -> None:
     rules = split_rules(spec.system_prompt)
     files = {"hand": spec.queries_path, "synth": query_file(args.prompt, "synth", args.build),
              "both": query_file(args.prompt, "both", args.build)}
+    import random
+
+    loaded = {source: load_queries(path) for source, path in files.items()}
+    smallest = min(len(q) for q in loaded.values())
     rows = []
     for source, path in files.items():
-        queries = load_queries(path)
+        queries = loaded[source]
         figures = diversity([user_text(q) for q in queries])
+        # Distinct n-gram ratios fall as a set grows, so they are also given on a seeded sample of equal size.
+        sample = random.Random(0).sample(queries, smallest)
+        figures["distinct_2_equal_n"] = diversity([user_text(q) for q in sample])["distinct_2"]
         covered = {q.rule for q in queries if q.rule} & {r.id for r in rules}
         tags = {t for q in queries for t in q.tags}
         runs = [json.loads(f.read_text()) for f in (args.out / "runs" / args.prompt).glob(f"{VARIANT_OF[source]}-s*-b0k.json")]
@@ -66,13 +73,13 @@ def main(argv=None) -> None:
         v, (lo, hi) = e["value"] * scale, (x * scale for x in e["ci95"])
         return f"{v:{spec}}" if e["n"] == 1 else f"{v:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
-    lines = ["| queries | n | distinct 1-grams | distinct 2-grams | near-duplicate rate | mean words | rules exercised "
+    lines = [f"| queries | n | distinct 1-grams | distinct 2-grams | distinct 2-grams, {smallest} sampled | near-duplicate rate | mean words | rules exercised "
              "(tagged by rule) | seeds | reverse KL gap closed | forward KL gap closed | check ratio | compile min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         covered = f"{r['rules_covered']}/{r['rules']}" if r["rules_covered"] else f"- ({r['tags']} topic tags)"
         lines.append(f"| {r['source']} | {r['queries']} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
-                     f"{r['duplicate_rate']:.1%} | {r['mean_words']:.1f} | {covered} | {len(r['seeds'])} | "
+                     f"{r['distinct_2_equal_n']:.3f} | {r['duplicate_rate']:.1%} | {r['mean_words']:.1f} | {covered} | {len(r['seeds'])} | "
                      f"{est(r['reverse_gap'])} | {est(r['forward_gap'])} | {est(r['check_ratio'])} | "
                      f"{est(r['compile_s'], 1 / 60, '.1f')} |")
     md = "\n".join(lines)
