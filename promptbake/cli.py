@@ -396,14 +396,15 @@ def _print_verify(report) -> None:
                            report.check_ratios[name].fmt(percent=False))
         out.print(checks)
     if report.rules:
-        rules = Table(title="per rule, worst first (held-out queries of each rule; 95% CI)")
-        for col in ("rule", "queries", "KL gap closed", "checks teacher", "checks baked"):
-            rules.add_column(col, justify="left" if col == "rule" else "right")
+        rules = Table(title="per rule, worst first (its held-out queries; 95% CI)")
+        for col in ("rule", "n", "gap closed", "checks t->b", "what it says"):
+            rules.add_column(col, justify="right" if col in ("n", "gap closed") else "left", no_wrap=col != "what it says")
         for r in report.rules:
-            text = r.text if len(r.text) <= 60 else r.text[:57] + "..."
-            rules.add_row(f"{r.rule}: {text}", str(r.num_queries), r.kl_gap_closed.fmt(percent=False),
-                          r.checks_teacher.fmt() if r.checks_teacher else "-",
-                          r.checks_baked.fmt() if r.checks_baked else "-")
+            gap = r.kl_gap_closed
+            checks = f"{r.checks_teacher.value:.0%} -> {r.checks_baked.value:.0%}" if r.checks_teacher else "-"
+            text = r.text if len(r.text) <= 48 else r.text[:45] + "..."
+            rules.add_row(r.rule, str(r.num_queries), f"{gap.value:.2f} [{gap.lo:.2f}, {gap.hi:.2f}]", checks,
+                          "" if r.rule == "off-topic" else text)
         out.print(rules)
     if report.cap_hit:
         cut = ", ".join(f"{k.split('_', 1)[1]} {v:.0%}" for k, v in report.cap_hit.items())
