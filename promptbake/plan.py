@@ -84,12 +84,19 @@ class CompilePlan:
             raise PromptbakeError(f"{self.spec.path}: no queries: set 'queries:' in the front matter or pass --queries "
                                   "(the prompt has no list items or instructing sentences to write queries from)")
         settings = SynthesisSettings(seed=self.config.seed)
-        emit(Notice(f"{self.spec.path} names no query file: writing {settings.n} queries from the prompt's rules "
-                    "(cached; `promptbake queries` writes them to a file you can read and edit, --queries uses one)"))
+        started: list[bool] = []
+
+        def progress(done: int, total: int) -> None:  # called only when queries are written, not when cached
+            if not started:
+                started.append(True)
+                emit(Notice(f"{self.spec.path} names no query file: writing {total} queries from the prompt's rules "
+                            "(once; cached. `promptbake queries` writes them to a file you can read and edit)"))
+
         result = synthesize_for_prompt(self.spec.system_prompt, model=self.model_name, settings=settings,
-                                       exclude=self.heldout_queries, trust_pickle=self.trust_pickle)
-        emit(Notice(f"{len(result.records)} queries{' (from cache)' if result.cached else ''} covering "
-                    f"{result.rules_covered}/{len(result.rules)} rules: {result.path}"))
+                                       exclude=self.heldout_queries, trust_pickle=self.trust_pickle,
+                                       on_progress=progress)
+        emit(Notice(f"queries: {len(result.records)} written from the prompt's rules{' (cached)' if result.cached else ''}, "
+                    f"covering {result.rules_covered}/{len(result.rules)} rules: {result.path}"))
         self.queries_path = result.path
         self.queries = load_queries(result.path)
         check_train_count(self.queries_path, self.queries, self.heldout_path, self.config)

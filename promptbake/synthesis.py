@@ -363,6 +363,7 @@ def synthesize(
     rejected = {"unusable": 0, "duplicate": 0}
     attempts = 0
     report = on_progress or (lambda done, total: None)
+    report(0, settings.n)
     for _round in range(settings.max_rounds):
         missing = settings.n - len(records)
         if missing <= 0:

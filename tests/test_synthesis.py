@@ -204,7 +204,7 @@ def test_compile_without_a_query_file_writes_them_and_names_them(tiny_model_dir,
     assert manifest.queries_synthesized and manifest.num_queries == 500
     assert Path(manifest.queries_file).is_relative_to(tmp_path / "home" / "queries")
     again = run(*args)
-    assert again.exit_code == 0 and "up to date" in again.output and "(from cache)" in " ".join(again.output.split())
+    assert again.exit_code == 0 and "up to date" in again.output and "names no query file" not in again.output and "(cached)" in " ".join(again.output.split())
     no_rules = write_prompt(tmp_path / "n", body="You are a pirate. Say ahoy.", front="name: plain\n")
     one_line_error(run("compile", no_rules, "--model", tiny_model_dir, "--out", tmp_path / "o2"), "no queries")
 
