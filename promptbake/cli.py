@@ -440,14 +440,20 @@ def eval_cmd(
         items = load_items(load_suite(suite), data, limit, seed, groups)  # type: ignore[arg-type]
         out.print(f"wrote {write_queries(items, export_queries)} {suite} questions ({groups} groups) to {export_queries}")
         return
+    # With --json, each finished condition's answers are kept beside it until the whole result is written, so an
+    # interrupted run (Ctrl-C, a session's end) resumes at the first condition it had not finished.
+    partial = json_out.parent / f".{json_out.name}.partial" if json_out else None
     result = run_eval(
         suite, list(adapters or []), data=data, limit=limit, prompt=prompt, model=model, seed=seed, groups=groups, batch_size=batch_size,
         conditions=_comma_list(conditions) if conditions else None,
-        on_condition=lambda c: console.print(f"[dim]{c} done[/]"),
+        on_condition=lambda c: console.print(f"[dim]{c} done[/]"), resume=partial,
     )
     out.print(result["markdown"], highlight=False)
     if json_out:
         write_text_atomic(json_out, _json.dumps(result, indent=2) + "\n")
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
     if md_out:
         write_text_atomic(md_out, result["markdown"] + "\n")
 

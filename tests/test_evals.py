@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import SHARED_DATA
@@ -221,3 +223,38 @@ def test_a_suite_naming_an_unknown_parser_is_refused(tmp_path):
     path.write_text(yaml.safe_dump({**ethos, "parser": "sentiment"}))
     with pytest.raises(PromptbakeError, match="parser 'sentiment' is not one of"):
         load_suite(str(path))
+
+
+def test_an_interrupted_eval_resumes_at_its_first_unfinished_condition(tmp_path, tiny_model_dir):
+    """Finished conditions are kept (and reused only while what decides them is unchanged)."""
+    from conftest import write_prompt
+    from promptbake.evals import run_eval
+
+    data = data_or_skip()
+    prompt = write_prompt(tmp_path / "p", body="You are a pirate.", front="name: pirate\nqueries: queries.txt\n")
+    partial = tmp_path / "partial"
+    kw = dict(data=data, limit=3, prompt=prompt, model=str(tiny_model_dir), batch_size=2)
+    seen: list[str] = []
+    first = run_eval("mmlu", [], resume=partial, on_condition=seen.append, **kw)
+    assert seen == ["base", "prompted"] and len(list(partial.glob("*.json"))) == 2
+    # An interrupted run: only the base's answers survived.
+    kept = next(p for p in partial.glob("*.json") if json.loads(p.read_text())["condition"] == "base")
+    for p in partial.glob("*.json"):
+        if p != kept:
+            p.unlink()
+    seen.clear()
+    again = run_eval("mmlu", [], resume=partial, on_condition=seen.append, **kw)
+    assert seen == ["base (answers kept from an earlier run)", "prompted"]
+    assert again["responses"] == first["responses"]
+    # The base's stored answers are used only for the same decoding: another answer length decodes again.
+    entry = json.loads(kept.read_text())
+    from promptbake.models import load_tokenizer
+
+    entry["ids"] = [load_tokenizer(tiny_model_dir)("Paris", add_special_tokens=False)["input_ids"]] * 3
+    kept.write_text(json.dumps(entry))
+    seen.clear()
+    tampered = run_eval("mmlu", [], resume=partial, on_condition=seen.append, **kw)
+    assert tampered["responses"]["base"] == ["Paris"] * 3  # same key: the stored answers are the ones used
+    seen.clear()
+    other = run_eval("mmlu", [], resume=partial, on_condition=seen.append, **{**kw, "batch_size": 3})
+    assert seen == ["base", "prompted"]  # another batch size decodes again

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -23,8 +25,13 @@ def run_eval(
     groups: Literal["all", "train", "test"] = "all",
     batch_size: int = 16,
     on_condition=None,
+    resume: str | Path | None = None,
 ) -> dict:
-    """Greedy answers of each condition (base, prompted, each adapter) to the suite, scored side by side."""
+    """Greedy answers of each condition (base, prompted, each adapter) to the suite, scored side by side.
+
+    `resume`: a folder that keeps each finished condition's answers, so an interrupted eval (a 1,000-question
+    suite takes hours on a CPU) starts again at the first unfinished condition. An entry is used only when
+    everything that decides its answers is the same: items, decoding settings, weights, prompt or adapter."""
     from promptbake.artifact import read_manifest
     from promptbake.measure import decode_all, generate_ids
     from promptbake.models import manifest_base_dir, resolve_model
@@ -74,8 +81,24 @@ def run_eval(
     student = runtime.renderer("-")
     queries = [[{"role": "user", "content": it.prompt}] for it in items]
 
+    from promptbake.models import weights_sha256
+
+    base_sha = manifests[0].base_weights_sha256 if manifests else weights_sha256(model_dir)
+    identity = {"base": "base", **{c: hashlib.sha256(p.encode()).hexdigest() for c, p in system_prompts.items()},
+                **{n: m.adapter_sha256 for n, m in zip(names, manifests)}}
+    items_sha = hashlib.sha256(json.dumps([[it.prompt, it.options] for it in items]).encode()).hexdigest()
     ids: dict[str, list[list[int]]] = {}
     for cond in wanted:
+        key = hashlib.sha256(json.dumps([suite.name, suite.max_new_tokens, batch_size, items_sha, base_sha, runtime.bf16,
+                                         identity[cond]]).encode()).hexdigest()
+        saved = Path(resume) / f"{hashlib.sha256(cond.encode()).hexdigest()[:16]}.json" if resume else None
+        if saved is not None and saved.is_file():
+            entry = json.loads(saved.read_text())
+            if entry.get("key") == key:
+                ids[cond] = entry["ids"]
+                if on_condition:
+                    on_condition(f"{cond} (answers kept from an earlier run)")
+                continue
         if cond in system_prompts:
             teacher = runtime.renderer(system_prompts[cond])
             prompts = [teacher.teacher_ids(q) for q in queries]
@@ -85,6 +108,10 @@ def run_eval(
             model.set_adapter(cond)
         ids[cond] = generate_ids(engine, tokenizer, prompts, adapter=cond in names,
                                  max_new_tokens=suite.max_new_tokens, batch_size=batch_size)
+        if saved is not None:
+            from promptbake.atomic import write_text_atomic
+
+            write_text_atomic(saved, json.dumps({"condition": cond, "key": key, "ids": ids[cond]}) + "\n")
         if on_condition:
             on_condition(cond)
     responses = decode_all(tokenizer, ids)
