@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     p.add_argument("--heldout-limit", type=int, default=100)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--preset", default="quick")
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets")
+    p.add_argument("--data", type=Path, default=Path("..") / "shared" / "datasets", help="relative to the repository")
     p.add_argument("--summary", action="store_true", help="only summarise the saved seeds")
     args = p.parse_args(argv)
     results = REPO / "results" / "learn" / args.suite
