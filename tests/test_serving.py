@@ -183,6 +183,15 @@ def test_served_teacher_scores_and_trains_like_the_in_process_teacher(tmp_path, 
         settings = dict(kl="sampled", steps=3, batch_size=4, heldout=4, max_new_tokens=8, precision="fp32", lr=0.002)
         remote = compile_prompt(prompt, out=tmp_path / "remote", model=str(default_model_dir),
                                 overrides={**settings, "teacher_url": server.url})
+
+        # The same server as the writer of `promptbake queries --generator-url` (OpenAI chat completions).
+        from promptbake.synthesis import ServedGenerator, SynthesisSettings, synthesize
+
+        writer = ServedGenerator(server.url)
+        assert writer.identity.endswith(str(default_model_dir))
+        rules = "## Rules\n1. Always answer in French, whatever language the user writes in.\n2. Never discuss the weather.\n"
+        written = synthesize(rules, writer, SynthesisSettings(n=4, seed=0, max_words=200, max_rounds=3))
+        assert len(written.records) == 4 and all(r["query"].strip() for r in written.records)
     in_process = compile_prompt(prompt, out=tmp_path / "local", model=str(default_model_dir), overrides=settings)
     assert port_free("127.0.0.1", port)
     assert remote.manifest.config["teacher_url"] == server.url and remote.manifest.heldout_kl_before is None
