@@ -100,11 +100,14 @@ _LEAK = re.compile(r"\b(problem|attempt|result)\s*:", re.IGNORECASE)
 
 
 def clean_lesson(raw: str, problem: str, gold: str | None, options: list[str], settings: LearnSettings) -> str | None:
-    """The lesson in one generated line, or None: too short or long, the entry format leaking, the task's
-    answer in it (its number, or the right option's text or letter), or 8 words copied from the task."""
+    """The lesson in one generated line, or None: too short or long, mostly not words, a question (a new
+    problem rather than advice), the entry format leaking, the task's answer in it (its number, or the right
+    option's text or letter), or 8 words copied from the task."""
     text = _LABEL.sub("", raw.strip()).strip().strip("\"'").strip()
     if not settings.min_words <= len(text.split()) <= settings.max_words or _LEAK.search(text):
         return None
+    if len(re.findall(r"[A-Za-z]{2,}", text)) < settings.min_words or text.endswith("?"):
+        return None  # a list of numbers, or a new problem instead of advice
     if gold is not None and _gives_answer(text, gold, options):
         return None
     if not word_ngrams(text).isdisjoint(word_ngrams(problem)):

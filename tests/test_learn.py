@@ -37,6 +37,8 @@ def test_clean_lesson_reads_the_line_and_refuses_answers_copies_and_leaks():
     assert clean_lesson("The eggs left are 19, so always count carefully.", PROBLEM, "19", [], SETTINGS) is None
     assert clean_lesson("buys 4 boxes of 6 eggs each and uses 5 eggs", PROBLEM, "19", [], SETTINGS) is None
     assert clean_lesson("Result: wrong, check the units next time", PROBLEM, "19", [], SETTINGS) is None
+    assert clean_lesson("7. 2. 3. 4. 5. 7. 8. 9.", PROBLEM, "19", [], SETTINGS) is None  # not words
+    assert clean_lesson("How many rolls of the same pizza are there?", PROBLEM, "19", [], SETTINGS) is None  # a problem
     options = ["Vitamin A", "Vitamin C", "Iron", "Zinc"]
     question = "Which deficiency causes scurvy?"
     assert clean_lesson("The answer is B when the disease is scurvy.", question, "B", options, SETTINGS) is None
