@@ -335,8 +335,10 @@ def solidify(settings, out: Path, suite, train, held, knowledge: list[Lesson], r
         write_text_atomic(tmp / "knowledge.md", body)
         write_text_atomic(tmp / "lessons.json", json.dumps([asdict(lesson) for lesson in knowledge], indent=1) + "\n")
         say(f"compiling knowledge.md ({len(knowledge)} lessons) into {out / 'adapter'}")
+        # The compile's own before/after KL is skipped: the adapter is measured on the held-out tasks below, and
+        # `promptbake verify` measures its KL to the prompted model on the same file when wanted.
         result = compile_prompt(tmp / "knowledge.md", out=tmp / "adapter", model=model_name, overrides=overrides,
-                                on_event=lambda event: say(event.message))
+                                measure=False, on_event=lambda event: say(event.message))
         runtime = load_runtime(model_dir, adapters=[("knowledge", tmp / "adapter")], precision=result.manifest.precision)
         baked_solver = Solver(runtime, suite)
         baked_answers = baked_solver.answers(held, None, adapter=True)
