@@ -74,3 +74,20 @@ def write_prompt(folder: Path, body: str = "You are a pirate. Say ahoy.", front:
     path = folder / "prompt.md"
     path.write_text(text)
     return path
+
+
+def run_cli(*args):
+    """The `promptbake` CLI in-process, every argument as text."""
+    from typer.testing import CliRunner
+
+    from promptbake.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, fragment: str) -> None:
+    """Exit code 2, and the output ends with one `error:` line that names `fragment`; no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error:") and fragment in lines[-1], result.output
+    assert "Traceback" not in result.output

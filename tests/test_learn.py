@@ -6,27 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import SHARED_DATA
-from promptbake.cli import app
+from conftest import SHARED_DATA, one_line_error, run_cli
 from promptbake.errors import PromptbakeError
 from promptbake.learn import (KNOWLEDGE_HEADER, LearnSettings, Lesson, accumulate, clean_lesson, contradicts,
                               fit_budget, knowledge_text, learn)
 
 SETTINGS = LearnSettings(suite="gsm8k")
 PROBLEM = "Sara buys 4 boxes of 6 eggs each and uses 5 eggs for a cake. How many eggs are left?"
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, fragment: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("error:") and fragment in lines[-1], result.output
-    assert "Traceback" not in result.output
 
 
 def test_clean_lesson_reads_the_line_and_refuses_answers_copies_and_leaks():
@@ -75,13 +62,13 @@ def test_token_budget_keeps_the_strongest_lessons_in_order():
 def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, tiny_model_dir):
     out = tmp_path / "exp"
     common = ["-o", out, "--data", SHARED_DATA, "--model", tiny_model_dir]
-    one_line_error(run("learn", "--suite", "no-such-suite", *common), "unknown suite 'no-such-suite'")
-    one_line_error(run("learn", "--suite", "gsm8k", "--rounds", 0, *common), "--rounds must be positive")
-    one_line_error(run("learn", "--suite", "xstest", *common), "has no gold answer")
-    one_line_error(run("learn", "--suite", "gsm8k", "--train-limit", 2, "--rounds", 3, *common), "fewer tasks")
+    one_line_error(run_cli("learn", "--suite", "no-such-suite", *common), "unknown suite 'no-such-suite'")
+    one_line_error(run_cli("learn", "--suite", "gsm8k", "--rounds", 0, *common), "--rounds must be positive")
+    one_line_error(run_cli("learn", "--suite", "xstest", *common), "has no gold answer")
+    one_line_error(run_cli("learn", "--suite", "gsm8k", "--train-limit", 2, "--rounds", 3, *common), "fewer tasks")
     assert not out.exists()
     out.mkdir()
-    one_line_error(run("learn", "--suite", "gsm8k", *common), "exists; pass --force")
+    one_line_error(run_cli("learn", "--suite", "gsm8k", *common), "exists; pass --force")
 
 
 def test_an_extractor_with_nothing_usable_is_an_error(tmp_path, tiny_model_dir):

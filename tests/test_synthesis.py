@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import REPO, write_prompt
-from promptbake.cli import app
+from conftest import REPO, one_line_error, run_cli, write_prompt
 from promptbake.errors import PromptbakeError
 from promptbake.queries import Query, load_queries
 from promptbake.rules import rule_id, split_rules
@@ -37,17 +35,6 @@ RULES_PROMPT = """## Rules
 2. Never mention the weather in any answer.
 3. Keep every answer shorter than three sentences.
 """
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, fragment: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("error:") and fragment in lines[-1], result.output
-    assert "Traceback" not in result.output
 
 
 def test_rules_are_list_items_and_instructing_sentences():
@@ -169,23 +156,23 @@ def test_queries_command_writes_tagged_jsonl_and_refuses_bad_input(tiny_model_di
     monkeypatch.setenv("PROMPTBAKE_HOME", str(tmp_path / "home"))
     prompt = write_prompt(tmp_path / "p", body=RULES_PROMPT, front="name: ahoy\n")
     out = tmp_path / "q.jsonl"
-    result = run("queries", prompt, "-n", 5, "-o", out, "--model", tiny_model_dir)
+    result = run_cli("queries", prompt, "-n", 5, "-o", out, "--model", tiny_model_dir)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 5 and all(r["query"] and r["rule"] for r in records)
     assert "rules covered" in " ".join(result.output.split())
     before = out.read_bytes()
-    one_line_error(run("queries", prompt, "-n", 5, "-o", out, "--model", tiny_model_dir), "exists; pass --force")
+    one_line_error(run_cli("queries", prompt, "-n", 5, "-o", out, "--model", tiny_model_dir), "exists; pass --force")
     assert out.read_bytes() == before
     fresh = tmp_path / "fresh.jsonl"
-    one_line_error(run("queries", prompt, "-n", 0, "-o", fresh, "--model", tiny_model_dir), "-n must be positive")
-    one_line_error(run("queries", prompt, "-o", fresh, "--model", tiny_model_dir, "--generator", "no-such-model"),
+    one_line_error(run_cli("queries", prompt, "-n", 0, "-o", fresh, "--model", tiny_model_dir), "-n must be positive")
+    one_line_error(run_cli("queries", prompt, "-o", fresh, "--model", tiny_model_dir, "--generator", "no-such-model"),
                    "--generator: unknown model 'no-such-model'")
-    one_line_error(run("queries", prompt, "-o", fresh, "--model", tiny_model_dir,
+    one_line_error(run_cli("queries", prompt, "-o", fresh, "--model", tiny_model_dir,
                        "--generator-url", "http://127.0.0.1:9"), "--generator-url http://127.0.0.1:9")
     no_rules = write_prompt(tmp_path / "n", body="You are a pirate. Say ahoy.", front="name: plain\n")
-    one_line_error(run("queries", no_rules, "-o", fresh, "--model", tiny_model_dir), "no rules")
-    one_line_error(run("queries", prompt, "-o", fresh, "--turns", 3), "--turns must be 1 or 2")
+    one_line_error(run_cli("queries", no_rules, "-o", fresh, "--model", tiny_model_dir), "no rules")
+    one_line_error(run_cli("queries", prompt, "-o", fresh, "--turns", 3), "--turns must be 1 or 2")
     assert not fresh.exists()
 
 
@@ -197,16 +184,16 @@ def test_compile_without_a_query_file_writes_them_and_names_them(tiny_model_dir,
     out = tmp_path / "out"
     args = ["compile", prompt, "--model", tiny_model_dir, "--out", out, "--steps", "1", "--batch-size", "4",
             "--heldout", "4", "--max-new-tokens", "8"]
-    result = run(*args)
+    result = run_cli(*args)
     assert result.exit_code == 0, result.output
     assert "names no query file" in " ".join(result.output.split())
     manifest = read_manifest(out)
     assert manifest.queries_synthesized and manifest.num_queries == 500
     assert Path(manifest.queries_file).is_relative_to(tmp_path / "home" / "queries")
-    again = run(*args)
+    again = run_cli(*args)
     assert again.exit_code == 0 and "up to date" in again.output and "names no query file" not in again.output and "(cached)" in " ".join(again.output.split())
     no_rules = write_prompt(tmp_path / "n", body="You are a pirate. Say ahoy.", front="name: plain\n")
-    one_line_error(run("compile", no_rules, "--model", tiny_model_dir, "--out", tmp_path / "o2"), "no queries")
+    one_line_error(run_cli("compile", no_rules, "--model", tiny_model_dir, "--out", tmp_path / "o2"), "no queries")
 
 
 def test_per_rule_results_group_by_rule_then_tag_worst_first():
