@@ -77,7 +77,7 @@ def summarise(results: Path) -> str:
              "|---|" + "---|" * (len(runs) + 1)]
     summary = {}
     for name, values in rows.items():
-        est = seeds_mean_ci(values)
+        est = seeds_mean_ci(values, (-1.0, 1.0) if name.startswith("gain") else (0.0, 1.0))
         summary[name] = est.to_dict()
         interval = f"{est.value:+.1%}" if est.n == 1 else f"{est.value:+.1%} [{est.lo:+.1%}, {est.hi:+.1%}]"
         if not name.startswith("gain"):
