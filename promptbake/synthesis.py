@@ -131,7 +131,8 @@ class LocalModel:
 
     @property
     def engine(self):
-        return self.runtime and self._engine
+        self.runtime  # loads the model (and builds its engine) on first use
+        return self._engine
 
 
 class LocalGenerator:
@@ -139,13 +140,21 @@ class LocalGenerator:
 
     def __init__(self, model: LocalModel, batch_size: int = 32):
         self.model, self.identity, self.batch_size = model, model.identity, batch_size
+        self._stop_ids: list[int] | None = None
+
+    def stop_ids(self) -> list[int]:
+        """Every token that contains a newline, and EOS: found once (a scan of the whole vocabulary)."""
+        if self._stop_ids is None:
+            from promptbake.rollout import eos_token_ids
+
+            tok = self.model.runtime.tokenizer
+            newline_ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+            self._stop_ids = sorted(newline_ids | set(eos_token_ids(tok)))
+        return self._stop_ids
 
     def next_lines(self, documents: list[str], *, max_new_tokens: int, temperature: float) -> list[str]:
-        from promptbake.rollout import eos_token_ids
-
         tok = self.model.runtime.tokenizer
-        newline_ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
-        stop_ids = sorted(newline_ids | set(eos_token_ids(tok)))
+        stop_ids = self.stop_ids()
         out: list[str] = []
         for start in range(0, len(documents), self.batch_size):
             prompts = [tok(d, add_special_tokens=False)["input_ids"] for d in documents[start:start + self.batch_size]]
