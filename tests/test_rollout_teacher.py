@@ -56,6 +56,46 @@ def test_greedy_sample_is_deterministic_and_matches_unbatched(tiny):
         assert batched.response_ids_BT[row, :n].tolist() == alone.response_ids_BT[0, :n].tolist()
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("shared", [0, 20])
+def test_dropping_finished_rows_leaves_every_row_unchanged(tiny_model_dir, greedy, shared):
+    """Rows that end leave the batch (and the KV cache); the rest must decode exactly what they would have.
+
+    In float64, so that the smaller batches' different summation order cannot move a sample across a CDF step."""
+    from promptbake.fastdecode import use_fast_decode
+    from promptbake.models import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_model_dir).double(), load_tokenizer(tiny_model_dir)
+    use_fast_decode(model)
+    prefix = list(range(300, 300 + shared))     # a shared prefix takes the one-copy attention path
+    g = torch.Generator().manual_seed(0)
+    prompts = [prefix + torch.randint(2, tok.vocab_size, (2 + r % 5,), generator=g).tolist() for r in range(12)]
+
+    def run(stops, drop):
+        torch.manual_seed(3)
+        return sample(model, prompts, max_new_tokens=40, temperature=1.3, eos_ids=stops, pad_id=0, greedy=greedy,
+                      drop_finished=drop)
+
+    # Stop ids picked from a run without them, so that rows end at different steps (stops do not change logits).
+    free = run([EOS], False).response_ids_BT.tolist()
+
+    def lengths(stops):
+        return {next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in free}
+
+    stops: set[int] = set()
+    for r, row in enumerate(free):
+        for t in row[2 + 3 * r:]:
+            if len(lengths(stops | {t})) > len(lengths(stops)):
+                stops.add(t)
+                break
+    stops = sorted(stops)
+    a, b = run(stops, False), run(stops, True)
+    lengths = a.response_mask_BT.sum(-1).tolist()
+    assert len(set(lengths)) > 3 and min(lengths) < 40 // 2, lengths  # the test exercises several drops
+    assert torch.equal(a.response_mask_BT, b.response_mask_BT)
+    assert torch.equal(a.response_ids_BT, b.response_ids_BT)
+
+
 def test_response_logits_align_with_unpadded_forward(tiny):
     """Column t of response_logits predicts response token t, for every row despite left padding."""
     model, _ = tiny
@@ -217,3 +257,38 @@ def test_teacher_sampled_logprobs_are_its_logits_at_the_sampled_tokens(peft_tiny
     want_BT = logp_BTV.gather(-1, rollout.response_ids_BT.unsqueeze(-1)).squeeze(-1)
     assert got_BT.shape == (3, 4)
     torch.testing.assert_close(got_BT, want_BT)
+
+
+def test_prefill_groups_bound_the_padding_and_cover_every_row():
+    from promptbake.rollout import prefill_groups
+
+    lengths = [80, 1060, 75, 300, 86, 290, 81, 600, 79]
+    groups = prefill_groups(lengths, max_padding=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert len(g) * max(lengths[i] for i in g) <= 1.25 * real
+    assert [sorted(lengths[i] for i in g) for g in groups][0] == [75, 79, 80, 81, 86]  # similar lengths stay together
+    assert prefill_groups([50] * 8) == [list(range(8))]
+
+
+@pytest.mark.parametrize("shared", [0, 20])
+def test_grouped_prefill_gives_the_padded_batch_numbers(tiny_model_dir, shared, monkeypatch):
+    """Prompts of very different lengths are prefilled in groups and merged into one left-padded cache: every
+    row's tokens and the first step's logits match one padded pass (float64: no rounding differences)."""
+    import promptbake.rollout as rollout_module
+    from promptbake.fastdecode import use_fast_decode
+    from promptbake.models import load_model
+
+    model = load_model(tiny_model_dir).double()
+    use_fast_decode(model)
+    g = torch.Generator().manual_seed(1)
+    prefix = list(range(300, 300 + shared))
+    prompts = [prefix + torch.randint(2, 40000, (n,), generator=g).tolist() for n in (3, 40, 4, 90, 41, 5)]
+    assert len(rollout_module.prefill_groups([len(p) - shared for p in prompts])) > 2
+    outs = []
+    for padding in (0.25, 1e9):  # grouped, then everything in one padded pass
+        monkeypatch.setattr(rollout_module, "PREFILL_PADDING", padding)
+        torch.manual_seed(5)
+        outs.append(sample(model, prompts, max_new_tokens=12, temperature=1.0, eos_ids=[EOS], pad_id=0))
+    assert torch.equal(outs[0].response_ids_BT, outs[1].response_ids_BT)
