@@ -33,6 +33,7 @@ VARIANTS = {
     "fp32 everywhere": {"precision": "fp32"},
     "no heap trim": {"release_memory": False},
     "torch.compile layers": {"torch_compile": True},
+    "unchunked loss": {"loss_chunk_tokens": 0},  # not a setting: the loss over the whole micro-batch at once
 }
 
 
@@ -91,12 +92,16 @@ def teacher_scoring(prompt_path: Path, repeats: int = 3) -> list[dict]:
     return rows
 
 
-def worker(prompt: str, variant: str, steps: int) -> dict:
+def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
     """One variant, a few steps, in this process; prints its JSON."""
+    import promptbake.losses
     from promptbake.bake import compile_prompt
 
+    settings = dict(VARIANTS[variant])
+    if "loss_chunk_tokens" in settings:
+        promptbake.losses.LOSS_CHUNK_TOKENS = settings.pop("loss_chunk_tokens")
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = dict(steps=steps, max_new_tokens=48, heldout=0, checkpoint_every=10_000, **VARIANTS[variant])
+        overrides = dict(steps=steps, max_new_tokens=new_tokens, heldout=0, checkpoint_every=10_000, **settings)
         result = compile_prompt(prompt, out=Path(tmp) / "out", overrides=overrides)
     log = result.train.log[1:] or result.train.log  # step 1 includes one-off warm-up
     return {
@@ -114,6 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=48, help="rollout cap (48: the first round's default; "
+                        "128: today's faithful default)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_step.json")
     parser.add_argument("--worker", nargs=2, metavar=("PROMPT", "VARIANT"))
     parser.add_argument("--skip-steps", action="store_true", help="Only the teacher-scoring part.")
@@ -122,7 +129,7 @@ def main() -> None:
     parser.add_argument("--step-prompts", default="pirate,long", help="Prompts for the whole-step part (pirate, long).")
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.steps)))
+        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.steps, args.new_tokens)))
         return
     chosen = args.variants.split(",")
     unknown = [v for v in chosen if v not in VARIANTS]
@@ -150,11 +157,12 @@ def main() -> None:
                 if pname not in args.step_prompts.split(","):
                     continue
                 for variant in order:
-                    proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", str(path), variant],
+                    proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--new-tokens",
+                                           str(args.new_tokens), "--worker", str(path), variant],
                                           capture_output=True, text=True, check=True)
                     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
                     runs.setdefault((pname, variant), []).append(json.loads(line[7:]))
-        print(f"\nOPCD steps on SmolLM2-135M (batch 16, 48 new tokens), median over {args.steps - 1} steps x {args.rounds} round(s)")
+        print(f"\nOPCD steps on SmolLM2-135M (batch 16, {args.new_tokens} new tokens), median over {args.steps - 1} steps x {args.rounds} round(s)")
         print(f"{'prompt':8} {'variant':22} {'s/step':>7} {'tok/s':>6} {'sample':>7} {'teacher':>8} {'student':>8} {'RSS GiB':>7} {'vs all on':>9} {'step 1':>7}")
         for pname in [p for p in prompts if p in args.step_prompts.split(",")]:
             base = statistics.median(r["tokens_per_s"] for r in runs[(pname, "all on")])

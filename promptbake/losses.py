@@ -107,6 +107,10 @@ def teacher_sampled_logprobs(teacher_logits_BTV: torch.Tensor, ids_BT: torch.Ten
     return log_probs(teacher_logits_BTV, temperature).gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1)
 
 
+# Full-vocabulary losses run over this many response positions at a time (see distill_loss).
+LOSS_CHUNK_TOKENS = 256
+
+
 def distill_loss(
     method: str,
     kl: str,
@@ -115,10 +119,38 @@ def distill_loss(
     ids_BT: torch.Tensor,
     temperature: float,
     topk: int,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Per-token loss (loss_BT) of a method from raw student logits. `teacher` is what the objective's
     `teacher_input` asks for: raw logits (BTV), or log-probs of the sampled tokens (BT), or None; raw logits are
-    accepted for "sampled_logprobs" too and reduced here. Both sides are divided by the temperature."""
+    accepted for "sampled_logprobs" too and reduced here. Both sides are divided by the temperature.
+
+    The fp32 log-softmaxes and their products are several copies of the full-vocabulary logits (100 MB each
+    for 4 rows x 128 tokens of a 49k vocabulary) and they set a step's peak memory. So the loss runs over
+    `chunk_tokens` (row, position) pairs at a time, and with gradients each chunk is recomputed in the backward
+    pass (activation checkpointing) instead of kept: only the logits themselves and one chunk's fp32 copies
+    are alive at once. The values and gradients are those of the unchunked loss."""
+    chunk = LOSS_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    B, T = ids_BT.shape
+    if chunk <= 0 or B * T <= chunk:
+        return _distill_loss(method, kl, student_logits_BTV, teacher, ids_BT, temperature, topk)
+    from torch.utils.checkpoint import checkpoint
+
+    # Flatten (row, position) so a chunk is a fixed number of tokens whatever the batch's shape.
+    V = student_logits_BTV.shape[-1]
+    student_N1V = student_logits_BTV.reshape(B * T, 1, V)
+    teacher_N = None if teacher is None else teacher.reshape(B * T, 1, *teacher.shape[2:])
+    ids_N1 = ids_BT.reshape(B * T, 1)
+    keep_graph = torch.is_grad_enabled() and student_logits_BTV.requires_grad
+    parts = []
+    for start in range(0, B * T, chunk):
+        args = (method, kl, student_N1V[start:start + chunk], None if teacher_N is None else teacher_N[start:start + chunk],
+                ids_N1[start:start + chunk], temperature, topk)
+        parts.append(checkpoint(_distill_loss, *args, use_reentrant=False) if keep_graph else _distill_loss(*args))
+    return torch.cat(parts).reshape(B, T)
+
+
+def _distill_loss(method, kl, student_logits_BTV, teacher, ids_BT, temperature, topk) -> torch.Tensor:
     loss = token_loss(method, kl)
     student_logp_BTV = log_probs(student_logits_BTV, temperature)
     if loss.teacher_input == "logits":

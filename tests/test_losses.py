@@ -198,3 +198,28 @@ def test_every_method_and_estimator_has_one_named_objective():
     assert len(names) == 5 and token_loss("sft", "topk").teacher_input == "none"
     with pytest.raises(ValueError, match="unknown"):
         token_loss("opcd", "forward")
+
+
+@pytest.mark.parametrize("method,kl", [("opcd", "full"), ("opcd", "topk"), ("opcd", "sampled"), ("offpolicy", "full"),
+                                       ("sft", "full")])
+@pytest.mark.parametrize("chunk", [1, 4, 5])
+def test_chunked_loss_has_the_unchunked_values_and_gradients(method, kl, chunk):
+    """The loss over a few tokens at a time (recomputed in backward) equals the loss over the whole batch."""
+    from promptbake.losses import distill_loss
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 7, 50, generator=g) * 2, torch.randn(3, 7, 50, generator=g) * 2
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    teacher = t if kl != "sampled" else torch.log_softmax(t, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    values, grads = [], []
+    for c in (0, chunk):
+        s1 = s.clone().requires_grad_(True)
+        loss_BT = distill_loss(method, kl, s1, teacher, ids, temperature=0.8, topk=6, chunk_tokens=c)
+        (loss_BT * torch.arange(21.0).reshape(3, 7)).sum().backward()  # position weights: a misplaced token shows
+        values.append(loss_BT.detach())
+        grads.append(s1.grad)
+    assert values[0].shape == (3, 7)
+    torch.testing.assert_close(values[1], values[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    if method == "opcd" and kl == "full":
+        torch.testing.assert_close(values[1].double(), brute_kl(s, t, 0.8), atol=1e-5, rtol=1e-5)
