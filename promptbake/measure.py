@@ -16,7 +16,7 @@ from promptbake.chat import ChatRenderer
 from promptbake.checks import Check, pass_rates
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
-from promptbake.losses import full_reverse_kl, log_probs
+from promptbake.losses import reverse_kl
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import adapter_enabled, adapter_set, HFRolloutEngine, Rollout, autocast, eos_token_ids, response_logits
@@ -104,14 +104,11 @@ def kl_to_teacher(
                 part = rollout.select(rows)
                 with adapter_enabled(model, adapter), autocast(device, bf16):
                     policy_BTV = response_logits(model, [prompts[r] for r in rows], part, pad_id)
-                teacher_BTV = teacher.logits([chunk[r] for r in rows], part)
-                policy_logp = log_probs(policy_BTV, temperature)
-                teacher_logp = log_probs(teacher_BTV.to(policy_logp.device), temperature)
-                del policy_BTV, teacher_BTV
-                if on_teacher_samples:
-                    kl_BT = full_reverse_kl(teacher_logp, policy_logp)
-                else:
-                    kl_BT = full_reverse_kl(policy_logp, teacher_logp)
+                teacher_BTV = teacher.logits([chunk[r] for r in rows], part).to(policy_BTV.device)
+                # KL(first || second) over the full vocabulary, a few hundred tokens at a time (losses.distill_loss).
+                first, second = (teacher_BTV, policy_BTV) if on_teacher_samples else (policy_BTV, teacher_BTV)
+                kl_BT = reverse_kl("full", first, second, part.response_ids_BT, temperature)
+                del policy_BTV, teacher_BTV, first, second
                 mask_BT = part.response_mask_BT.to(kl_BT.device).float()
                 counts = mask_BT.sum(-1)
                 per_query += ((kl_BT * mask_BT).sum(-1) / counts.clamp(min=1)).tolist()
@@ -119,7 +116,7 @@ def kl_to_teacher(
                 for t, (kl_sum, n) in enumerate(zip((kl_BT * mask_BT).sum(0).tolist(), mask_BT.sum(0).long().tolist())):
                     position_sum[t] += kl_sum
                     position_count[t] += n
-                del policy_logp, teacher_logp, kl_BT
+                del kl_BT
                 release_free_memory()
     return KLResult(per_query, tokens, capped, position_sum, position_count)
 
