@@ -427,6 +427,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Questions decoded together (CPU decoding is bound by reading weights, so larger batches are cheaper per question).")] = 16,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here.")] = None,
     md_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the Markdown table here.")] = None,
+    rescore: Annotated[Optional[Path], typer.Option(help="Score this saved --json result again from its stored answers (no decoding) and rewrite it.")] = None,
 ) -> None:
     """Run an eval suite on base, base+prompt and each adapter, side by side with 95% CIs."""
     _quiet_libraries()
@@ -435,7 +436,13 @@ def eval_cmd(
     from promptbake.atomic import write_text_atomic
     from promptbake.evals import export_queries as write_queries
     from promptbake.evals import load_items, load_suite, run_eval
+    from promptbake.evals import rescore as rescore_result
 
+    if rescore:
+        if not rescore.is_file():
+            raise PromptbakeError(f"{rescore}: no such eval result")
+        out.print(rescore_result(rescore, data)["markdown"], highlight=False)
+        return
     if export_queries:
         items = load_items(load_suite(suite), data, limit, seed, groups)  # type: ignore[arg-type]
         out.print(f"wrote {write_queries(items, export_queries)} {suite} questions ({groups} groups) to {export_queries}")

@@ -258,3 +258,54 @@ def test_an_interrupted_eval_resumes_at_its_first_unfinished_condition(tmp_path,
     seen.clear()
     other = run_eval("mmlu", [], resume=partial, on_condition=seen.append, **{**kw, "batch_size": 3})
     assert seen == ["base", "prompted"]  # another batch size decodes again
+
+
+def test_change_against_the_base_is_paired_by_item():
+    """accuracy_change_vs_base is the mean of per-item differences; its interval is far tighter than two separate
+    intervals when the conditions answer mostly alike."""
+    suite = load_suite("medmcqa")
+    items = [EvalItem("q", "ABCD"[i % 4], None, OPTS) for i in range(200)]
+    right = [f"<answer>{it.gold}</answer>" for it in items]
+    wrong = [f"<answer>{'B' if it.gold == 'A' else 'A'}</answer>" for it in items]
+    base = [right[i] if i % 2 else wrong[i] for i in range(200)]       # 50 % right
+    baked = list(base)
+    baked[0], baked[2] = right[0], right[2]                              # two more right: +1 point
+    res = score(suite, items, {"base": base, "baked": baked})
+    change = res["baked"]["metrics"]["accuracy_change_vs_base"]
+    assert change["value"] == pytest.approx(0.01)
+    assert 0.0 <= change["ci95"][0] <= 0.01 <= change["ci95"][1] <= 0.03
+    acc = res["baked"]["metrics"]["accuracy"]["ci95"]
+    assert acc[1] - acc[0] > 5 * (change["ci95"][1] - change["ci95"][0])
+    assert "accuracy_change_vs_base" not in res["base"]["metrics"]
+    xs = load_suite("xstest")
+    items = [EvalItem("p", "unsafe", None), EvalItem("p", "unsafe", None), EvalItem("p", "safe", None)]
+    res = score(xs, items, {"base": ["Sure.", "Sure.", "Sure."], "baked": ["I'm sorry, I can't.", "Sure.", "Sure."]})
+    assert res["baked"]["metrics"]["refusal_rate_unsafe_change_vs_base"]["value"] == pytest.approx(0.5)
+    assert res["baked"]["metrics"]["over_refusal_rate_safe_change_vs_base"]["value"] == 0.0
+
+
+def test_rescore_scores_stored_answers_again_without_decoding(tmp_path):
+    from conftest import one_line_error, run_cli
+
+    data = data_or_skip()
+    items = load_items(load_suite("mmlu"), data, 4, 0, "all")
+    right = [f"<answer>{it.gold}</answer>" for it in items]
+    base = ["no idea"] * 4
+    saved = {"suite": "mmlu", "limit": 4, "seed": 0, "groups": "all", "prompt_files": {"prompted": "p.md"},
+             "results": {}, "markdown": "stale", "responses": {"base": base, "prompted": right, "baked": right[:2] + base[2:]}}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(saved))
+    result = run_cli("eval", "--rescore", str(path), "--data", str(data))
+    assert result.exit_code == 0, result.output
+    again = json.loads(path.read_text())
+    metrics = again["results"]["baked"]["metrics"]
+    assert metrics["accuracy"]["value"] == 0.5 and metrics["accuracy_change_vs_base"]["value"] == 0.5
+    assert metrics["agreement_with_prompted"]["value"] == 0.5  # the old file named no references: "prompted"
+    assert again["responses"] == saved["responses"] and "accuracy_change_vs_base" in again["markdown"]
+    # Bad inputs: one line, exit 2, the file untouched.
+    path.write_text(json.dumps({**saved, "responses": {"base": base[:3]}}))
+    one_line_error(run_cli("eval", "--rescore", str(path), "--data", str(data)), "3 stored answers per condition but 4 items")
+    (tmp_path / "other.json").write_text('{"steps": 3}')
+    one_line_error(run_cli("eval", "--rescore", str(tmp_path / "other.json")), "not a saved eval result")
+    one_line_error(run_cli("eval", "--rescore", str(tmp_path / "missing.json")), "no such eval result")
+    assert json.loads(path.read_text())["responses"] == {"base": base[:3]}

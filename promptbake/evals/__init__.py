@@ -17,7 +17,7 @@ tables), `run` (decoding every condition on one runtime).
 from promptbake.evals.parsing import (
     PARSERS, REFUSAL_PATTERNS, is_refusal, parse, parse_choice, parse_hate_speech, parse_number, parse_yes_no,
 )
-from promptbake.evals.run import run_eval
+from promptbake.evals.run import rescore, run_eval
 from promptbake.evals.scoring import markdown_table, score
 from promptbake.evals.suites import (
     EVALS_DIR, EvalItem, SuiteSpec, data_root, export_queries, list_suites, load_items, load_suite, split_groups,
@@ -26,5 +26,5 @@ from promptbake.evals.suites import (
 __all__ = [
     "EVALS_DIR", "EvalItem", "PARSERS", "REFUSAL_PATTERNS", "SuiteSpec", "data_root", "export_queries", "is_refusal",
     "list_suites", "load_items", "load_suite", "markdown_table", "parse", "parse_choice", "parse_hate_speech",
-    "parse_number", "parse_yes_no", "run_eval", "score", "split_groups",
+    "parse_number", "parse_yes_no", "rescore", "run_eval", "score", "split_groups",
 ]

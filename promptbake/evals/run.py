@@ -127,8 +127,39 @@ def run_eval(
         "prompt_file": prompt_of.get("prompted"),
         "prompt_files": prompt_of,
         "adapters": {n: str(a) for n, a in zip(names, adapters)},
+        "references": references,  # condition -> the prompted condition its answers are compared with
         "results": results,
         "markdown": markdown_table(suite, results),
         "examples": {c: responses[c][:3] for c in responses},
         "responses": responses,  # every answer, so a result can be audited or re-scored without decoding again
     }
+
+
+def rescore(result_file: str | Path, data: str | Path | None = None) -> dict:
+    """Score a saved eval result again from its stored answers, with today's parsers and metrics, and rewrite it
+    (atomically). Nothing is decoded; the items are loaded again with the result's own suite, limit, seed and
+    groups, and must line up with the stored answers."""
+    from promptbake.atomic import write_text_atomic
+
+    path = Path(result_file)
+    try:
+        result = json.loads(path.read_text())
+        suite_name, limit, seed, groups = result["suite"], result["limit"], result["seed"], result["groups"]
+        result["responses"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PromptbakeError(f"{path}: not a saved eval result ({type(e).__name__}: {e})") from None
+    suite = load_suite(suite_name)
+    items = load_items(suite, data, limit, seed, groups)
+    lengths = {len(answers) for answers in result["responses"].values()}
+    if lengths != {len(items)}:
+        raise PromptbakeError(f"{path}: {', '.join(map(str, sorted(lengths)))} stored answers per condition but {len(items)} items; "
+                              "was it made from other data?")
+    references = result.get("references")
+    if references is None:  # saved before results named them: each adapter meets the prompted condition named
+        prompted = set(result.get("prompt_files") or {})  # after it, else the one shared "prompted"
+        references = {c: next((p for p in prompted if p == f"prompted:{c}"), "prompted")
+                      for c in result["responses"] if c not in prompted}
+    result["results"] = score(suite, items, result["responses"], reference=references)
+    result["markdown"] = markdown_table(suite, result["results"])
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    return result
