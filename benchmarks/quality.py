@@ -55,6 +55,7 @@ VARIANTS: dict[str, dict] = {
     "kl-topk": {"kl": "topk"},
     "kl-sampled": {"kl": "sampled"},
     "warmup5": {"warmup_steps": 5},
+    "cosine": {"lr_schedule": "cosine"},
     # The presets as shipped: run these with --token-budget 0 (their own steps, no budget).
     "preset-faithful": {"preset": "faithful"},
     "preset-quick": {"preset": "quick"},

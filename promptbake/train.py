@@ -119,6 +119,15 @@ def eager_only(enabled: bool):
     return torch.compiler.set_stance("force_eager") if enabled else contextlib.nullcontext()
 
 
+def lr_factor(step_index: int, config: BakeConfig) -> float:
+    """Learning-rate multiplier of the optimizer step `step_index` (0-based): linear warm-up, then constant or
+    cosine decay over the whole run."""
+    warm = min(1.0, (step_index + 1) / max(1, config.warmup_steps))
+    if config.lr_schedule == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * step_index / config.steps))
+    return warm
+
+
 def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     """Row indices grouped by similar total length, `size` rows per group, so little compute goes to padding."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -150,8 +159,7 @@ def train_student(
                               f"make it a multiple of {world}")
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = max(1, config.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     policy = accelerator.unwrap_model(wrapped)
     # Every process draws the same global batch and keeps its share, so a step trains on the same queries

@@ -96,3 +96,17 @@ def test_compiled_blocks_are_the_decoder_layers_and_eager_again_afterwards(tiny)
     with compiled_blocks(model, True):
         assert all(b._compiled_call_impl is not None for b in blocks)
     assert all(b._compiled_call_impl is None for b in blocks)
+
+
+def test_learning_rate_schedules():
+    from promptbake.config import BakeConfig
+    from promptbake.train import lr_factor
+
+    constant = BakeConfig(steps=10, warmup_steps=2)
+    assert [lr_factor(s, constant) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cosine = BakeConfig(steps=10, lr_schedule="cosine")
+    factors = [lr_factor(s, cosine) for s in range(10)]
+    assert factors[0] == 1.0 and factors[5] == pytest.approx(0.5) and 0 < factors[-1] < 0.03
+    assert all(a > b for a, b in zip(factors, factors[1:]))  # decays every step
+    with pytest.raises(ValueError):
+        BakeConfig(lr_schedule="linear")
