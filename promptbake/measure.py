@@ -105,7 +105,7 @@ def kl_to_teacher(
                 with adapter_enabled(model, adapter), autocast(device, bf16):
                     policy_BTV = response_logits(model, [prompts[r] for r in rows], part, pad_id)
                 teacher_BTV = teacher.logits([chunk[r] for r in rows], part).to(policy_BTV.device)
-                # KL(first || second) over the full vocabulary, a few hundred tokens at a time (losses.distill_loss).
+                # KL(first || second) over the full vocabulary (in token chunks for large vocabularies: distill_loss).
                 first, second = (teacher_BTV, policy_BTV) if on_teacher_samples else (policy_BTV, teacher_BTV)
                 kl_BT = reverse_kl("full", first, second, part.response_ids_BT, temperature)
                 del policy_BTV, teacher_BTV, first, second

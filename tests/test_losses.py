@@ -223,3 +223,22 @@ def test_chunked_loss_has_the_unchunked_values_and_gradients(method, kl, chunk):
     torch.testing.assert_close(grads[1], grads[0])
     if method == "opcd" and kl == "full":
         torch.testing.assert_close(values[1].double(), brute_kl(s, t, 0.8), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_chunks_follow_the_byte_threshold(monkeypatch):
+    """By default a loss is chunked only when one fp32 copy of its logits passes LOSS_CHUNK_BYTES."""
+    import promptbake.losses as losses
+
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 6, 50, generator=g), torch.randn(2, 6, 50, generator=g)
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    calls = []
+    original = losses._distill_loss
+    monkeypatch.setattr(losses, "_distill_loss", lambda *a: calls.append(a[2].shape[0]) or original(*a))
+    whole = losses.distill_loss("opcd", "full", s, t, ids, 1.0, 4)
+    assert calls == [2]  # 12 tokens x 50 x 4 bytes: far under the default threshold, one piece
+    calls.clear()
+    monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", 5 * 50 * 4)  # 5 tokens per chunk
+    chunked = losses.distill_loss("opcd", "full", s, t, ids, 1.0, 4)
+    assert calls == [5, 5, 2]
+    torch.testing.assert_close(chunked, whole)
