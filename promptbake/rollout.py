@@ -126,6 +126,16 @@ def prefill_groups(lengths: list[int], max_padding: float = PREFILL_PADDING) -> 
     return groups
 
 
+def _padded_forward(model, cache, prompts: list[list[int]], pad_id: int, offset: int) -> torch.Tensor:
+    """One left-padded forward of `prompts` (positions from `offset`) into `cache`; each row's last logits (BV)."""
+    device = next(model.parameters()).device
+    ids_BS, mask_BS = left_pad(prompts, pad_id)
+    mask_BS = mask_BS.to(device)
+    out = model(input_ids=ids_BS.to(device), attention_mask=mask_BS, position_ids=position_ids(mask_BS, offset),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :]
+
+
 def _prefill(model, cache, prompts: list[list[int]], pad_id: int, offset: int) -> torch.Tensor:
     """Run the prompts (positions from `offset`) into `cache`, left-padded to one width as the decode loop expects,
     and return each row's next-token logits (logits_BV). Rows are run in groups of similar length
@@ -133,33 +143,26 @@ def _prefill(model, cache, prompts: list[list[int]], pad_id: int, offset: int) -
     those of one padded pass, the padding's attention cost is not paid."""
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
     groups = prefill_groups([len(p) for p in prompts], PREFILL_PADDING)
     if len(groups) == 1:
-        ids_BS, mask_BS = left_pad(prompts, pad_id)
-        mask_BS = mask_BS.to(device)
-        out = model(input_ids=ids_BS.to(device), attention_mask=mask_BS, position_ids=position_ids(mask_BS, offset),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
+        return _padded_forward(model, cache, prompts, pad_id, offset)
+    device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     logits_BV, layers = None, []
     for rows in groups:
-        ids_GS, mask_GS = left_pad([prompts[r] for r in rows], pad_id)
-        mask_GS = mask_GS.to(device)
         part = DynamicCache(config=model.config)
-        out = model(input_ids=ids_GS.to(device), attention_mask=mask_GS, position_ids=position_ids(mask_GS, offset),
-                    past_key_values=part, use_cache=True, logits_to_keep=1)
+        logits_GV = _padded_forward(model, part, [prompts[r] for r in rows], pad_id, offset)
         if logits_BV is None:
-            logits_BV = out.logits.new_empty(len(prompts), out.logits.shape[-1])
+            logits_BV = logits_GV.new_empty(len(prompts), logits_GV.shape[-1])
             layers = [tuple(t.new_zeros(len(prompts), t.shape[1], width, t.shape[3]) for t in (layer.keys, layer.values))
                       for layer in part.layers]
         index = torch.tensor(rows, device=device)
-        logits_BV[index] = out.logits[:, -1, :]
-        S = ids_GS.shape[1]
+        logits_BV[index] = logits_GV
+        S = max(len(prompts[r]) for r in rows)
         for (keys, values), layer in zip(layers, part.layers):
             keys[index, :, width - S:] = layer.keys
             values[index, :, width - S:] = layer.values
-        del part, out
+        del part
     for layer_idx, (keys, values) in enumerate(layers):
         cache.update(keys, values, layer_idx)
     return logits_BV
@@ -198,7 +201,8 @@ def sample(
     shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
     if shared < MIN_SHARED_PREFIX or not can_share_prefix(model):
         shared = 0
-    mask_BL = left_pad([p[shared:] for p in prompts], pad_id)[1].to(device)
+    suffixes = [p[shared:] for p in prompts]
+    mask_BL = left_pad(suffixes, pad_id)[1].to(device)
     eos_t = torch.tensor(eos_ids, device=device)
     next_pos_B1 = mask_BL.sum(-1, keepdim=True) - 1 + shared
     B = len(prompts)
@@ -214,7 +218,7 @@ def sample(
         cache = DynamicCache(config=model.config)
         prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers] if shared else []
         with shared_prefix(model, prefix_kv) if shared else contextlib.nullcontext():
-            logits_AV = _prefill(model, cache, [p[shared:] for p in prompts], pad_id, shared)
+            logits_AV = _prefill(model, cache, suffixes, pad_id, shared)
             for step in range(max_new_tokens):
                 token_A = _draw(logits_AV, temperature, greedy, rows_A, B)
                 token_A = torch.where(done_A, torch.full_like(token_A, pad_id), token_A)
