@@ -13,6 +13,9 @@ by every request that uses them), how many such requests a KV budget of `--kv-bu
 TTFT (median, p90), output tokens/s and requests/s, and the TTFT ratio against "baked (LoRA)" on the same server.
 
     python benchmarks/serving.py build/pirate [--requests 32] [--concurrency 1,8,32] [--json results/serving.json]
+
+The JSON is rewritten after every condition, and a run started again with the same arguments skips the rows it
+already holds (`--fresh` starts over): the whole run takes about half an hour on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def stream_request(url: str, model: str, messages: list[dict], max_tokens: int) 
     req = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
     ttft, usage = None, {}
-    with urllib.request.urlopen(req, timeout=300) as r:
+    with urllib.request.urlopen(req, timeout=3600) as r:  # 32 uncached long prompts queue for minutes
         for raw in r:
             line = raw.decode().strip()
             if not line.startswith("data:") or line == "data: [DONE]":
@@ -85,6 +88,24 @@ def run_condition(url: str, model: str, system: str | None, queries: list, concu
     }
 
 
+def previous_rows(path: Path, settings: dict) -> list[dict]:
+    """Rows of an earlier run with the same settings (to resume it); none if the file is absent or differs."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if any(old.get(key) != value for key, value in settings.items()):
+        return []
+    return [{k: v for k, v in r.items() if k != "ttft_vs_baked_lora"} for r in old.get("rows", [])]
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", type=Path)
@@ -93,6 +114,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--kv-budget", type=int, default=65_536, help="KV-cache tokens for the 'admitted' column")
     parser.add_argument("--json", type=Path, default=REPO / "results" / "serving.json")
+    parser.add_argument("--fresh", action="store_true", help="ignore the rows a previous run left in --json")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -113,8 +135,13 @@ def main() -> None:
         "merged": (["vllm", "serve", str(merged), "--host", "127.0.0.1", "--port", "0", *common],
                    {"baked (merged)": (str(merged), None)}),
     }
-    rows: list[dict] = []
+    settings = {"adapter": str(args.adapter), "requests": args.requests, "max_tokens": args.max_tokens,
+                "kv_budget": args.kv_budget}
+    rows = previous_rows(args.json, settings) if not args.fresh else []
+    done = {(r["server"], r["condition"], r["concurrency"]) for r in rows}
     for server_name, (cmd, conditions) in servers.items():
+        if all((server_name, name, c) in done for name in conditions for c in levels):
+            continue
         port = free_port()
         cmd = [str(port) if prev == "--port" else part for prev, part in zip([""] + cmd, cmd)]
         with VLLMServer(cmd, "127.0.0.1", port, tmp / f"vllm-{len(rows)}.log") as server:
@@ -124,9 +151,12 @@ def main() -> None:
             for i, concurrency in enumerate(levels):
                 names = list(conditions) if i % 2 == 0 else list(conditions)[::-1]  # alternate the order
                 for name in names:
+                    if (server_name, name, concurrency) in done:
+                        continue
                     model, system = conditions[name]
                     row = run_condition(server.url, model, system, queries, concurrency, args.max_tokens, args.kv_budget)
                     rows.append({"server": server_name, "condition": name, **row})
+                    write_json(args.json, {**settings, "rows": rows, "complete": False})  # a crash keeps what ran
                     print(f"{server_name:26} {name:16} c={concurrency:<3} TTFT {row['ttft_median_s']:.3f} s  "
                           f"{row['output_tokens_per_s']:.1f} tok/s  KV own {row['kv_tokens_own_per_request']:.0f}", flush=True)
     for row in rows:
@@ -145,9 +175,7 @@ def main() -> None:
                      f"{r['output_tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | {r['ttft_vs_baked_lora']:.2f}x |")
     markdown = "\n".join(lines)
     print(markdown)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"adapter": str(args.adapter), "requests": args.requests, "max_tokens": args.max_tokens,
-                                     "kv_budget": args.kv_budget, "rows": rows, "markdown": markdown}, indent=1) + "\n")
+    write_json(args.json, {**settings, "rows": rows, "markdown": markdown, "complete": True})
     print(f"wrote {args.json}")
 
 

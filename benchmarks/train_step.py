@@ -35,6 +35,10 @@ VARIANTS = {
     "torch.compile layers": {"torch_compile": True},
     # Not a setting: the loss forced into 256-token chunks (SmolLM2's 49k vocabulary is under the default threshold).
     "loss in 256-token chunks": {"loss_chunk_bytes": 256 * 4 * 49152},
+    "gradient checkpointing": {"gradient_checkpointing": True},
+    "checkpointing + loss chunks": {"gradient_checkpointing": True, "loss_chunk_bytes": 256 * 4 * 49152},
+    "micro-batch 2": {"micro_batch_size": 2},
+    "micro-batch 8": {"micro_batch_size": 8},
 }
 
 

@@ -133,6 +133,10 @@ class BakeConfig(BaseModel):
         False, description="torch.compile the student's decoder layers for the training forward and backward (one "
                            "compile serves every layer). Costs about 20-40 s of compiling on a 2-core CPU (less when "
                            "torch's on-disk cache has it); pays off on long compiles. Needs a C++ compiler on CPUs.")
+    gradient_checkpointing: bool = Field(
+        False, description="Keep only each decoder layer's input during the student's forward and recompute the rest "
+                           "in the backward pass: the student's activations (most of a step's peak memory) shrink to "
+                           "a layer's worth, for one more forward pass per micro-batch.")
     release_memory: bool = Field(
         True, description="Return freed heap pages to the OS after sampling and after each training micro-batch "
                           "(glibc): keeps peak RSS from creeping up over a compile, for about 7 % of a step.")

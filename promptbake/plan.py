@@ -23,7 +23,7 @@ from promptbake.queries import Query, load_queries, split_queries
 from promptbake.spec import PromptSpec, load_spec
 
 BUILD_KEY_VERSION = "1"
-NOT_IN_KEY = {"checkpoint_every", "threads", "release_memory", "torch_compile"}  # change how a bake runs, not what it produces
+NOT_IN_KEY = {"checkpoint_every", "threads", "release_memory", "torch_compile", "gradient_checkpointing"}  # change how a bake runs, not what it produces
 
 
 @dataclass

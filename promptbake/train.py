@@ -119,6 +119,17 @@ def eager_only(enabled: bool):
     return torch.compiler.set_stance("force_eager") if enabled else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def recomputed_activations(model):
+    """Activation checkpointing of the decoder layers while training (non-reentrant: no input needs a gradient,
+    and it composes with DDP); switched off again afterwards."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+
+
 def lr_factor(step_index: int, config: BakeConfig) -> float:
     """Learning-rate multiplier of the optimizer step `step_index` (0-based): linear warm-up, then constant or
     cosine decay over the whole run."""
@@ -187,6 +198,8 @@ def train_student(
     started = time.perf_counter()
     compiled = contextlib.ExitStack()
     compiled.enter_context(compiled_blocks(policy, config.torch_compile))
+    if config.gradient_checkpointing:
+        compiled.enter_context(recomputed_activations(policy))
     try:
         for step in range(first_step, config.steps + 1):
             t0 = time.perf_counter()

@@ -110,3 +110,40 @@ def test_learning_rate_schedules():
     assert all(a > b for a, b in zip(factors, factors[1:]))  # decays every step
     with pytest.raises(ValueError):
         BakeConfig(lr_schedule="linear")
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_training(tmp_path, tiny_model_dir, monkeypatch):
+    """Recomputing activations in the backward pass changes memory, not the math: same KL, gradient norm and
+    adapter; and it does recompute (each decoder layer runs twice as often with gradients on)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    calls = {"grad": 0}
+    original = LlamaDecoderLayer.forward
+
+    def counted(self, *args, **kwargs):
+        calls["grad"] += torch.is_grad_enabled()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counted)
+    prompt = write_prompt(tmp_path / "p")
+    logs, adapters, grad_calls = [], [], []
+    for recompute in (False, True):
+        calls["grad"] = 0
+        result = compile_prompt(
+            prompt, out=tmp_path / f"out{recompute}", model=str(tiny_model_dir),
+            overrides=dict(steps=2, batch_size=4, micro_batch_size=2, heldout=0, max_new_tokens=10, precision="fp32",
+                           gradient_checkpointing=recompute),
+        )
+        logs.append(result.train.log)
+        adapters.append(load_file(tmp_path / f"out{recompute}" / "adapter_model.safetensors"))
+        grad_calls.append(calls["grad"])
+    assert grad_calls[1] == 2 * grad_calls[0] > 0
+    for a, b in zip(*logs):
+        assert a.response_tokens == b.response_tokens
+        assert a.kl == pytest.approx(b.kl, rel=1e-6)
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[0][name], adapters[1][name], rtol=1e-5, atol=1e-7)
