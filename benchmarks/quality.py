@@ -56,6 +56,7 @@ VARIANTS: dict[str, dict] = {
     "kl-sampled": {"kl": "sampled"},
     "warmup5": {"warmup_steps": 5},
     "cosine": {"lr_schedule": "cosine"},
+    "loraplus4": {"loraplus_lr_ratio": 4.0},
     # The presets as shipped: run these with --token-budget 0 (their own steps, no budget).
     "preset-faithful": {"preset": "faithful"},
     "preset-quick": {"preset": "quick"},

@@ -96,6 +96,10 @@ class BakeConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0,
+        description="LoRA+: the LoRA B matrices learn this many times faster than the A matrices (which keep `lr`). "
+                    "B starts at zero, so early training moves through B alone.")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="After warm-up: constant, or cosine decay from lr towards 0 over `steps`.")
 

@@ -169,7 +169,13 @@ def train_student(
         raise PromptbakeError(f"train.batch_size={config.batch_size} is the batch of all {world} processes together; "
                               f"make it a multiple of {world}")
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(student, torch.optim.AdamW, lr=config.lr, weight_decay=config.weight_decay,
+                                              loraplus_lr_ratio=config.loraplus_lr_ratio)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     policy = accelerator.unwrap_model(wrapped)

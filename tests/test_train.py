@@ -147,3 +147,20 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_trainin
     assert adapters[0].keys() == adapters[1].keys()
     for name in adapters[0]:
         torch.testing.assert_close(adapters[0][name], adapters[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_loraplus_moves_the_b_matrices_ratio_times_faster(tmp_path, tiny_model_dir):
+    """LoRA B starts at zero, so step 1's AdamW update of every B entry is about +-lr (Adam normalises the
+    gradient); with loraplus_lr_ratio the B matrices take `ratio` times that step, and A still has none."""
+    from safetensors.torch import load_file
+
+    prompt = write_prompt(tmp_path / "p")
+    largest = {}
+    for ratio in (None, 4.0):
+        compile_prompt(prompt, out=tmp_path / f"out{ratio}", model=str(tiny_model_dir),
+                       overrides=dict(steps=1, batch_size=4, heldout=0, max_new_tokens=8, precision="fp32", lr=1e-3,
+                                      weight_decay=0.0, loraplus_lr_ratio=ratio))
+        weights = load_file(tmp_path / f"out{ratio}" / "adapter_model.safetensors")
+        largest[ratio] = max(float(w.abs().max()) for name, w in weights.items() if "lora_B" in name)
+    assert largest[None] == pytest.approx(1e-3, rel=0.05)
+    assert largest[4.0] == pytest.approx(4e-3, rel=0.05)
