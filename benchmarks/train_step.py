@@ -39,6 +39,7 @@ VARIANTS = {
     "checkpointing + loss chunks": {"gradient_checkpointing": True, "loss_chunk_bytes": 256 * 4 * 49152},
     "micro-batch 2": {"micro_batch_size": 2},
     "micro-batch 8": {"micro_batch_size": 8},
+    "micro-batch 2 + checkpointing": {"micro_batch_size": 2, "gradient_checkpointing": True},
 }
 
 
