@@ -68,7 +68,9 @@ class BakeConfig(BaseModel):
         16, gt=0, description="Queries per step. CPU decoding is bound by reading weights, so 16 rows cost little more than 4."
     )
     rollouts: int = Field(1, gt=0, description="Student samples per query.")
-    micro_batch_size: int = Field(4, gt=0, description="Rows per student forward/backward; bounds memory, not the math.")
+    micro_batch_size: int = Field(
+        2, gt=0, description="Rows per student forward/backward; bounds memory, not the math. 2 rows took 0.67 GiB less "
+                             "than 4 at the 128-token cap and no longer per step (benchmarks/memory.py).")
     max_new_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         "auto",
         description=(

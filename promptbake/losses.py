@@ -112,6 +112,10 @@ def teacher_sampled_logprobs(teacher_logits_BTV: torch.Tensor, ids_BT: torch.Ten
 # lowered peak RSS by 0.08 GiB (3 %) and cost 7 % of a step's speed, so at that size the loss runs whole; a
 # 128k-256k vocabulary (Llama 3, Gemma) at the same micro-batch is 260-520 MB per copy and is chunked.
 LOSS_CHUNK_BYTES = 256 * 2**20
+# Without gradients (the held-out KL of compile and verify) a chunk costs no recomputation, only a loop, so the
+# copies are kept small whatever the vocabulary: 32 MiB per fp32 copy is 170 tokens at 49k. Measured on the
+# default compile: the held-out KL's copies (4 rows x 128 tokens, ~5 alive at once) had set the process's peak RSS.
+NO_GRAD_CHUNK_BYTES = 32 * 2**20
 
 
 def distill_loss(
@@ -130,12 +134,15 @@ def distill_loss(
 
     The fp32 log-softmaxes and their products are several copies of the full-vocabulary logits. With a large
     vocabulary they set a step's peak memory, so the loss then runs over `chunk_tokens` (row, position) pairs at
-    a time (default: as many as fit LOSS_CHUNK_BYTES per fp32 copy), and with gradients each chunk is recomputed
+    a time (default: as many as fit LOSS_CHUNK_BYTES per fp32 copy, NO_GRAD_CHUNK_BYTES without gradients), and with
+    gradients each chunk is recomputed
     in the backward pass (activation checkpointing) instead of kept: only the logits themselves and one chunk's
     fp32 copies are alive at once. The values and gradients are those of the unchunked loss."""
     B, T = ids_BT.shape
     V = student_logits_BTV.shape[-1]
-    chunk = max(1, LOSS_CHUNK_BYTES // (4 * V)) if chunk_tokens is None else chunk_tokens
+    keep_graph = torch.is_grad_enabled() and student_logits_BTV.requires_grad
+    budget = LOSS_CHUNK_BYTES if keep_graph else NO_GRAD_CHUNK_BYTES
+    chunk = max(1, budget // (4 * V)) if chunk_tokens is None else chunk_tokens
     if chunk <= 0 or B * T <= chunk:
         return _distill_loss(method, kl, student_logits_BTV, teacher, ids_BT, temperature, topk)
     from torch.utils.checkpoint import checkpoint
@@ -144,7 +151,6 @@ def distill_loss(
     student_N1V = student_logits_BTV.reshape(B * T, 1, V)
     teacher_N = None if teacher is None else teacher.reshape(B * T, 1, *teacher.shape[2:])
     ids_N1 = ids_BT.reshape(B * T, 1)
-    keep_graph = torch.is_grad_enabled() and student_logits_BTV.requires_grad
     parts = []
     for start in range(0, B * T, chunk):
         args = (method, kl, student_N1V[start:start + chunk], None if teacher_N is None else teacher_N[start:start + chunk],

@@ -226,7 +226,8 @@ def test_chunked_loss_has_the_unchunked_values_and_gradients(method, kl, chunk):
 
 
 def test_loss_chunks_follow_the_byte_threshold(monkeypatch):
-    """By default a loss is chunked only when one fp32 copy of its logits passes LOSS_CHUNK_BYTES."""
+    """By default a loss with gradients is chunked only when one fp32 copy of its logits passes LOSS_CHUNK_BYTES;
+    without gradients (held-out KL) the smaller NO_GRAD_CHUNK_BYTES applies."""
     import promptbake.losses as losses
 
     g = torch.Generator().manual_seed(2)
@@ -236,9 +237,15 @@ def test_loss_chunks_follow_the_byte_threshold(monkeypatch):
     original = losses._distill_loss
     monkeypatch.setattr(losses, "_distill_loss", lambda *a: calls.append(a[2].shape[0]) or original(*a))
     whole = losses.distill_loss("opcd", "full", s, t, ids, 1.0, 4)
-    assert calls == [2]  # 12 tokens x 50 x 4 bytes: far under the default threshold, one piece
+    assert calls == [2]  # 12 tokens x 50 x 4 bytes: far under both thresholds, one piece
     calls.clear()
-    monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", 5 * 50 * 4)  # 5 tokens per chunk
-    chunked = losses.distill_loss("opcd", "full", s, t, ids, 1.0, 4)
+    monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", 5 * 50 * 4)  # 5 tokens per chunk with gradients
+    monkeypatch.setattr(losses, "NO_GRAD_CHUNK_BYTES", 3 * 50 * 4)  # 3 without
+    with_grad = losses.distill_loss("opcd", "full", s.clone().requires_grad_(True), t, ids, 1.0, 4)
     assert calls == [5, 5, 2]
-    torch.testing.assert_close(chunked, whole)
+    calls.clear()
+    with torch.no_grad():
+        without = losses.distill_loss("opcd", "full", s.clone().requires_grad_(True), t, ids, 1.0, 4)
+    assert calls == [3, 3, 3, 3]
+    torch.testing.assert_close(with_grad.detach(), whole)
+    torch.testing.assert_close(without, whole)
