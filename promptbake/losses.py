@@ -134,10 +134,10 @@ def distill_loss(
 
     The fp32 log-softmaxes and their products are several copies of the full-vocabulary logits. With a large
     vocabulary they set a step's peak memory, so the loss then runs over `chunk_tokens` (row, position) pairs at
-    a time (default: as many as fit LOSS_CHUNK_BYTES per fp32 copy, NO_GRAD_CHUNK_BYTES without gradients), and with
-    gradients each chunk is recomputed
-    in the backward pass (activation checkpointing) instead of kept: only the logits themselves and one chunk's
-    fp32 copies are alive at once. The values and gradients are those of the unchunked loss."""
+    a time (default: as many as fit LOSS_CHUNK_BYTES per fp32 copy, NO_GRAD_CHUNK_BYTES without gradients), and
+    with gradients each chunk is recomputed in the backward pass (activation checkpointing) instead of kept: only
+    the logits themselves and one chunk's fp32 copies are alive at once. The values and gradients are those of
+    the unchunked loss."""
     B, T = ids_BT.shape
     V = student_logits_BTV.shape[-1]
     keep_graph = torch.is_grad_enabled() and student_logits_BTV.requires_grad
