@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import long_prompt_file  # noqa: E402
 from promptbake.artifact import read_manifest  # noqa: E402
+from promptbake.atomic import write_text_atomic  # noqa: E402
 from promptbake.queries import load_queries  # noqa: E402
 from promptbake.serve import VLLMServer, export_merged, free_port, plan_serving, vllm_command  # noqa: E402
 from promptbake.spec import load_spec  # noqa: E402
@@ -99,13 +100,6 @@ def previous_rows(path: Path, settings: dict) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "ttft_vs_baked_lora"} for r in old.get("rows", [])]
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", type=Path)
@@ -156,7 +150,8 @@ def main() -> None:
                     model, system = conditions[name]
                     row = run_condition(server.url, model, system, queries, concurrency, args.max_tokens, args.kv_budget)
                     rows.append({"server": server_name, "condition": name, **row})
-                    write_json(args.json, {**settings, "rows": rows, "complete": False})  # a crash keeps what ran
+                    # Rewritten after every condition: a crash keeps what ran, and a rerun resumes from it.
+                    write_text_atomic(args.json, json.dumps({**settings, "rows": rows, "complete": False}, indent=1) + "\n")
                     print(f"{server_name:26} {name:16} c={concurrency:<3} TTFT {row['ttft_median_s']:.3f} s  "
                           f"{row['output_tokens_per_s']:.1f} tok/s  KV own {row['kv_tokens_own_per_request']:.0f}", flush=True)
     for row in rows:
@@ -175,7 +170,7 @@ def main() -> None:
                      f"{r['output_tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | {r['ttft_vs_baked_lora']:.2f}x |")
     markdown = "\n".join(lines)
     print(markdown)
-    write_json(args.json, {**settings, "rows": rows, "markdown": markdown, "complete": True})
+    write_text_atomic(args.json, json.dumps({**settings, "rows": rows, "markdown": markdown, "complete": True}, indent=1) + "\n")
     print(f"wrote {args.json}")
 
 
