@@ -60,6 +60,12 @@ class BakeConfig(BaseModel):
             "can go negative: with LoRA at lr 5e-4 the student learned to push mass past its top-k and the true KL rose."
         ),
     )
+    forward_kl_weight: float = Field(
+        0.0, ge=0, le=1,
+        description="Weight w of forward KL(teacher || student) in the per-token loss, still on the student's own samples: "
+                    "(1 - w) reverse + w forward, full vocabulary (opcd with kl full). Reverse KL alone barely moves a "
+                    "token the teacher likes and the student rarely samples (a name, a sign-off); the forward term does.",
+    )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
     # Sampling.
@@ -171,6 +177,9 @@ class BakeConfig(BaseModel):
             raise ValueError("method sft trains on the teacher's fixed text; it has no live teacher")
         if self.rollout_url and self.rollout == "vllm":
             raise ValueError("rollout vllm samples in this process; rollout_url on a server: give one")
+        if self.forward_kl_weight and (self.method != "opcd" or self.kl != "full"):
+            raise ValueError(f"forward_kl_weight mixes forward KL into opcd's full-vocabulary loss; it needs method opcd "
+                             f"with kl full, not method {self.method} with kl {self.kl}")
         if self.teacher_url:
             if self.teacher:
                 raise ValueError("teacher and teacher_url both name the teacher; give one")

@@ -6,6 +6,10 @@ temperature and log-softmaxed. Gradients flow through the student only; teacher 
 - full:    sum_v p_s(v) (log p_s(v) - log p_t(v)) over the whole vocabulary (exact).
 - topk:    the same sum restricted to the student's top-k tokens, log-probs from the full softmax and not
            renormalised (as the OPCD reference code does); a lower bound that is tight when the tail is small.
+- mixed:   (1 - w) * reverse + w * forward KL(teacher || student), both exact over the vocabulary, still at the
+           student's own samples (config `forward_kl_weight`). Reverse KL moves a token the teacher likes and the
+           student rarely samples (a name, a sign-off) with a gradient proportional to the student's own small
+           probability of it; the forward term pulls with the teacher's probability instead.
 - sampled: only the sampled token y ~ p_s is known on the teacher side (a teacher behind an API that returns
            log-probs of given tokens). The value is the k3 estimator exp(r) - 1 - r with r = log p_t(y) - log p_s(y),
            unbiased and non-negative; its gradient is the score-function estimator (log p_s(y) - log p_t(y)) *
@@ -30,6 +34,13 @@ def log_probs(logits_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
 def full_reverse_kl(student_logp_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor) -> torch.Tensor:
     p_student_BTV = student_logp_BTV.exp()
     return (p_student_BTV * (student_logp_BTV - teacher_logp_BTV.detach())).sum(-1)
+
+
+def mixed_kl(student_logp_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, forward_weight: float) -> torch.Tensor:
+    """(1 - w) KL(s || t) + w KL(t || s) per position, as one sum: ((1 - w) p_s - w p_t) (log p_s - log p_t)."""
+    teacher_logp_BTV = teacher_logp_BTV.detach()
+    weight_BTV = (1 - forward_weight) * student_logp_BTV.exp() - forward_weight * teacher_logp_BTV.exp()
+    return (weight_BTV * (student_logp_BTV - teacher_logp_BTV)).sum(-1)
 
 
 def topk_reverse_kl(student_logp_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,12 +101,18 @@ OFF_POLICY = {  # the teacher's fixed samples instead of the student's
 }
 
 
-def token_loss(method: str, kl: str) -> TokenLoss:
+def token_loss(method: str, kl: str, forward_weight: float = 0.0) -> TokenLoss:
     """The objective of a training method: opcd minimises reverse KL with the chosen estimator on the student's
-    samples; offpolicy (forward KL over the teacher's top-k) and sft (cross-entropy) train on the teacher's."""
+    samples (mixed with forward KL when `forward_weight` > 0, full vocabulary only); offpolicy (forward KL over
+    the teacher's top-k) and sft (cross-entropy) train on the teacher's."""
     if method == "opcd":
         if kl not in REVERSE_KL:
             raise ValueError(f"unknown KL estimator '{kl}'")
+        if forward_weight:
+            if kl != "full":
+                raise ValueError(f"a forward-KL weight needs the full-vocabulary KL, not kl={kl}")
+            return TokenLoss(f"mixed_kl_full_w{forward_weight:g}", "logits",
+                             lambda s, t, ids, k: mixed_kl(s, t, forward_weight))
         return REVERSE_KL[kl]
     if method not in OFF_POLICY:
         raise ValueError(f"unknown method '{method}'")
@@ -127,6 +144,7 @@ def distill_loss(
     temperature: float,
     topk: int,
     chunk_tokens: int | None = None,
+    forward_weight: float = 0.0,
 ) -> torch.Tensor:
     """Per-token loss (loss_BT) of a method from raw student logits. `teacher` is what the objective's
     `teacher_input` asks for: raw logits (BTV), or log-probs of the sampled tokens (BT), or None; raw logits are
@@ -137,14 +155,14 @@ def distill_loss(
     a time (default: as many as fit LOSS_CHUNK_BYTES per fp32 copy, NO_GRAD_CHUNK_BYTES without gradients), and
     with gradients each chunk is recomputed in the backward pass (activation checkpointing) instead of kept: only
     the logits themselves and one chunk's fp32 copies are alive at once. The values and gradients are those of
-    the unchunked loss."""
+    the unchunked loss. `forward_weight` mixes in forward KL (see mixed_kl; opcd with kl=full)."""
     B, T = ids_BT.shape
     V = student_logits_BTV.shape[-1]
     keep_graph = torch.is_grad_enabled() and student_logits_BTV.requires_grad
     budget = LOSS_CHUNK_BYTES if keep_graph else NO_GRAD_CHUNK_BYTES
     chunk = max(1, budget // (4 * V)) if chunk_tokens is None else chunk_tokens
     if chunk <= 0 or B * T <= chunk:
-        return _distill_loss(method, kl, student_logits_BTV, teacher, ids_BT, temperature, topk)
+        return _distill_loss(method, kl, student_logits_BTV, teacher, ids_BT, temperature, topk, forward_weight)
     from torch.utils.checkpoint import checkpoint
 
     # Flatten (row, position) so a chunk is a fixed number of tokens whatever the batch's shape.
@@ -154,13 +172,13 @@ def distill_loss(
     parts = []
     for start in range(0, B * T, chunk):
         args = (method, kl, student_N1V[start:start + chunk], None if teacher_N is None else teacher_N[start:start + chunk],
-                ids_N1[start:start + chunk], temperature, topk)
+                ids_N1[start:start + chunk], temperature, topk, forward_weight)
         parts.append(checkpoint(_distill_loss, *args, use_reentrant=False) if keep_graph else _distill_loss(*args))
     return torch.cat(parts).reshape(B, T)
 
 
-def _distill_loss(method, kl, student_logits_BTV, teacher, ids_BT, temperature, topk) -> torch.Tensor:
-    loss = token_loss(method, kl)
+def _distill_loss(method, kl, student_logits_BTV, teacher, ids_BT, temperature, topk, forward_weight=0.0) -> torch.Tensor:
+    loss = token_loss(method, kl, forward_weight)
     student_logp_BTV = log_probs(student_logits_BTV, temperature)
     if loss.teacher_input == "logits":
         teacher = log_probs(teacher, temperature)

@@ -162,7 +162,7 @@ def train_student(
 ) -> TrainResult:
     """Run `config.steps` steps of `config.method` on `student` (a PEFT model) in place, resuming from a checkpoint
     if given. OPCD samples the student each step; offpolicy and sft train on `fixed_responses` (the teacher's)."""
-    objective = token_loss(config.method, config.kl)
+    objective = token_loss(config.method, config.kl, config.forward_kl_weight)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
@@ -252,6 +252,7 @@ def train_student(
                         config.method, config.kl, student_logits_BTV,
                         teacher_out.to(device) if teacher_out is not None else None,
                         part.response_ids_BT.to(device), temperature=config.temperature, topk=config.topk,
+                        forward_weight=config.forward_kl_weight,
                     )
                     # Sum over this micro-batch / tokens of the whole batch: the gradients add up to the batch mean.
                     part_loss = (loss_BT * part.response_mask_BT.to(device)).sum() / total_tokens

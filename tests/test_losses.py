@@ -249,3 +249,69 @@ def test_loss_chunks_follow_the_byte_threshold(monkeypatch):
     assert calls == [3, 3, 3, 3]
     torch.testing.assert_close(with_grad.detach(), whole)
     torch.testing.assert_close(without, whole)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+def test_mixed_kl_is_the_weighted_sum_of_reverse_and_forward(logits, weight):
+    """(1 - w) KL(s||t) + w KL(t||s): values and student gradients against explicit float64 loops."""
+    from promptbake.losses import distill_loss
+
+    s, t = logits
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    s1 = s.clone().double().requires_grad_(True)
+    s2 = s.clone().double().requires_grad_(True)
+    got = distill_loss("opcd", "full", s1, t.double(), ids, temperature=0.9, topk=4, forward_weight=weight)
+    want = (1 - weight) * brute_kl(s2, t, 0.9) + weight * brute_kl(t.double(), s2, 0.9)  # forward = KL(t||s)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # the loss runs in fp32
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_forward_term_pulls_a_rare_teacher_token_harder_than_reverse_kl():
+    """Why the option exists: the teacher puts 30 % on a token the student gives 0.1 %; reverse KL's push on that
+    logit is about the student's 0.1 %, the forward term's about the teacher's 30 %."""
+    from promptbake.losses import distill_loss
+
+    V = 20
+    teacher_p = torch.full((V,), 0.7 / (V - 1))
+    teacher_p[3] = 0.3
+    student_p = torch.full((V,), 0.999 / (V - 1))
+    student_p[3] = 0.001
+    pulls = {}
+    for w in (0.0, 0.5):
+        s = student_p.log().reshape(1, 1, V).clone().requires_grad_(True)
+        distill_loss("opcd", "full", s, teacher_p.log().reshape(1, 1, V), torch.zeros(1, 1, dtype=torch.long),
+                     temperature=1.0, topk=4, forward_weight=w).sum().backward()
+        pulls[w] = -float(s.grad[0, 0, 3])  # > 0: gradient descent raises the token's logit
+    assert 0 < pulls[0.0] < 0.01 and pulls[0.5] > 0.1
+
+
+def test_forward_weight_needs_opcd_with_the_full_kl():
+    from promptbake.config import BakeConfig
+    from promptbake.losses import token_loss
+
+    assert token_loss("opcd", "full", 0.5).name != token_loss("opcd", "full").name
+    with pytest.raises(ValueError, match="full-vocabulary"):
+        token_loss("opcd", "topk", 0.5)
+    for bad in ({"kl": "sampled"}, {"method": "offpolicy"}):
+        with pytest.raises(ValueError, match="forward_kl_weight"):
+            BakeConfig(forward_kl_weight=0.5, **bad)
+    with pytest.raises(ValueError):
+        BakeConfig(forward_kl_weight=1.5)
+
+
+def test_chunked_mixed_kl_has_the_unchunked_values_and_gradients():
+    from promptbake.losses import distill_loss
+
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(3, 7, 50, generator=g) * 2, torch.randn(3, 7, 50, generator=g) * 2
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    out = []
+    for c in (0, 4):
+        s1 = s.clone().requires_grad_(True)
+        loss_BT = distill_loss("opcd", "full", s1, t, ids, temperature=1.0, topk=6, chunk_tokens=c, forward_weight=0.4)
+        (loss_BT * torch.arange(21.0).reshape(3, 7)).sum().backward()
+        out.append((loss_BT.detach(), s1.grad))
+    torch.testing.assert_close(out[1][0], out[0][0])
+    torch.testing.assert_close(out[1][1], out[0][1])
