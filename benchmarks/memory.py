@@ -3,8 +3,9 @@
 Stages (RSS after each): the imports, the runtime (student with bf16 frozen linears), the bf16 sampler copy,
 the teacher's prompt prepared, one rollout batch sampled and scored (after the heap trim). Then a short compile
 (fixed cap, no held-out measurement) with a thread sampling RSS every few milliseconds, each sample charged to the
-phase running at that moment: sampling, teacher scoring, the student's forward, the loss, the backward pass,
-the optimizer step ("between phases" is everything else). Each configuration runs in its own process, so one's
+phase running at that moment: loading (model, samplers, the teacher's prompt caches), sampling, teacher scoring,
+the student's forward, the loss, the backward pass, gradient clipping, the optimizer step, the sampler's weight
+sync, checkpoint saves and the artifact write ("between phases" is everything else). Each configuration runs in its own process, so one's
 heap does not carry into the next.
 
     python benchmarks/memory.py [--prompt prompts/pirate.md] [--new-tokens 128] [--steps 3]
@@ -24,7 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PHASES = ("sampling", "teacher", "student forward", "loss", "backward", "optimizer", "between phases")
+PHASES = ("loading", "sampling", "teacher", "student forward", "loss", "backward", "clip", "optimizer", "sampler sync",
+          "checkpoint", "artifact", "between phases")
 
 
 def rss_gib() -> float:
@@ -38,12 +40,17 @@ class PhaseMeter:
     def __init__(self):
         self.phase = "between phases"
         self.peak: dict[str, float] = {}
+        self.last_left = "start"  # the phase that ended most recently
+        self.between_peak_after = None  # which phase had just ended when "between phases" peaked
         threading.Thread(target=self._poll, daemon=True).start()
 
     def _poll(self):
         while True:
-            now, phase = rss_gib(), self.phase
-            self.peak[phase] = max(self.peak.get(phase, 0.0), now)
+            now, phase, last = rss_gib(), self.phase, self.last_left
+            if now > self.peak.get(phase, 0.0):
+                self.peak[phase] = now
+                if phase == "between phases":
+                    self.between_peak_after = last
             time.sleep(0.002)
 
     def wrap(self, owner, name: str, phase: str) -> None:
@@ -54,7 +61,7 @@ class PhaseMeter:
             try:
                 return original(*args, **kwargs)
             finally:
-                self.phase = before
+                self.phase, self.last_left = before, phase
 
         setattr(owner, name, inside)
 
@@ -119,22 +126,28 @@ def phases(prompt: Path, overrides: dict, new_tokens: int, steps: int) -> dict:
     import accelerate
     import torch
 
+    import promptbake.bake
     import promptbake.teacher
     import promptbake.train
     from promptbake.bake import compile_prompt
     from promptbake.rollout import HFRolloutEngine
 
     meter = PhaseMeter()
+    meter.wrap(promptbake.bake, "load", "loading")  # the model, the samplers and the teacher's prompt caches
+    meter.wrap(promptbake.bake, "write_artifact", "artifact")
     meter.wrap(HFRolloutEngine, "sample", "sampling")
+    meter.wrap(HFRolloutEngine, "sync", "sampler sync")
+    meter.wrap(promptbake.train, "save_checkpoint", "checkpoint")
     meter.wrap(promptbake.teacher.PromptedTeacher, "logits", "teacher")
     meter.wrap(promptbake.train, "response_logits", "student forward")
     meter.wrap(promptbake.train, "distill_loss", "loss")
     meter.wrap(accelerate.Accelerator, "backward", "backward")
+    meter.wrap(accelerate.Accelerator, "clip_grad_norm_", "clip")
     meter.wrap(torch.optim.AdamW, "step", "optimizer")
     with tempfile.TemporaryDirectory() as tmp:
         result = compile_prompt(prompt, out=Path(tmp) / "out", overrides=dict(
             steps=steps, max_new_tokens=new_tokens, heldout=0, checkpoint_every=10_000, **overrides))
-    return {"phase_peak_gib": {p: meter.peak.get(p) for p in PHASES},
+    return {"phase_peak_gib": {p: meter.peak.get(p) for p in PHASES}, "between_peak_after": meter.between_peak_after,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "s_per_step": [round(e.seconds, 2) for e in result.train.log]}
 
@@ -171,9 +184,13 @@ def main() -> None:
     for run in runs:
         cells = " | ".join(f"{run['phase_peak_gib'][p]:.2f}" if run["phase_peak_gib"][p] else "-" for p in PHASES)
         print(f"| {run['config']} | {cells} | {run['peak_rss_gib']:.2f} |")
+    for run in runs:
+        print(f"  {run['config']}: the 'between phases' peak came right after: {run.get('between_peak_after')}")
     if args.json:
+        from promptbake.atomic import write_text_atomic
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"prompt": str(args.prompt), "new_tokens": args.new_tokens, "steps": args.steps,
+        write_text_atomic(args.json, json.dumps({"prompt": str(args.prompt), "new_tokens": args.new_tokens, "steps": args.steps,
                                          "runs": runs}, indent=1) + "\n")
 
 
