@@ -53,6 +53,7 @@ def split_files(prompt: Path, folder: Path) -> tuple[Path, list]:
     meta = yaml.safe_load(front)
     meta["queries"] = "train_queries.jsonl"
     meta.pop("train", None)  # the benchmark sets the training knobs itself
+    meta.pop("heldout", None)  # and measures on its own seeded split, the same queries for both trainers
     copy = folder / "prompt.md"
     copy.write_text(f"---\n{yaml.safe_dump(meta, sort_keys=False)}---{body}")
     return copy, heldout
