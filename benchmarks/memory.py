@@ -5,8 +5,9 @@ the teacher's prompt prepared, one rollout batch sampled and scored (after the h
 (fixed cap, no held-out measurement) with a thread sampling RSS every few milliseconds, each sample charged to the
 phase running at that moment: loading (model, samplers, the teacher's prompt caches), sampling, teacher scoring,
 the student's forward, the loss, the backward pass, gradient clipping, the optimizer step, the sampler's weight
-sync, checkpoint saves and the artifact write ("between phases" is everything else). Each configuration runs in its own process, so one's
-heap does not carry into the next.
+sync, checkpoint saves and the artifact write ("between phases" is everything else, and the script says which
+phase had just ended when its peak came). Each configuration runs in its own process, so one's heap does not
+carry into the next.
 
     python benchmarks/memory.py [--prompt prompts/pirate.md] [--new-tokens 128] [--steps 3]
         [--configs "default,micro_batch_size=2"] [--json results/memory.json]
@@ -190,8 +191,8 @@ def main() -> None:
         from promptbake.atomic import write_text_atomic
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.json, json.dumps({"prompt": str(args.prompt), "new_tokens": args.new_tokens, "steps": args.steps,
-                                         "runs": runs}, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps({"prompt": str(args.prompt), "new_tokens": args.new_tokens,
+                                                 "steps": args.steps, "runs": runs}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
