@@ -190,7 +190,6 @@ def main() -> None:
     if args.json:
         from promptbake.atomic import write_text_atomic
 
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, json.dumps({"prompt": str(args.prompt), "new_tokens": args.new_tokens,
                                                  "steps": args.steps, "runs": runs}, indent=1) + "\n")
 

@@ -105,12 +105,12 @@ def token_loss(method: str, kl: str, forward_weight: float = 0.0) -> TokenLoss:
     """The objective of a training method: opcd minimises reverse KL with the chosen estimator on the student's
     samples (mixed with forward KL when `forward_weight` > 0, full vocabulary only); offpolicy (forward KL over
     the teacher's top-k) and sft (cross-entropy) train on the teacher's."""
+    if forward_weight and (method, kl) != ("opcd", "full"):
+        raise ValueError(f"a forward-KL weight needs opcd with the full-vocabulary KL, not {method} with kl={kl}")
     if method == "opcd":
         if kl not in REVERSE_KL:
             raise ValueError(f"unknown KL estimator '{kl}'")
         if forward_weight:
-            if kl != "full":
-                raise ValueError(f"a forward-KL weight needs the full-vocabulary KL, not kl={kl}")
             return TokenLoss(f"mixed_kl_full_w{forward_weight:g}", "logits",
                              lambda s, t, ids, k: mixed_kl(s, t, forward_weight))
         return REVERSE_KL[kl]

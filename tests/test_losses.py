@@ -292,8 +292,9 @@ def test_forward_weight_needs_opcd_with_the_full_kl():
     from promptbake.losses import token_loss
 
     assert token_loss("opcd", "full", 0.5).name != token_loss("opcd", "full").name
-    with pytest.raises(ValueError, match="full-vocabulary"):
-        token_loss("opcd", "topk", 0.5)
+    for method, kl in (("opcd", "topk"), ("offpolicy", "full")):
+        with pytest.raises(ValueError, match="full-vocabulary"):
+            token_loss(method, kl, 0.5)
     for bad in ({"kl": "sampled"}, {"method": "offpolicy"}):
         with pytest.raises(ValueError, match="forward_kl_weight"):
             BakeConfig(forward_kl_weight=0.5, **bad)
