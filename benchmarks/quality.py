@@ -60,6 +60,7 @@ VARIANTS: dict[str, dict] = {
     "fwd0.25": {"forward_kl_weight": 0.25},
     "fwd0.5": {"forward_kl_weight": 0.5},
     "fwd1": {"forward_kl_weight": 1.0},
+    "steps80": {"steps": 80},  # twice the faithful preset's steps (with --token-budget 0): a later point of the curve
     # The presets as shipped: run these with --token-budget 0 (their own steps, no budget).
     "preset-faithful": {"preset": "faithful"},
     "preset-quick": {"preset": "quick"},
