@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict] = {
     "warmup5": {"warmup_steps": 5},
     "cosine": {"lr_schedule": "cosine"},
     "loraplus4": {"loraplus_lr_ratio": 4.0},
+    "fwd0": {"forward_kl_weight": 0.0},  # reverse KL only (the default before forward_kl_weight 0.5)
     "fwd0.25": {"forward_kl_weight": 0.25},
     "fwd0.5": {"forward_kl_weight": 0.5},
     "fwd1": {"forward_kl_weight": 1.0},
