@@ -73,7 +73,8 @@ def run_promptbake(prompt_copy: Path, out: Path, steps: int) -> dict:
 
     s = common_settings(steps)
     result = compile_prompt(prompt_copy, out=out, overrides=dict(steps=steps, max_new_tokens=s["max_new_tokens"], heldout=0,
-                                                                  checkpoint_every=10_000, seed=SEED),
+                                                                  checkpoint_every=10_000, seed=SEED,
+                                                                  forward_kl_weight=0.0),  # TRL's SDFT: reverse KL only
                             force=True)
     log = result.train.log
     return {"step_seconds": [e.seconds for e in log], "step_tokens": [e.response_tokens for e in log],

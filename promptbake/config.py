@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_FORWARD_KL_WEIGHT = 0.5  # where it applies: method opcd with kl full (README "Quality study")
 
 
 # What a preset sets for every field the prompt file and the command line leave alone. `faithful` is the
@@ -60,11 +61,14 @@ class BakeConfig(BaseModel):
             "can go negative: with LoRA at lr 5e-4 the student learned to push mass past its top-k and the true KL rose."
         ),
     )
-    forward_kl_weight: float = Field(
-        0.0, ge=0, le=1,
+    forward_kl_weight: float | None = Field(
+        None, ge=0, le=1,
         description="Weight w of forward KL(teacher || student) in the per-token loss, still on the student's own samples: "
                     "(1 - w) reverse + w forward, full vocabulary (opcd with kl full). Reverse KL alone barely moves a "
-                    "token the teacher likes and the student rarely samples (a name, a sign-off); the forward term does.",
+                    "token the teacher likes and the student rarely samples (a name, a sign-off); the forward term does. "
+                    f"Unset: {DEFAULT_FORWARD_KL_WEIGHT} where it applies (opcd with kl full), else 0. On the quality study's "
+                    "held-out file 0.5 passed the prompt's checks at 0.98x the teacher's rate against 0.82x for reverse "
+                    "KL alone, for slightly less of the reverse-KL gap.",
     )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
@@ -177,7 +181,11 @@ class BakeConfig(BaseModel):
             raise ValueError("method sft trains on the teacher's fixed text; it has no live teacher")
         if self.rollout_url and self.rollout == "vllm":
             raise ValueError("rollout vllm samples in this process; rollout_url on a server: give one")
-        if self.forward_kl_weight and (self.method != "opcd" or self.kl != "full"):
+        applies = self.method == "opcd" and self.kl == "full"
+        if "forward_kl_weight" not in self.model_fields_set or self.forward_kl_weight is None:
+            # Derived every time, so that a later `kl = "sampled"` turns the default off rather than failing.
+            object.__setattr__(self, "forward_kl_weight", DEFAULT_FORWARD_KL_WEIGHT if applies else 0.0)
+        elif self.forward_kl_weight and not applies:
             raise ValueError(f"forward_kl_weight mixes forward KL into opcd's full-vocabulary loss; it needs method opcd "
                              f"with kl full, not method {self.method} with kl {self.kl}")
         if self.teacher_url:

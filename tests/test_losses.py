@@ -302,6 +302,29 @@ def test_forward_weight_needs_opcd_with_the_full_kl():
         BakeConfig(forward_kl_weight=1.5)
 
 
+def test_forward_weight_default_applies_only_where_it_can():
+    """Unset, the weight is the default where the mix exists (opcd, kl full) and 0 elsewhere, so a prompt that
+    picks kl sampled or method offpolicy is not refused for a weight it never set; set, it is the user's."""
+    from promptbake.config import DEFAULT_FORWARD_KL_WEIGHT, BakeConfig
+
+    assert DEFAULT_FORWARD_KL_WEIGHT > 0
+    assert BakeConfig().forward_kl_weight == DEFAULT_FORWARD_KL_WEIGHT
+    assert BakeConfig.from_layers({"preset": "quick"}).forward_kl_weight == DEFAULT_FORWARD_KL_WEIGHT
+    for other in ({"kl": "sampled"}, {"kl": "topk"}, {"method": "offpolicy"}, {"method": "sft"}):
+        assert BakeConfig.from_layers(other).forward_kl_weight == 0.0
+    assert BakeConfig(forward_kl_weight=0).forward_kl_weight == 0.0
+    config = BakeConfig()
+    config.kl = "sampled"  # derived again on assignment, not carried over
+    assert config.forward_kl_weight == 0.0
+    config.kl = "full"
+    assert config.forward_kl_weight == DEFAULT_FORWARD_KL_WEIGHT
+    explicit = BakeConfig(forward_kl_weight=0.25)
+    with pytest.raises(ValueError, match="forward_kl_weight"):
+        explicit.kl = "sampled"
+    # A manifest's config (the resolved value written out) reads back as the same config.
+    assert BakeConfig.model_validate_json(BakeConfig().model_dump_json()) == BakeConfig()
+
+
 def test_chunked_mixed_kl_has_the_unchunked_values_and_gradients():
     from promptbake.losses import distill_loss
 
