@@ -66,9 +66,9 @@ class BakeConfig(BaseModel):
         description="Weight w of forward KL(teacher || student) in the per-token loss, still on the student's own samples: "
                     "(1 - w) reverse + w forward, full vocabulary (opcd with kl full). Reverse KL alone barely moves a "
                     "token the teacher likes and the student rarely samples (a name, a sign-off); the forward term does. "
-                    f"Unset: {DEFAULT_FORWARD_KL_WEIGHT} where it applies (opcd with kl full), else 0. On the quality study's "
-                    "held-out file 0.5 passed the prompt's checks at 0.98x the teacher's rate against 0.82x for reverse "
-                    "KL alone, for slightly less of the reverse-KL gap.",
+                    f"Unset: {DEFAULT_FORWARD_KL_WEIGHT} where it applies (opcd with kl full), else 0. In the quality study "
+                    "(support prompt) 0.5 passed the prompt's checks at 0.98x the teacher's rate against 0.82x for reverse "
+                    "KL alone, for slightly less of the reverse-KL gap; on pirate and safety neither KL moved.",
     )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
