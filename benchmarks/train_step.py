@@ -43,20 +43,20 @@ VARIANTS = {
 }
 
 
-def long_prompt_file(folder: Path) -> Path:
-    """A ~2,000-token policy prompt (numbered rules), beside a copy of the pirate queries."""
-    rules = "\n".join(
+def long_prompt_file(folder: Path, rules: int = 60) -> Path:
+    """A long policy prompt of numbered rules (60: 3,307 tokens; 36: about 2,000), beside a copy of the pirate queries."""
+    text = "\n".join(
         f"{i}. When a customer asks about topic {i}, answer politely, cite policy section {i}.{i % 7}, keep it under "
         f"{40 + i % 30} words, never promise refunds above {i * 3} dollars, and close with 'Ahoy, matey!'."
-        for i in range(1, 61)
+        for i in range(1, rules + 1)
     )
     (folder / "pirate_queries.jsonl").write_text((REPO / "prompts" / "pirate_queries.jsonl").read_text())
     path = folder / "long.md"
-    path.write_text("---\nname: long\nqueries: pirate_queries.jsonl\n---\nYou are a support pirate. Follow every rule.\n" + rules + "\n")
+    path.write_text("---\nname: long\nqueries: pirate_queries.jsonl\n---\nYou are a support pirate. Follow every rule.\n" + text + "\n")
     return path
 
 
-def teacher_scoring(prompt_path: Path, repeats: int = 3) -> list[dict]:
+def teacher_scoring(prompt_path: Path, repeats: int = 3, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
     import torch
 
     from promptbake.models import resolve_model
@@ -75,7 +75,7 @@ def teacher_scoring(prompt_path: Path, repeats: int = 3) -> list[dict]:
     rollout = Rollout(torch.randint(100, 40000, (4, 64), generator=g), torch.ones(4, 64, dtype=torch.long))
     prompt_tokens = len(tok(spec.system_prompt, add_special_tokens=False)["input_ids"])
     rows = []
-    for bf16 in (False, True):
+    for bf16 in (p == "bf16" for p in precisions):
         timings, logits = {}, {}
         for cached in (True, False):
             teacher = PromptedTeacher(model, renderer, tok.pad_token_id, is_student=False, bf16=bf16, prefix_cache=cached)
@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--skip-steps", action="store_true", help="Only the teacher-scoring part.")
     parser.add_argument("--skip-scoring", action="store_true", help="Only the whole-step part.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Whole-step variants, comma-separated ('all on' always runs).")
+    parser.add_argument("--long-rules", type=int, default=60, help="rules in the long prompt (60: 3,307 tokens; 36: about 2,000)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="teacher scoring precisions (bf16 is slow on CPUs without AVX-512)")
     parser.add_argument("--step-prompts", default="pirate,long", help="Prompts for the whole-step part (pirate, long).")
     args = parser.parse_args()
     if args.worker:
@@ -144,11 +146,11 @@ def main() -> None:
     names = ["all on"] + [v for v in chosen if v != "all on"]
 
     tmp = Path(tempfile.mkdtemp())
-    prompts = {"pirate": PIRATE, "long": long_prompt_file(tmp)}
+    prompts = {"pirate": PIRATE, "long": long_prompt_file(tmp, args.long_rules)}
     report: dict = {"machine": f"{os.cpu_count()} cores", "teacher_scoring": [], "steps": {}}
     if not args.skip_scoring:
         for path in prompts.values():
-            report["teacher_scoring"] += teacher_scoring(path)
+            report["teacher_scoring"] += teacher_scoring(path, precisions=tuple(args.precisions.split(",")))
         print("\nTeacher scoring, batch 4 x (prompt + query + 64 tokens), median of 3")
         print(f"{'prompt':8} {'tokens':>6} {'prec':>5} {'cached s':>9} {'uncached s':>10} {'speedup':>8} {'max |diff|':>10}")
         for r in report["teacher_scoring"]:

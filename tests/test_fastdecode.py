@@ -36,23 +36,31 @@ def test_decode_step_equals_sdpa_with_padding(dtype, tol):
     assert (out.float() - _reference(q, k, v, mask)).abs().max() < tol
 
 
-@pytest.mark.parametrize("q_len", [1, 4])
-def test_shared_prefix_equals_attention_over_the_prefix_repeated_per_row(q_len):
-    """One copy of the prefix for all rows == every row carrying its own copy in front of its keys."""
+@pytest.mark.parametrize("q_len,dtype,tol,float_mask", [
+    (1, torch.float32, 1e-5, False), (4, torch.float32, 1e-5, False), (4, torch.float32, 1e-5, True),
+    (4, torch.bfloat16, 3e-2, False)])
+def test_shared_prefix_equals_attention_over_the_prefix_repeated_per_row(q_len, dtype, tol, float_mask):
+    """One copy of the prefix for all rows == every row carrying its own copy in front of its keys, including
+    query positions whose own keys are all masked (left padding: they attend to the prefix alone)."""
     torch.manual_seed(1)
     B, H, KV, P, S, D = 3, 6, 2, 11, 7, 16
-    q = torch.randn(B, H, q_len, D)
-    k_pre, v_pre = torch.randn(KV, P, D), torch.randn(KV, P, D)
-    k, v = torch.randn(B, KV, S, D), torch.randn(B, KV, S, D)
+    q = torch.randn(B, H, q_len, D, dtype=dtype)
+    k_pre, v_pre = torch.randn(KV, P, D, dtype=dtype), torch.randn(KV, P, D, dtype=dtype)
+    k, v = torch.randn(B, KV, S, D, dtype=dtype), torch.randn(B, KV, S, D, dtype=dtype)
     own_mask = torch.ones(B, 1, q_len, S, dtype=torch.bool).tril(S - q_len)  # causal over the row's own tokens
     own_mask[2, :, :, :3] = False  # padding between the prefix and row 2's tokens
+    own_mask[1, :, :, :S - q_len + 1] = False  # row 1: its first query sees none of its own keys
     module = _Module()
     setattr(module, "_promptbake_shared_prefix_kv", (k_pre, v_pre))
-    out, _ = decode_attention_forward(module, q, k, v, own_mask)
+    mask_arg = own_mask
+    if float_mask:  # transformers' additive form: 0 where attended, the dtype's minimum elsewhere
+        mask_arg = torch.zeros(own_mask.shape, dtype=dtype).masked_fill(~own_mask, torch.finfo(dtype).min)
+    out, _ = decode_attention_forward(module, q, k, v, mask_arg)
     full_k = torch.cat([k_pre.expand(B, -1, -1, -1), k], dim=2)
     full_v = torch.cat([v_pre.expand(B, -1, -1, -1), v], dim=2)
     full_mask = torch.cat([torch.ones(B, 1, q_len, P, dtype=torch.bool), own_mask], dim=-1)
-    assert (out - _reference(q, full_k, full_v, full_mask)).abs().max() < 1e-5
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out.float() - _reference(q, full_k, full_v, full_mask)).abs().max() < tol
 
 
 def test_models_load_with_the_decode_attention(tiny):

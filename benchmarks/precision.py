@@ -1,0 +1,75 @@
+"""Benchmark: is bf16 faster than fp32 on this CPU? The check behind `precision: auto`.
+
+`auto` uses bf16 autocast only where the CPU reports AVX-512 or AMX: there bf16 matmuls run on native
+instructions and a compile is several times faster. On AVX2-only CPUs (many AMD EPYC and older Intel
+parts) bf16 is emulated. This times the default model's largest linear shape (576 -> 1536) at a decode
+batch (16 rows) and a training batch (256 rows) in fp32, in bf16, and under bf16 autocast (which also casts
+the fp32 weight on every call), side by side in one run, and prints what `auto` picks here.
+
+    python benchmarks/precision.py [--json results/precision.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPE = (576, 1536)  # SmolLM2-135M's MLP up/gate projection (in, out)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm up (oneDNN primitive creation)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="16,256", help="comma list of batch rows (tokens) per matmul")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--json", type=Path, default=REPO / "results" / "precision.json")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from promptbake.runtime import use_bf16
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    rows_out = []
+    for rows in (int(r) for r in args.rows.split(",")):
+        x32 = torch.randn(rows, SHAPE[0])
+        w32 = torch.randn(SHAPE[1], SHAPE[0])
+        x16, w16 = x32.bfloat16(), w32.bfloat16()
+        fp32 = _median_ms(lambda: x32 @ w32.T, args.repeats)
+        bf16 = _median_ms(lambda: x16 @ w16.T, args.repeats)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = _median_ms(lambda: x32 @ w32.T, args.repeats)
+        rows_out.append({"rows": rows, "fp32_ms": fp32, "bf16_ms": bf16, "autocast_ms": autocast,
+                         "bf16_speedup": fp32 / bf16, "autocast_speedup": fp32 / autocast})
+
+    auto = "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32"
+    print(f"CPU capability {capability}, {torch.get_num_threads()} threads; precision auto picks {auto}")
+    print(f"| rows x {SHAPE[0]} @ {SHAPE[0]} x {SHAPE[1]} | fp32 ms | bf16 ms | bf16 autocast ms | bf16 vs fp32 | autocast vs fp32 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows_out:
+        print(f"| {r['rows']} | {r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | {r['autocast_ms']:.3f} | "
+              f"{r['bf16_speedup']:.2f}x | {r['autocast_speedup']:.2f}x |")
+    from promptbake.atomic import write_text_atomic
+
+    write_text_atomic(args.json, json.dumps({"cpu_capability": capability, "threads": torch.get_num_threads(),
+                                             "auto_picks": auto, "shape": SHAPE, "rows": rows_out}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
