@@ -6,7 +6,12 @@ parts) bf16 is emulated. This times the default model's largest linear shape (57
 batch (16 rows) and a training batch (256 rows) in fp32, in bf16, and under bf16 autocast (which also casts
 the fp32 weight on every call), side by side in one run, and prints what `auto` picks here.
 
-    python benchmarks/precision.py [--json results/precision.json]
+`--kl-queries N` also asks whether bf16 limits how close a bake can get: on N held-out queries of the support
+prompt, the base model samples answers (fp32), then the student's and the prompted teacher's logits are
+computed in fp32 and under bf16 autocast, and the full-vocabulary KL between the two precisions of the same
+model is set beside the base-to-teacher gap in each precision.
+
+    python benchmarks/precision.py [--kl-queries 12] [--json results/precision.json]
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="16,256", help="comma list of batch rows (tokens) per matmul")
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--kl-queries", type=int, default=0, help="held-out support queries for the KL part (0: skip it)")
+    p.add_argument("--kl-tokens", type=int, default=128, help="answer length of the KL part")
     p.add_argument("--json", type=Path, default=REPO / "results" / "precision.json")
     args = p.parse_args(argv)
 
@@ -65,10 +72,66 @@ def main(argv=None) -> None:
     for r in rows_out:
         print(f"| {r['rows']} | {r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | {r['autocast_ms']:.3f} | "
               f"{r['bf16_speedup']:.2f}x | {r['autocast_speedup']:.2f}x |")
+    report = {"cpu_capability": capability, "threads": torch.get_num_threads(), "auto_picks": auto, "shape": SHAPE,
+              "rows": rows_out}
+    if args.kl_queries:
+        report["kl"] = kl_between_precisions(args.kl_queries, args.kl_tokens)
+        k = report["kl"]
+        print(f"\nKL on {args.kl_queries} held-out support queries, base answers of up to {args.kl_tokens} tokens (per-token mean)")
+        print("| KL | value |\n|---|---|")
+        for name in ("student bf16 || fp32", "teacher bf16 || fp32", "base gap, fp32", "base gap, bf16"):
+            print(f"| {name} | {k[name]:.5f} |")
     from promptbake.atomic import write_text_atomic
 
-    write_text_atomic(args.json, json.dumps({"cpu_capability": capability, "threads": torch.get_num_threads(),
-                                             "auto_picks": auto, "shape": SHAPE, "rows": rows_out}, indent=1) + "\n")
+    write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
+
+
+def kl_between_precisions(n_queries: int, max_new_tokens: int, rows: int = 4) -> dict:
+    """Per-token KL between bf16-autocast and fp32 logits of one model on the same tokens, beside the base gap."""
+    import torch
+
+    from promptbake.losses import reverse_kl
+    from promptbake.models import resolve_model
+    from promptbake.queries import load_queries
+    from promptbake.rollout import autocast, eos_token_ids, response_logits
+    from promptbake.runtime import load_runtime
+    from promptbake.spec import load_spec
+
+    torch.manual_seed(0)
+    spec = load_spec(REPO / "prompts" / "support.md")
+    queries = load_queries(spec.heldout_path)[:n_queries]
+    runtime = load_runtime(resolve_model(spec.model), precision="fp32")
+    renderer = runtime.renderer(spec.system_prompt)
+    teacher = runtime.teacher(renderer)
+    teacher.prepare(queries, max_new_tokens, str(spec.heldout_path))
+    tok = runtime.tokenizer
+    prompts = [renderer.student_ids(q.messages) for q in queries]
+    rollout = runtime.engine().sample(prompts, max_new_tokens=max_new_tokens, temperature=1.0,
+                                      eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id)
+    sums: dict[str, float] = {}
+    tokens = 0.0
+    for start in range(0, len(queries), rows):
+        index = list(range(start, min(start + rows, len(queries))))
+        part = rollout.select(index)
+        mask_BT = part.response_mask_BT.float()
+        with torch.no_grad():
+            logits = {}
+            for bf16 in (False, True):
+                with autocast(runtime.device, bf16):
+                    logits[("student", bf16)] = response_logits(runtime.model, [prompts[i] for i in index], part,
+                                                                tok.pad_token_id).float()
+                teacher.bf16 = bf16
+                teacher.refresh()  # the prompt's cache in this precision
+                logits[("teacher", bf16)] = teacher.logits([queries[i] for i in index], part).float()
+        pairs = {"student bf16 || fp32": (("student", True), ("student", False)),
+                 "teacher bf16 || fp32": (("teacher", True), ("teacher", False)),
+                 "base gap, fp32": (("student", False), ("teacher", False)),
+                 "base gap, bf16": (("student", True), ("teacher", True))}
+        for name, (first, second) in pairs.items():
+            kl_BT = reverse_kl("full", logits[first], logits[second], part.response_ids_BT, 1.0)
+            sums[name] = sums.get(name, 0.0) + float((kl_BT * mask_BT).sum())
+        tokens += float(mask_BT.sum())
+    return {name: total / tokens for name, total in sums.items()} | {"tokens": tokens, "queries": n_queries}
 
 
 if __name__ == "__main__":
