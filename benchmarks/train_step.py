@@ -143,6 +143,9 @@ def main() -> None:
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:  # before the minutes of the scoring part, not after
         parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    precisions = tuple(args.precisions.split(","))
+    if not set(precisions) <= {"fp32", "bf16"}:  # anything else would silently run as fp32
+        parser.error(f"--precisions: {args.precisions!r}; choose from fp32, bf16")
     names = ["all on"] + [v for v in chosen if v != "all on"]
 
     tmp = Path(tempfile.mkdtemp())
@@ -150,7 +153,7 @@ def main() -> None:
     report: dict = {"machine": f"{os.cpu_count()} cores", "teacher_scoring": [], "steps": {}}
     if not args.skip_scoring:
         for path in prompts.values():
-            report["teacher_scoring"] += teacher_scoring(path, precisions=tuple(args.precisions.split(",")))
+            report["teacher_scoring"] += teacher_scoring(path, precisions=precisions)
         print("\nTeacher scoring, batch 4 x (prompt + query + 64 tokens), median of 3")
         print(f"{'prompt':8} {'tokens':>6} {'prec':>5} {'cached s':>9} {'uncached s':>10} {'speedup':>8} {'max |diff|':>10}")
         for r in report["teacher_scoring"]:
