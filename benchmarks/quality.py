@@ -13,7 +13,8 @@ then measure it with one fixed protocol, the same for every variant:
 
 Base and teacher measurements are made once per prompt and kept in `<out>/reference-<prompt>.json`. Every
 run's result goes to `<out>/runs/<prompt>/<variant>-s<seed>.json` as soon as it is measured, so an
-interrupted study continues where it stopped (adapters are kept under `build/quality/`, not committed).
+interrupted study continues where it stopped (adapters are kept under `build/quality/`, not committed); a
+compile stopped halfway resumes from its last checkpoint (every 5 steps), so a long run may span sessions.
 Variants train on an equal budget of response tokens (`--token-budget`; steps are only an upper bound),
 so they are compared at equal training compute; the wall time is reported beside each.
 
@@ -202,7 +203,7 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
     from promptbake.bake import compile_prompt
     from promptbake.events import StepDone
 
-    overrides = {**variant_settings(variant), "seed": seed, "checkpoint_every": 10_000}
+    overrides = {**variant_settings(variant), "seed": seed, "checkpoint_every": 5}
     source = overrides.pop("queries", "hand")
     queries = None if source == "hand" else query_file(prompt, source, args.build)
     if args.token_budget:

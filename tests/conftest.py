@@ -76,6 +76,21 @@ def write_prompt(folder: Path, body: str = "You are a pirate. Say ahoy.", front:
     return path
 
 
+def pirate_with_short_heldout(folder: Path, heldout: int = 8) -> Path:
+    """The shipped pirate prompt, measured on the first `heldout` queries of its separate held-out file: the
+    real-model tests need KL to fall, not a 40-query measurement (most of a small compile's time)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = REPO / "prompts"
+    short = folder / "pirate_heldout.jsonl"
+    short.write_text("".join((source / "pirate_heldout.jsonl").read_text().splitlines(keepends=True)[:heldout]))
+    text = (source / "pirate.md").read_text()
+    text = text.replace("queries: pirate_queries.jsonl", f"queries: {source / 'pirate_queries.jsonl'}", 1)
+    assert f"queries: {source}" in text and "heldout: pirate_heldout.jsonl" in text
+    path = folder / "pirate.md"
+    path.write_text(text)
+    return path
+
+
 def run_cli(*args):
     """The `promptbake` CLI in-process, every argument as text."""
     from typer.testing import CliRunner

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import pirate_with_short_heldout
 from promptbake import compile_prompt, read_manifest
 from promptbake.artifact import BakeManifest
 from promptbake.cli import app
@@ -16,9 +16,9 @@ from promptbake.cli import app
 def test_compile_default_model_reduces_heldout_kl(tmp_path, default_model_dir):
     out = tmp_path / "pirate"
     result = compile_prompt(
-        REPO / "prompts" / "pirate.md",
+        pirate_with_short_heldout(tmp_path / "prompt", heldout=8),
         out=out,
-        overrides=dict(steps=8, batch_size=8, heldout=8, max_new_tokens=32, eval_max_new_tokens=24, lr=1e-3, seed=0),
+        overrides=dict(steps=8, batch_size=8, max_new_tokens=32, eval_max_new_tokens=24, lr=1e-3, seed=0),
     )
     manifest = read_manifest(out)
     BakeManifest.model_validate(manifest.model_dump())

@@ -6,11 +6,12 @@ import importlib.util
 import json
 import shutil
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, pirate_with_short_heldout
 from promptbake.errors import PromptbakeError
 from promptbake.serve import chat_completion, check_servable, free_port, plan_serving, port_free, vllm_command, VLLMServer
 
@@ -102,10 +103,10 @@ def test_real_vllm_server_matches_peft(tmp_path, default_model_dir):
     from promptbake.rollout import eos_token_ids, sample
 
     fast = dict(steps=4, batch_size=8, heldout=0, max_new_tokens=24, lr=3e-3)
-    pirate = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate", overrides=fast).out_dir
+    pirate = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate", overrides=fast, measure=False).out_dir
     french_prompt = tmp_path / "french.md"
     french_prompt.write_text(f"---\nname: french\nqueries: {REPO / 'prompts' / 'pirate_queries.jsonl'}\n---\nAlways answer in French.\n")
-    french = compile_prompt(french_prompt, out=tmp_path / "french", overrides=fast).out_dir
+    french = compile_prompt(french_prompt, out=tmp_path / "french", overrides=fast, measure=False).out_dir
     queries = [q.messages for q in load_queries(REPO / "prompts" / "pirate_queries.jsonl")[:20]]
 
     tok = load_tokenizer(default_model_dir)
@@ -120,8 +121,9 @@ def test_real_vllm_server_matches_peft(tmp_path, default_model_dir):
     cmd = vllm_command(base, served, "127.0.0.1", port, ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"])
     with VLLMServer(cmd, "127.0.0.1", port, tmp_path / "vllm.log") as server:
         server.wait_healthy(timeout=240)
-        answers = {name: [chat_completion(server.url, name, m, max_tokens=32)["choices"][0]["message"]["content"] for m in queries]
-                   for name in ("pirate", "french", str(base))}
+        with ThreadPoolExecutor(max_workers=8) as pool:  # vLLM batches concurrent requests; greedy stays per request
+            answers = {name: list(pool.map(lambda m: chat_completion(server.url, name, m, max_tokens=32)["choices"][0]["message"]["content"], queries))
+                       for name in ("pirate", "french", str(base))}
     assert port_free("127.0.0.1", port)
     same = sum(a.strip() == b.strip() for a, b in zip(answers["pirate"], hf))
     assert same >= 18, list(zip(answers["pirate"], hf))
@@ -135,8 +137,8 @@ def test_vllm_rollouts_train_the_default_model(tmp_path, default_model_dir):
     """--rollout vllm: vLLM samples the student with the adapter re-registered each step; KL still falls."""
     from promptbake import compile_prompt
 
-    result = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate",
-                            overrides=dict(rollout="vllm", steps=4, batch_size=8, heldout=8, max_new_tokens=24, lr=2e-3,
+    result = compile_prompt(pirate_with_short_heldout(tmp_path / "prompt", heldout=8), out=tmp_path / "pirate",
+                            overrides=dict(rollout="vllm", steps=4, batch_size=8, max_new_tokens=24, lr=2e-3,
                                            precision="fp32"))
     assert result.manifest.config["rollout"] == "vllm"
     assert len(result.train.log) == 4 and all(e.response_tokens > 0 for e in result.train.log)
@@ -253,7 +255,7 @@ def test_served_rollouts_follow_the_adapters_updates(tmp_path, default_model_dir
             base_local = rows(sample(student, prompts, bf16=False, **kw))
         assert sum(a == b for a, b in zip(rows(engine.sample(prompts, **kw)), base_local)) >= 5
 
-        result = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate", overrides=dict(
-            rollout_url=server.url, steps=2, batch_size=4, heldout=4, max_new_tokens=8, precision="fp32"))
+        result = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate", measure=False, overrides=dict(
+            rollout_url=server.url, steps=2, batch_size=4, max_new_tokens=8, precision="fp32"))
     assert result.manifest.config["rollout_url"] == server.url
     assert len(result.train.log) == 2 and all(e.response_tokens > 0 and e.kl == e.kl for e in result.train.log)
