@@ -229,7 +229,7 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
         "command": " ".join(["python", "benchmarks/quality.py"] + sys.argv[1:]),
         "response_cap": m.response_cap, "response_lengths": m.response_lengths, "cap_hit_train": m.cap_hit.get("train_rollouts"),
         "steps": m.loss_summary.get("steps"), "tokens_trained": m.loss_summary.get("response_tokens"),
-        "train_loss_last10": train_loss_tail(out_dir),
+        "train_loss_last_fifth": m.loss_summary.get("kl_last_fifth_mean"),  # beside the held-out KL: a training gap or a generalisation one
         "train_s": m.loss_summary.get("seconds"), "compile_s": compile_s, "timings": m.timings,
         "reverse_gap": gap(measured["reverse"], reference["reverse"]),
         "forward_gap": gap(measured["forward"], reference["forward"]),
@@ -240,17 +240,6 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
                                "baked": _rate(baked_checks[name])} for name in baked_checks},
         "measured": measured,
     }
-
-
-def train_loss_tail(adapter_dir: Path, steps: int = 10) -> dict | None:
-    """The training loss over the compile's last steps, on its own rollouts (first `response_cap` tokens): set
-    beside the held-out KL it says whether what is left is a generalisation gap or a training one."""
-    path = adapter_dir / "train_log.jsonl"
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][-steps:]
-    return {"loss": rows[-1].get("loss", "reverse_kl") if rows else None, "steps": len(rows),
-            "mean": sum(r["kl"] for r in rows) / len(rows) if rows else None}
 
 
 def weakest_check(run: dict, teacher: dict[str, list[bool]], min_teacher_passes: int = 3) -> tuple[str, float] | None:
