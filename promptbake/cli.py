@@ -101,7 +101,10 @@ def _option_for(name: str, field) -> tuple[object, str]:
         help_text = f"{' | '.join(map(str, typing.get_args(annotation)))}. {help_text}"
         kind: type = str
     elif annotation in (int, float) or (len(args) == 1 and args[0] in (int, float)):
-        kind = annotation if annotation in (int, float) else args[0]
+        # read as text so that BakeConfig parses it: `--steps many` gets the same one-line error as `steps: many`
+        number = annotation if annotation in (int, float) else args[0]
+        return Annotated[Optional[str], typer.Option(flag, help=help_text, show_default=False,
+                                                     metavar=number.__name__.upper())], help_text
     else:  # max_new_tokens (integer or auto), lora_targets (comma list)
         kind = str
     return Annotated[Optional[kind], typer.Option(flag, help=help_text, show_default=False)], help_text

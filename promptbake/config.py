@@ -126,7 +126,10 @@ class BakeConfig(BaseModel):
         None, gt=0,
         description="Stop once this many response tokens have been trained on (steps stays the upper bound); "
                     "`compare` gives every method the same budget this way.")
-    heldout: int = Field(24, ge=0, description="Queries kept out of training for the before/after comparison.")
+    heldout: int = Field(
+        24, ge=0,
+        description="Queries kept out of training for the before/after comparison. With a held-out file, set "
+                    "explicitly it measures on the file's first N (0: none); by default the whole file.")
     eval_max_new_tokens: int | None = Field(
         None, gt=0, description="Greedy answer length for check pass rates on held-out queries; default: the response cap.")
     seed: int = Field(0, description="Seeds the split, sampling and LoRA init.")

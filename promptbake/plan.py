@@ -43,9 +43,13 @@ class CompilePlan:
 
     def split(self) -> tuple[list[Query], list[Query]]:
         """(train, held-out): every query of the file and the separate held-out file when there is one,
-        else a seeded split of the query file."""
+        else a seeded split of the query file. With a held-out file, a `heldout` count set explicitly (front
+        matter or flag, not the default) measures on the file's first N queries, 0 on none: a quick look."""
         if self.heldout_path is not None:
-            return self.queries, list(self.heldout_queries or [])
+            held = list(self.heldout_queries or [])
+            if "heldout" in self.config.model_fields_set:
+                held = held[: self.config.heldout]
+            return self.queries, held
         return split_queries(self.queries, self.config.heldout, self.config.seed)
 
     @property

@@ -73,6 +73,8 @@ PROMPT_CASES = [
     ("flag-negative-steps", fm(), GOOD_QUERIES, "q.txt", ["--steps", "-1"], "steps"),
     ("flag-zero-temperature", fm(), GOOD_QUERIES, "q.txt", ["--temperature", "0"], "temperature"),
     ("flag-bad-kl", fm(), GOOD_QUERIES, "q.txt", ["--kl", "forward"], "kl"),
+    ("flag-steps-word", fm(), GOOD_QUERIES, "q.txt", ["--steps", "many"], "steps: Input should be a valid integer"),
+    ("flag-lr-word", fm(), GOOD_QUERIES, "q.txt", ["--lr", "fast"], "lr: Input should be a valid number"),
     ("flag-unservable-rank", fm(), GOOD_QUERIES, "q.txt", ["--lora-r", "24"], "lora_r"),
     ("flag-bad-var", fm(), GOOD_QUERIES, "q.txt", ["--var", "novalue"], "key=value"),
     ("flag-topk-over-vocab", fm(), GOOD_QUERIES, "q.txt", ["--topk", "60000"], "vocabulary"),
@@ -208,6 +210,9 @@ HELDOUT_CASES = [
     ("heldout-empty", {"heldout": "h.txt"}, {"h.txt": "\n"}, [], "no queries"),
     ("heldout-not-a-string", {"heldout": "[a, b]"}, {}, [], "heldout"),
     ("heldout-flag-missing", {}, {}, ["--heldout-queries", "nowhere.txt"], "nowhere.txt: query file not found"),
+    ("heldout-count-negative", {"heldout": "h.txt"}, {"h.txt": "a new one?\n"}, ["--heldout", "-1"], "heldout"),
+    ("heldout-count-word", {"heldout": "h.txt"}, {"h.txt": "a new one?\n"}, ["--heldout", "some"], "heldout"),
+    ("heldout-count-in-file", {"heldout": "h.txt", "train": "{heldout: -2}"}, {"h.txt": "a new one?\n"}, [], "heldout"),
     ("max-new-tokens-word", {}, {}, ["--max-new-tokens", "long"], "max_new_tokens"),
     ("max-new-tokens-zero", {}, {}, ["--max-new-tokens", "0"], "max_new_tokens"),
 ]
@@ -218,7 +223,11 @@ def test_bad_heldout_inputs(tmp_path, tiny_model_dir, case):
     _, keys, files, extra, fragment = case
     p = make_case(tmp_path / "case", fm(**keys), extra_files=files)
     out = tmp_path / "out"
-    flags = [f for f in FAST if f not in ("--max-new-tokens", "4")] if "--max-new-tokens" in extra else FAST
+    flags = FAST
+    for flag in ("--max-new-tokens", "--heldout"):  # the case's own value replaces FAST's
+        if flag in extra:
+            at = flags.index(flag)
+            flags = flags[:at] + flags[at + 2:]
     args = ["compile", str(p), "--out", str(out), "--model", str(tiny_model_dir), *flags, *extra]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert_clean_error(result, fragment)

@@ -73,6 +73,14 @@ def test_heldout_file_is_measured_on_and_every_training_query_is_trained(tmp_pat
     plan = plan_compile(_prompt(tmp_path, "heldout: h.txt\n", heldout_lines=held), overrides={"batch_size": 4})
     train, heldout = plan.split()
     assert len(train) == 30 and [q.text for q in heldout] == held
+    # an explicit count measures on the file's first N (0: none); training keeps every query of its file
+    for count, expected in ((3, held[:3]), (0, []), (50, held)):
+        for how in ({"overrides": {"batch_size": 4, "heldout": count}}, {"front": f"train: {{heldout: {count}}}\n"}):
+            path = _prompt(tmp_path / f"n{count}-{len(how)}-{'front' in how}", "heldout: h.txt\n" + how.get("front", ""),
+                           heldout_lines=held)
+            limited = plan_compile(path, overrides=how.get("overrides", {"batch_size": 4}))
+            train_n, heldout_n = limited.split()
+            assert len(train_n) == 30 and [q.text for q in heldout_n] == expected
     # without the file, the seeded split of the query file is the fallback
     plan2 = plan_compile(_prompt(tmp_path / "b", "", heldout_lines=None), overrides={"batch_size": 4, "heldout": 6})
     train2, heldout2 = plan2.split()
