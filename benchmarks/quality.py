@@ -62,7 +62,8 @@ VARIANTS: dict[str, dict] = {
     "fwd0.25": {"forward_kl_weight": 0.25},
     "fwd0.5": {"forward_kl_weight": 0.5},
     "fwd1": {"forward_kl_weight": 1.0},
-    "steps80": {"steps": 80},  # twice the faithful preset's steps (with --token-budget 0): a later point of the curve
+    "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
+    "steps80": {"steps": 80},  # with --token-budget 0: the faithful default's steps (was twice them when first run)
     # The presets as shipped: run these with --token-budget 0 (their own steps, no budget).
     "preset-faithful": {"preset": "faithful"},
     "preset-quick": {"preset": "quick"},
@@ -265,9 +266,10 @@ def summarise(out: Path) -> str:
         reference = json.loads((out / f"reference-{r['prompt']}-cap{r['measure_cap']}.json").read_text())
         weakest = weakest_check(r, reference["checks"]["teacher"])
         r["weakest_check"], r["weakest_ratio"] = weakest if weakest else (None, None)
-        groups.setdefault((r["prompt"], r["variant"], r["token_budget"]), []).append(r)
+        # steps in the key: a preset-* variant run before and after a change of the default's steps is two rows
+        groups.setdefault((r["prompt"], r["variant"], r["token_budget"], r["steps"] if not r["token_budget"] else None), []).append(r)
     rows, table = [], []
-    for (prompt, variant, budget), rs in sorted(groups.items()):
+    for (prompt, variant, budget, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], kv[0][3] or 0)):
         def est(key, bounds=None, rs=rs):
             vals = [r[key] for r in rs if r.get(key) is not None]
             return seeds_mean_ci(vals, bounds) if vals else None

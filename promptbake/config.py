@@ -73,7 +73,9 @@ class BakeConfig(BaseModel):
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
     # Sampling.
-    steps: int = Field(40, gt=0, description="Optimizer steps.")
+    steps: int = Field(
+        80, gt=0, description="Optimizer steps. 80 closed about 0.08 more of the held-out KL gap than 40 on both "
+                              "prompts measured, twice the time (README, quality study).")
     batch_size: int = Field(
         16, gt=0, description="Queries per step. CPU decoding is bound by reading weights, so 16 rows cost little more than 4."
     )
