@@ -148,8 +148,7 @@ class BakeConfig(BaseModel):
                     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True: the student samples there, its adapter reloaded after "
                     "every step. The server must read this machine's files (same machine or shared filesystem).")
     sampler_copy: bool = Field(
-        True, description="Sample from a copy of the base with the LoRA merged in, refreshed every step: bf16 with bf16, "
-                          "else fp32 (the LoRA-wrapped projections only, about 0.4 GB for the default model)."
+        True, description="With bf16, sample from a bf16 copy of the base with the LoRA merged in (refreshed every step)."
     )
     torch_compile: bool = Field(
         False, description="torch.compile the student's decoder layers for the training forward and backward (one "

@@ -297,14 +297,12 @@ def adapter_set(engine, enabled: bool):
 class HFRolloutEngine:
     """Samples the current policy (a PeftModel, or a plain model) with this package's decoding loop.
 
-    By default the engine keeps its own copy of the base model with the LoRA delta merged into each wrapped
-    projection, refreshed by `sync()` after every optimizer step. Decoding small batches on a CPU is bound by
-    reading weights and by per-op overhead; a merged copy skips the 200-odd LoRA side branches (and, in bf16,
-    reads half the bytes), so sampling is several times faster than through the PEFT model. With bf16 the copy
-    is bf16 throughout and matches autocast, which casts the same weights on every call; in fp32 only the
-    LoRA-wrapped projections are copied (the embeddings and norms are the policy's own tensors), and the
-    merged weights differ from the PEFT model's two-branch sum by float rounding. `merged_copy=False`
-    samples through the PEFT model itself and holds no copy.
+    With bf16, the engine keeps its own bf16 copy of the base weights with the LoRA delta merged in,
+    refreshed by `sync()` after every optimizer step. Decoding small batches on a CPU is bound by reading
+    weights and by per-op overhead; a merged bf16 model reads half the bytes and skips the LoRA side
+    branches, so sampling is several times faster than through the PEFT model under autocast. Numerically
+    it matches autocast, which casts the same weights to bf16 on every call. Without bf16 (or with
+    `merged_copy=False`) the engine samples through the PEFT model itself and holds no copy.
     """
 
     def __init__(self, policy, *, bf16: bool, merged_copy: bool = True):
@@ -312,14 +310,13 @@ class HFRolloutEngine:
         self.bf16 = bf16
         self.model = None
         self.with_adapter = True
-        if merged_copy:
+        if bf16 and merged_copy:
             from transformers import AutoModelForCausalLM
 
             base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-            dtype = torch.bfloat16 if bf16 else torch.float32
-            self.model = AutoModelForCausalLM.from_config(  # never a fp32 copy of a bf16 sampler
-                base.config, dtype=dtype, attn_implementation=base.config._attn_implementation)
-            self.model.to(device=next(base.parameters()).device, dtype=dtype).eval()
+            self.model = AutoModelForCausalLM.from_config(  # never a fp32 copy
+                base.config, dtype=torch.bfloat16, attn_implementation=base.config._attn_implementation)
+            self.model.to(device=next(base.parameters()).device, dtype=torch.bfloat16).eval()
             # Parameters keep requires_grad=True on purpose: with torch 2.13 on CPU, bf16 linears of
             # parameters that do not require grad took a path measured 1.5x slower (sampling runs under no_grad).
             self._lora_modules = {}
@@ -327,33 +324,20 @@ class HFRolloutEngine:
             for name, module in base.named_modules():
                 if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
                     self._lora_modules[name] = (module, own[name])
-            self._plain = {name: p for name, p in base.named_parameters(remove_duplicate=False) if "lora_" not in name}
-            if not bf16:
-                self._share_plain_parameters(own)
+            self._plain = {name: p for name, p in base.named_parameters() if "lora_" not in name}
             self.sync()
-
-    def _share_plain_parameters(self, own_modules: dict) -> None:
-        """fp32: point the copy's parameters that no adapter changes (embeddings, norms, a tied head) at the
-        policy's own tensors, so the copy costs only the LoRA-wrapped projections' weights."""
-        for name, param in self._plain.items():
-            if ".base_layer." in name or param.dtype != torch.float32:
-                continue
-            module_name, _, attr = name.rpartition(".")
-            owner = own_modules.get(module_name)
-            if owner is not None and isinstance(getattr(owner, attr, None), torch.nn.Parameter):
-                setattr(owner, attr, param)
 
     @torch.no_grad()
     def sync(self, with_adapter: bool = True) -> None:
-        """Copy base weights (+ the current LoRA deltas) into the sampler."""
+        """Copy base weights (+ the current LoRA deltas) into the bf16 sampler."""
         self.with_adapter = with_adapter
         if self.model is None:
             return
-        own_params = dict(self.model.named_parameters(remove_duplicate=False))
+        own_params = dict(self.model.named_parameters())
         for name, param in self._plain.items():
-            target = own_params.get(name.replace(".base_layer.", "."))
-            if target is not None and target.data_ptr() != param.data_ptr():  # shared tensors need no copy
-                target.copy_(param)
+            target_name = name.replace(".base_layer.", ".")
+            if target_name in own_params:
+                own_params[target_name].copy_(param)
         for module, target in self._lora_modules.values():
             weight = module.base_layer.weight
             for adapter in module.active_adapters if with_adapter else ():

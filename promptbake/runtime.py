@@ -94,7 +94,7 @@ class Runtime:
         return renderer
 
     def engine(self, *, merged_copy: bool = True) -> HFRolloutEngine:
-        """The in-process sampler of `model` (by default a copy with the adapter merged in, bf16 where bf16 pays)."""
+        """The in-process sampler of `model` (a bf16 copy with the adapter merged in where bf16 pays)."""
         return HFRolloutEngine(self.model, bf16=self.bf16, merged_copy=merged_copy)
 
     def teacher(self, renderer: ChatRenderer, teacher: str | None = None, *, prefix_cache: bool = True,
