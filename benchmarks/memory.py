@@ -1,6 +1,6 @@
 """Benchmark: where a compile's resident memory goes, by stage and by phase of a training step.
 
-Stages (RSS after each): the imports, the runtime (student with bf16 frozen linears), the sampler copy,
+Stages (RSS after each): the imports, the runtime (student with bf16 frozen linears), the bf16 sampler copy,
 the teacher's prompt prepared, one rollout batch sampled and scored (after the heap trim). Then a short compile
 (fixed cap, no held-out measurement) with a thread sampling RSS every few milliseconds, each sample charged to the
 phase running at that moment: loading (model, samplers, the teacher's prompt caches), sampling, teacher scoring,
@@ -105,7 +105,7 @@ def worker(prompt: Path, config: str, new_tokens: int, steps: int, part: str) ->
     runtime = load_runtime(resolve_model(None), train=settings)
     stages["runtime (student, frozen linears bf16)"] = rss_gib()
     engine = runtime.engine()
-    stages["+ sampler copy (bf16, or fp32 without AVX-512)"] = rss_gib()
+    stages["+ bf16 sampler copy"] = rss_gib()
     spec = load_spec(prompt)
     renderer = runtime.renderer(spec.system_prompt)
     teacher = runtime.teacher(renderer)

@@ -4,8 +4,8 @@ Part 1, teacher scoring: batch 4 x (system prompt + query + 64 response tokens) 
 cache vs without, for the shipped pirate prompt and a ~2,000-token prompt, fp32 and bf16; the max abs
 difference of the logits is reported too.
 
-Part 2, whole OPCD steps on the default model: each variant (all on, no prefix cache, no sampler copy
-(sampling through the PEFT model), fp32, no heap trim, torch.compile of the layers) runs in its own process (so peak RSS is its own),
+Part 2, whole OPCD steps on the default model: each variant (all on, no prefix cache, no bf16 sampler
+copy, fp32, no heap trim, torch.compile of the layers) runs in its own process (so peak RSS is its own),
 in alternating order over rounds. Step 1 is reported apart: it holds one-off warm-up and compiling.
 
     python benchmarks/train_step.py [--steps 3] [--rounds 1] [--variants "all on,no heap trim"] [--skip-scoring]
@@ -29,7 +29,7 @@ PIRATE = REPO / "prompts" / "pirate.md"
 VARIANTS = {
     "all on": {},
     "no prefix cache": {"prefix_cache": False},
-    "no sampler copy": {"sampler_copy": False},  # sample through the PEFT model (README rows: "no bf16 sampler copy")
+    "no bf16 sampler copy": {"sampler_copy": False},
     "fp32 everywhere": {"precision": "fp32"},
     "no heap trim": {"release_memory": False},
     "torch.compile layers": {"torch_compile": True},

@@ -76,7 +76,7 @@ def test_heldout_file_is_measured_on_and_every_training_query_is_trained(tmp_pat
     # an explicit count measures on the file's first N (0: none); training keeps every query of its file
     for count, expected in ((3, held[:3]), (0, []), (50, held)):
         for how in ({"overrides": {"batch_size": 4, "heldout": count}}, {"front": f"train: {{heldout: {count}}}\n"}):
-            path = _prompt(tmp_path / f"n{count}-{len(how)}-{'front' in how}", "heldout: h.txt\n" + how.get("front", ""),
+            path = _prompt(tmp_path / f"n{count}-{'front' if 'front' in how else 'flag'}", "heldout: h.txt\n" + how.get("front", ""),
                            heldout_lines=held)
             limited = plan_compile(path, overrides=how.get("overrides", {"batch_size": 4}))
             train_n, heldout_n = limited.split()
