@@ -64,6 +64,8 @@ VARIANTS: dict[str, dict] = {
     "fwd1": {"forward_kl_weight": 1.0},
     "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
     "steps80": {"steps": 80},  # with --token-budget 0: the faithful default's steps (was twice them when first run)
+    "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?
+    "limit256": {"max_new_tokens_limit": 256},  # the auto cap may grow to 256: rollouts past 128 for long answers
     # The presets as shipped: run these with --token-budget 0 (their own steps, no budget).
     "preset-faithful": {"preset": "faithful"},
     "preset-quick": {"preset": "quick"},
@@ -232,6 +234,7 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
         "steps": m.loss_summary.get("steps"), "tokens_trained": m.loss_summary.get("response_tokens"),
         "train_loss_last_fifth": m.loss_summary.get("kl_last_fifth_mean"),  # beside the held-out KL: a training gap or a generalisation one
         "train_s": m.loss_summary.get("seconds"), "compile_s": compile_s, "timings": m.timings,
+        "machine": machine_name(),  # compile minutes compare only between runs on the same kind of machine
         "reverse_gap": gap(measured["reverse"], reference["reverse"]),
         "forward_gap": gap(measured["forward"], reference["forward"]),
         "bucket_gaps": {k: 1 - measured["reverse"]["buckets"][k] / v if v else None
@@ -241,6 +244,17 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
                                "baked": _rate(baked_checks[name])} for name in baked_checks},
         "measured": measured,
     }
+
+
+def machine_name() -> str:
+    """What the compile ran on: the GPU's name, else the CPU's model and whether it has AVX-512."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "cpu") if Path("/proc/cpuinfo").is_file() else "cpu"
+    return f"{cpu}, {os.cpu_count()} cores" + (", AVX-512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "")
 
 
 def weakest_check(run: dict, teacher: dict[str, list[bool]], min_teacher_passes: int = 3) -> tuple[str, float] | None:
