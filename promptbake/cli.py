@@ -193,7 +193,10 @@ def compile_cmd(
         if isinstance(event, StepDone):
             e = event.entry
             progress.update(task, completed=e.step, kl=e.kl, tps=e.tokens_per_s)
-            if not interactive and (e.step == 1 or e.step % 10 == 0 or e.step == event.steps):
+            if e.skipped:
+                console.print(f"[yellow]warning: step {e.step}: the gradient was not finite, its update was skipped[/]",
+                              highlight=False)
+            elif not interactive and (e.step == 1 or e.step % 10 == 0 or e.step == event.steps):
                 console.print(event.message, highlight=False)
             return
         if progress.live.is_started:
@@ -221,6 +224,7 @@ def compile_cmd(
         f"train: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f} s "
         f"({summary.get('median_step_seconds', 0):.2f} s/step, {summary.get('tokens_per_s', 0):.0f} tokens/s), "
         f"precision {m.precision}"
+        + (f"; updates skipped (gradient not finite) at steps {summary['skipped_steps']}" if summary.get("skipped_steps") else "")
     )
     out.print(_cap_line(m))
     held_from = f"{m.heldout_file}" if m.heldout_file else f"{len(m.heldout_ids)} queries split off {m.queries_file}"

@@ -46,7 +46,8 @@ class StepDone:
     def message(self) -> str:
         e = self.entry
         label = "KL" if e.loss.startswith("reverse_kl") else e.loss
-        return f"step {e.step}/{self.steps}  {label} {e.kl:.4f}  {e.tokens_per_s:.0f} tok/s  {e.seconds:.2f} s/step"
+        skipped = "  gradient not finite: update skipped" if e.skipped else ""
+        return f"step {e.step}/{self.steps}  {label} {e.kl:.4f}  {e.tokens_per_s:.0f} tok/s  {e.seconds:.2f} s/step{skipped}"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ One step:
        prefix cache): full-vocabulary logits, or with kl=sampled only the sampled tokens' log-probs; student
        logits with gradient; per-token reverse KL summed and divided by the valid response tokens of the whole
        batch, so the accumulated gradient is that of the batch mean;
-    3. clip the gradient norm, AdamW step, refresh the rollout engine's weights.
+    3. clip the gradient norm, AdamW step, refresh the rollout engine's weights. A step whose gradient is not
+       finite while its loss is (a NaN from an attention kernel's backward, say) is skipped, not applied: one
+       such step must not poison the adapter and Adam's moments; several in a row stop the compile.
 The loop goes through `accelerate`, so `accelerate launch` runs it data-parallel without changes: each
 process draws its own queries and gradients are averaged. The same loop trains the off-policy baselines
 (promptbake.losses.OFF_POLICY) on the teacher's fixed samples; the log names the objective of each number.
@@ -29,7 +31,7 @@ from accelerate.utils import gather_object
 
 from promptbake.chat import ChatRenderer
 from promptbake.checkpoint import Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint
-from promptbake.faults import fault_point
+from promptbake.faults import fault_point, fault_requested
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
@@ -56,9 +58,12 @@ class StepLog:
     rows: int = 0
     capped_rows: int = 0  # rollouts cut by max_new_tokens before their end-of-turn token
     loss: str = "reverse_kl_full"  # what `kl` holds: the objective's name (cross_entropy for sft, ...)
+    skipped: bool = False  # the gradient was not finite: no update was applied at this step
 
     def to_json(self) -> str:
-        return json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in self.__dict__.items()})
+        # a non-finite number (the gradient norm of a skipped step) is written as null: the log stays strict JSON
+        return json.dumps({k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v
+                           for k, v in self.__dict__.items()})
 
 
 @dataclass
@@ -83,9 +88,15 @@ class TrainResult:
             "response_tokens": sum(s.response_tokens for s in self.log),
             "rollouts": sum(s.rows for s in self.log),
             "rollouts_capped": sum(s.capped_rows for s in self.log),
+            "skipped_steps": [s.step for s in self.log if s.skipped],
             "tokens_per_s": sum(s.response_tokens for s in self.log) / max(self.seconds, 1e-9),
             "processes": self.processes,
         }
+
+
+# Steps in a row with a non-finite gradient before the compile stops: one is a kernel's bad moment (seen on CUDA
+# at a finite loss), several mean the training itself diverged.
+MAX_NONFINITE_STEPS = 3
 
 
 def repeated_blocks(model) -> list[torch.nn.Module]:
@@ -206,6 +217,7 @@ def train_student(
     compiled.enter_context(compiled_blocks(policy, config.torch_compile))
     if config.gradient_checkpointing:
         compiled.enter_context(recomputed_activations(policy))
+    nonfinite_in_a_row = 0
     try:
         for step in range(first_step, config.steps + 1):
             t0 = time.perf_counter()
@@ -262,14 +274,23 @@ def train_student(
                 if config.release_memory:
                     release_free_memory()
             t2 = t1 + teacher_s
-            grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)
+            if fault_requested("nan_grad", step):  # test hook: a backward that returned NaN at a finite loss
+                params[0].grad.fill_(float("nan"))
+            grad_norm = float(accelerator.clip_grad_norm_(params, config.grad_clip))  # the same on every process
             fault_point("optimizer", step)
-            optimizer.step()
-            scheduler.step()
+            skipped = not math.isfinite(grad_norm)
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+            if nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                raise FloatingPointError(f"the gradient was not finite at steps {step - nonfinite_in_a_row + 1}-{step} "
+                                         f"({objective.name} {loss_sum:.4g}); lower the learning rate or try precision fp32")
+            if not skipped:
+                optimizer.step()
+            scheduler.step()  # the schedule follows the step count, applied or not
             optimizer.zero_grad(set_to_none=True)
-            engine.sync()
-            if config.teacher_mode == "live":
-                teacher.refresh()  # the teacher's weights just changed: its prompt cache is stale
+            if not skipped:
+                engine.sync()
+                if config.teacher_mode == "live":
+                    teacher.refresh()  # the teacher's weights just changed: its prompt cache is stale
             t3 = time.perf_counter()
             rows_capped = accelerator.reduce(torch.tensor(
                 [len(batch), sum(hit_cap(rollout, config.max_new_tokens, eos_ids))], device=accelerator.device), "sum")
@@ -277,7 +298,7 @@ def train_student(
             entry = StepLog(
                 step=step,
                 kl=float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum")),
-                grad_norm=float(grad_norm),
+                grad_norm=grad_norm,
                 lr=scheduler.get_last_lr()[0],
                 response_tokens=step_tokens,
                 mean_response_len=step_tokens / all_rows,
@@ -289,6 +310,7 @@ def train_student(
                 rows=all_rows,
                 capped_rows=capped_rows,
                 loss=objective.name,
+                skipped=skipped,
             )
             if not math.isfinite(entry.kl):
                 raise FloatingPointError(f"{objective.name} became {entry.kl} at step {step}; lower the learning rate")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
+import torch
 
 from conftest import write_prompt
 from promptbake import compile_prompt
@@ -182,3 +186,27 @@ def test_forward_kl_weight_reaches_the_training_loss(tmp_path, tiny_model_dir):
     assert logs[0.0].response_tokens == logs[1.0].response_tokens
     assert logs[0.0].kl > 0 and logs[1.0].kl == pytest.approx(logs[0.0].kl, rel=0.05)
     assert logs[1.0].grad_norm != logs[0.0].grad_norm
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_three_in_a_row_stop(tmp_path, tiny_model_dir, monkeypatch):
+    """Seen on an H200: a finite loss whose backward returned NaN. That step must leave the adapter (and Adam) as
+    they were: two steps with the second skipped end where one step ends. Three in a row stop the compile."""
+    from safetensors.torch import load_file
+
+    prompt = write_prompt(tmp_path / "p")
+    settings = dict(batch_size=4, heldout=0, max_new_tokens=8, precision="fp32")
+    one = compile_prompt(prompt, out=tmp_path / "one", model=str(tiny_model_dir), overrides=dict(steps=1, **settings))
+    monkeypatch.setenv("PROMPTBAKE_FAULT_AT", "nan_grad:2")
+    two = compile_prompt(prompt, out=tmp_path / "two", model=str(tiny_model_dir), overrides=dict(steps=2, **settings))
+    assert [e.skipped for e in two.train.log] == [False, True]
+    assert two.train.log[1].grad_norm is None and math.isfinite(two.train.log[1].kl)  # read back from the log: null
+    assert two.manifest.loss_summary["skipped_steps"] == [2]
+    assert json.loads((tmp_path / "two" / "train_log.jsonl").read_text().splitlines()[1])["grad_norm"] is None
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)  # step 1 did train
+
+    monkeypatch.setenv("PROMPTBAKE_FAULT_AT", "nan_grad:2,nan_grad:3,nan_grad:4")
+    with pytest.raises(FloatingPointError, match="not finite at steps 2-4"):
+        compile_prompt(prompt, out=tmp_path / "three", model=str(tiny_model_dir), overrides=dict(steps=5, **settings))
+    assert not (tmp_path / "three").exists()
