@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict] = {
     "kl-sampled": {"kl": "sampled"},
     "warmup5": {"warmup_steps": 5},
     "cosine": {"lr_schedule": "cosine"},
+    "wsd": {"lr_schedule": "wsd"},  # constant, then linear decay over the last fifth: anneal without losing the lr
     "loraplus4": {"loraplus_lr_ratio": 4.0},
     "fwd0": {"forward_kl_weight": 0.0},  # reverse KL only (the default before forward_kl_weight 0.5)
     "fwd0.25": {"forward_kl_weight": 0.25},

@@ -114,8 +114,9 @@ class BakeConfig(BaseModel):
         None, gt=0,
         description="LoRA+: the LoRA B matrices learn this many times faster than the A matrices (which keep `lr`). "
                     "B starts at zero, so early training moves through B alone.")
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="After warm-up: constant, or cosine decay from lr towards 0 over `steps`.")
+    lr_schedule: Literal["constant", "cosine", "wsd"] = Field(
+        "constant", description="After warm-up: constant; cosine decay from lr towards 0 over `steps`; or wsd (warm-up, "
+                                "stable, decay): constant, then linear decay to 0 over the last fifth of `steps`.")
 
     # Adapter.
     lora_r: int = Field(16, gt=0, description="LoRA rank. vLLM serves ranks 1, 8, 16, 32, 64, 128, 256, 320, 512.")

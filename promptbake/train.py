@@ -97,6 +97,8 @@ class TrainResult:
 # Steps in a row with a non-finite gradient before the compile stops: one is a kernel's bad moment (seen on CUDA
 # at a finite loss), several mean the training itself diverged.
 MAX_NONFINITE_STEPS = 3
+# The wsd schedule's decay: the last fifth of the steps, a common choice for warm-up-stable-decay schedules.
+WSD_DECAY_FRACTION = 0.2
 
 
 def repeated_blocks(model) -> list[torch.nn.Module]:
@@ -142,11 +144,15 @@ def recomputed_activations(model):
 
 
 def lr_factor(step_index: int, config: BakeConfig) -> float:
-    """Learning-rate multiplier of the optimizer step `step_index` (0-based): linear warm-up, then constant or
-    cosine decay over the whole run."""
+    """Learning-rate multiplier of the optimizer step `step_index` (0-based): linear warm-up, then constant,
+    cosine decay over the whole run, or (wsd) constant and a linear decay over the last fifth of the run, which
+    keeps 90 % of the constant schedule's total learning rate where cosine keeps half."""
     warm = min(1.0, (step_index + 1) / max(1, config.warmup_steps))
     if config.lr_schedule == "cosine":
         return warm * 0.5 * (1 + math.cos(math.pi * step_index / config.steps))
+    if config.lr_schedule == "wsd":
+        decay_steps = max(1, round(config.steps * WSD_DECAY_FRACTION))
+        return warm * min(1.0, (config.steps - step_index) / (decay_steps + 1))
     return warm
 
 

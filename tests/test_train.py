@@ -112,6 +112,10 @@ def test_learning_rate_schedules():
     factors = [lr_factor(s, cosine) for s in range(10)]
     assert factors[0] == 1.0 and factors[5] == pytest.approx(0.5) and 0 < factors[-1] < 0.03
     assert all(a > b for a, b in zip(factors, factors[1:]))  # decays every step
+    wsd = BakeConfig(steps=10, lr_schedule="wsd")
+    factors = [lr_factor(s, wsd) for s in range(10)]
+    assert factors[:8] == [1.0] * 8 and factors[8] == pytest.approx(2 / 3) and factors[9] == pytest.approx(1 / 3)
+    assert [lr_factor(s, BakeConfig(steps=80, lr_schedule="wsd")) for s in range(80)].count(1.0) == 64
     with pytest.raises(ValueError):
         BakeConfig(lr_schedule="linear")
 
