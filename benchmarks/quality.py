@@ -253,9 +253,9 @@ def machine_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "cpu") if Path("/proc/cpuinfo").is_file() else "cpu"
-    return f"{cpu}, {os.cpu_count()} cores" + (", AVX-512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "")
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "cpu")
+    return f"{cpu}, {os.cpu_count()} cores" + (", AVX-512" if "avx512f" in info else "")
 
 
 def weakest_check(run: dict, teacher: dict[str, list[bool]], min_teacher_passes: int = 3) -> tuple[str, float] | None:

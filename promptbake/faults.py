@@ -10,8 +10,7 @@ from pathlib import Path
 
 def fault_point(name: str, step: int | None = None) -> None:
     """When PROMPTBAKE_FAULT_AT is `name` or `name:step`, write the marker file and wait to be killed."""
-    wanted = os.environ.get("PROMPTBAKE_FAULT_AT")
-    if wanted is None or wanted not in (name, f"{name}:{step}"):
+    if not fault_requested(name, step):
         return
     marker = os.environ.get("PROMPTBAKE_FAULT_MARKER")
     if marker:
