@@ -58,6 +58,9 @@ VARIANTS: dict[str, dict] = {
     "warmup5": {"warmup_steps": 5},
     "cosine": {"lr_schedule": "cosine"},
     "wsd": {"lr_schedule": "wsd"},  # constant, then linear decay over the last fifth: anneal without losing the lr
+    # two or four optimizer updates per round of sampling and teacher scoring: more updates, little more time
+    "upb2": {"updates_per_batch": 2},
+    "upb4": {"updates_per_batch": 4},
     "loraplus4": {"loraplus_lr_ratio": 4.0},
     "fwd0": {"forward_kl_weight": 0.0},  # reverse KL only (the default before forward_kl_weight 0.5)
     "fwd0.25": {"forward_kl_weight": 0.25},

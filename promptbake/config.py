@@ -80,6 +80,11 @@ class BakeConfig(BaseModel):
         16, gt=0, description="Queries per step. CPU decoding is bound by reading weights, so 16 rows cost little more than 4."
     )
     rollouts: int = Field(1, gt=0, description="Student samples per query.")
+    updates_per_batch: int = Field(
+        1, gt=0,
+        description="Optimizer updates per round of sampling: the batch's rollouts are split into this many parts, each "
+                    "scored and trained on as its own update (lr and schedule per step, as before). More updates for the "
+                    "same sampling and teacher time; the later parts' samples are then slightly off-policy.")
     micro_batch_size: int = Field(
         2, gt=0, description="Rows per student forward/backward; bounds memory, not the math. 2 rows took 0.67 GiB less "
                              "than 4 at the 128-token cap and no longer per step (benchmarks/memory.py).")
@@ -185,6 +190,9 @@ class BakeConfig(BaseModel):
             raise ValueError("teacher_mode live makes the student its own teacher; it cannot be combined with teacher")
         if self.method == "sft" and self.teacher_mode == "live":
             raise ValueError("method sft trains on the teacher's fixed text; it has no live teacher")
+        if self.updates_per_batch > self.batch_size * self.rollouts:
+            raise ValueError(f"updates_per_batch={self.updates_per_batch} is more than the {self.batch_size * self.rollouts} "
+                             "rollouts of a step (batch_size x rollouts)")
         if self.rollout_url and self.rollout == "vllm":
             raise ValueError("rollout vllm samples in this process; rollout_url on a server: give one")
         applies = self.method == "opcd" and self.kl == "full"

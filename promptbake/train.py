@@ -6,7 +6,9 @@ One step:
        prefix cache): full-vocabulary logits, or with kl=sampled only the sampled tokens' log-probs; student
        logits with gradient; per-token reverse KL summed and divided by the valid response tokens of the whole
        batch, so the accumulated gradient is that of the batch mean;
-    3. clip the gradient norm, AdamW step, refresh the rollout engine's weights. A step whose gradient is not
+    3. clip the gradient norm, AdamW step, refresh the rollout engine's weights. With `updates_per_batch` k > 1
+       the batch's rows are split into k parts and 2-3 run once per part: k optimizer updates from one round of
+       sampling and teacher scoring (the later parts' samples are then a few updates old). A step whose gradient is not
        finite while its loss is (a NaN from an attention kernel's backward, say) is skipped, not applied: one
        such step must not poison the adapter and Adam's moments; several in a row stop the compile.
 The loop goes through `accelerate`, so `accelerate launch` runs it data-parallel without changes: each
@@ -58,7 +60,8 @@ class StepLog:
     rows: int = 0
     capped_rows: int = 0  # rollouts cut by max_new_tokens before their end-of-turn token
     loss: str = "reverse_kl_full"  # what `kl` holds: the objective's name (cross_entropy for sft, ...)
-    skipped: bool = False  # the gradient was not finite: no update was applied at this step
+    skipped: bool = False  # the gradient was not finite: (one of) this step's update(s) was not applied
+    updates: int = 1  # optimizer updates made from this step's rollouts (updates_per_batch)
 
     def to_json(self) -> str:
         # a non-finite number (the gradient norm of a skipped step) is written as null: the log stays strict JSON
@@ -94,9 +97,9 @@ class TrainResult:
         }
 
 
-# Steps in a row with a non-finite gradient before the compile stops: one is a kernel's bad moment (seen on CUDA
+# Optimizer updates in a row with a non-finite gradient before the compile stops: one is a kernel's bad moment (seen on CUDA
 # at a finite loss), several mean the training itself diverged.
-MAX_NONFINITE_STEPS = 3
+MAX_NONFINITE_UPDATES = 3
 # The wsd schedule's decay: the last fifth of the steps, a common choice for warm-up-stable-decay schedules.
 WSD_DECAY_FRACTION = 0.2
 
@@ -156,6 +159,13 @@ def lr_factor(step_index: int, config: BakeConfig) -> float:
     return warm
 
 
+def update_parts(rows: int, updates: int) -> list[list[int]]:
+    """The rows of one rollout batch split into `updates` consecutive parts of near-equal size, one optimizer
+    update each. The batch is drawn at random, so consecutive parts are random parts; a query's rollouts stay
+    together."""
+    return [list(range(i * rows // updates, (i + 1) * rows // updates)) for i in range(updates)]
+
+
 def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     """Row indices grouped by similar total length, `size` rows per group, so little compute goes to padding."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -185,6 +195,9 @@ def train_student(
     if config.batch_size % world:
         raise PromptbakeError(f"train.batch_size={config.batch_size} is the batch of all {world} processes together; "
                               f"make it a multiple of {world}")
+    if config.batch_size // world * config.rollouts < config.updates_per_batch:
+        raise PromptbakeError(f"train.updates_per_batch={config.updates_per_batch} needs at least that many rollouts per "
+                              f"process; each of the {world} processes has {config.batch_size // world * config.rollouts}")
     params = [p for p in student.parameters() if p.requires_grad]
     if config.loraplus_lr_ratio is not None:
         from peft.optimizers import create_loraplus_optimizer
@@ -223,7 +236,7 @@ def train_student(
     compiled.enter_context(compiled_blocks(policy, config.torch_compile))
     if config.gradient_checkpointing:
         compiled.enter_context(recomputed_activations(policy))
-    nonfinite_in_a_row = 0
+    nonfinite_in_a_row, nonfinite_since = 0, first_step
     try:
         for step in range(first_step, config.steps + 1):
             t0 = time.perf_counter()
@@ -242,58 +255,71 @@ def train_student(
             if config.release_memory:
                 release_free_memory()  # the sampler's KV cache and logits are freed; keep the heap from growing
             t1 = time.perf_counter()
-            teacher_s, loss_sum = 0.0, 0.0
-            # The loss is a mean over the response tokens of all processes; DDP averages gradients over
-            # processes, so each one scales its sum by `world` (1 in a single process).
+            teacher_s, loss_sum, norms, applied = 0.0, 0.0, [], 0
+            # Each update's loss is a mean over its part's response tokens of all processes; DDP averages gradients
+            # over processes, so each one scales its sum by `world` (1 in a single process).
+            response_lens = rollout.response_mask_BT.sum(-1).tolist()
             step_tokens = int(accelerator.reduce(torch.tensor(rollout.num_tokens, device=accelerator.device), "sum"))
-            total_tokens = max(step_tokens, 1) / world
             wrapped.train()
-            groups = micro_batches([len(p) + n for p, n in zip(prompts, rollout.response_mask_BT.sum(-1).tolist())],
-                                   config.micro_batch_size)
-            for index, rows in enumerate(groups):
-                part, part_queries = rollout.select(rows), [batch[r] for r in rows]
-                t_teacher = time.perf_counter()
-                with eager_only(config.torch_compile):
-                    if objective.teacher_input == "logits":
-                        teacher_out = teacher.logits(part_queries, part)  # logits_BTV
-                    elif objective.teacher_input == "sampled_logprobs":
-                        teacher_out = teacher.sampled_logprobs(part_queries, part, config.temperature)  # logp_BT
-                    else:
-                        teacher_out = None
-                teacher_s += time.perf_counter() - t_teacher
-                last = index == len(groups) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
-                    with autocast(accelerator.device, bf16):
-                        student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], part, pad_id)
-                    device = student_logits_BTV.device
-                    loss_BT = distill_loss(
-                        config.method, config.kl, student_logits_BTV,
-                        teacher_out.to(device) if teacher_out is not None else None,
-                        part.response_ids_BT.to(device), temperature=config.temperature, topk=config.topk,
-                        forward_weight=config.forward_kl_weight,
-                    )
-                    # Sum over this micro-batch / tokens of the whole batch: the gradients add up to the batch mean.
-                    part_loss = (loss_BT * part.response_mask_BT.to(device)).sum() / total_tokens
-                    accelerator.backward(part_loss)
-                loss_sum += float(part_loss.detach()) / world
-                del teacher_out, student_logits_BTV, loss_BT
-                if config.release_memory:
-                    release_free_memory()
+            for part_rows in update_parts(len(batch), config.updates_per_batch):
+                part_tokens = int(accelerator.reduce(torch.tensor(sum(response_lens[r] for r in part_rows),
+                                                                  device=accelerator.device), "sum"))
+                total_tokens = max(part_tokens, 1) / world
+                groups = micro_batches([len(prompts[r]) + response_lens[r] for r in part_rows], config.micro_batch_size)
+                for index, group in enumerate(groups):
+                    rows = [part_rows[i] for i in group]
+                    micro, micro_queries = rollout.select(rows), [batch[r] for r in rows]
+                    t_teacher = time.perf_counter()
+                    with eager_only(config.torch_compile):
+                        if objective.teacher_input == "logits":
+                            teacher_out = teacher.logits(micro_queries, micro)  # logits_BTV
+                        elif objective.teacher_input == "sampled_logprobs":
+                            teacher_out = teacher.sampled_logprobs(micro_queries, micro, config.temperature)  # logp_BT
+                        else:
+                            teacher_out = None
+                    teacher_s += time.perf_counter() - t_teacher
+                    last = index == len(groups) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+                        with autocast(accelerator.device, bf16):
+                            student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], micro, pad_id)
+                        device = student_logits_BTV.device
+                        loss_BT = distill_loss(
+                            config.method, config.kl, student_logits_BTV,
+                            teacher_out.to(device) if teacher_out is not None else None,
+                            micro.response_ids_BT.to(device), temperature=config.temperature, topk=config.topk,
+                            forward_weight=config.forward_kl_weight,
+                        )
+                        # Sum over this micro-batch / tokens of the whole part: the gradients add up to the part's mean.
+                        micro_loss = (loss_BT * micro.response_mask_BT.to(device)).sum() / total_tokens
+                        accelerator.backward(micro_loss)
+                    loss_sum += float(micro_loss.detach()) * part_tokens / max(step_tokens, 1) / world
+                    del teacher_out, student_logits_BTV, loss_BT
+                    if config.release_memory:
+                        release_free_memory()
+                if fault_requested("nan_grad", step):  # test hook: a backward that returned NaN at a finite loss
+                    params[0].grad.fill_(float("nan"))
+                norm = float(accelerator.clip_grad_norm_(params, config.grad_clip))  # the same on every process
+                norms.append(norm)
+                fault_point("optimizer", step)
+                if math.isfinite(norm):
+                    nonfinite_in_a_row = 0
+                elif nonfinite_in_a_row == 0:
+                    nonfinite_in_a_row, nonfinite_since = 1, step
+                else:
+                    nonfinite_in_a_row += 1
+                if nonfinite_in_a_row >= MAX_NONFINITE_UPDATES:
+                    raise FloatingPointError(
+                        f"the gradient was not finite at steps {nonfinite_since}-{step} ({nonfinite_in_a_row} updates "
+                        f"in a row, {objective.name} {loss_sum:.4g}); lower the learning rate or try precision fp32")
+                if math.isfinite(norm):
+                    optimizer.step()
+                    applied += 1
+                optimizer.zero_grad(set_to_none=True)
             t2 = t1 + teacher_s
-            if fault_requested("nan_grad", step):  # test hook: a backward that returned NaN at a finite loss
-                params[0].grad.fill_(float("nan"))
-            grad_norm = float(accelerator.clip_grad_norm_(params, config.grad_clip))  # the same on every process
-            fault_point("optimizer", step)
-            skipped = not math.isfinite(grad_norm)
-            nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
-            if nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
-                raise FloatingPointError(f"the gradient was not finite at steps {step - nonfinite_in_a_row + 1}-{step} "
-                                         f"({objective.name} {loss_sum:.4g}); lower the learning rate or try precision fp32")
-            if not skipped:
-                optimizer.step()
+            grad_norm = sum(norms) / len(norms)  # not finite if any update's was
+            skipped = applied < len(norms)
             scheduler.step()  # the schedule follows the step count, applied or not
-            optimizer.zero_grad(set_to_none=True)
-            if not skipped:
+            if applied:
                 engine.sync()
                 if config.teacher_mode == "live":
                     teacher.refresh()  # the teacher's weights just changed: its prompt cache is stale
@@ -317,6 +343,7 @@ def train_student(
                 capped_rows=capped_rows,
                 loss=objective.name,
                 skipped=skipped,
+                updates=len(norms),
             )
             if not math.isfinite(entry.kl):
                 raise FloatingPointError(f"{objective.name} became {entry.kl} at step {step}; lower the learning rate")

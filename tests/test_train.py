@@ -214,3 +214,34 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_three_in_a_row_stop(tm
     with pytest.raises(FloatingPointError, match="not finite at steps 2-4"):
         compile_prompt(prompt, out=tmp_path / "three", model=str(tiny_model_dir), overrides=dict(steps=5, **settings))
     assert not (tmp_path / "three").exists()
+
+
+def test_updates_per_batch_makes_that_many_optimizer_updates_from_one_batch(tmp_path, tiny_model_dir):
+    """Two updates from one round of sampling. Adam's first update moves every weight with a gradient by about lr
+    (m/sqrt(v) = +-1), its second by about lr again where the two gradients agree in sign: LoRA's B matrices start
+    at zero, so one update leaves them within lr of zero and two reach past 1.5 lr. At an lr too small to move the
+    student, the step's logged loss is the same token mean as with one update: the parts are weighted by tokens."""
+    from safetensors.torch import load_file
+
+    from promptbake.config import BakeConfig
+    from promptbake.train import update_parts
+
+    assert update_parts(5, 2) == [[0, 1], [2, 3, 4]] and update_parts(4, 4) == [[0], [1], [2], [3]]
+    prompt = write_prompt(tmp_path / "p")
+    settings = dict(steps=1, batch_size=4, micro_batch_size=1, heldout=0, max_new_tokens=8, precision="fp32")
+    logs, largest_b = {}, {}
+    for lr in (1e-3, 1e-9):
+        for k in (1, 2):
+            out = tmp_path / f"k{k}-lr{lr}"
+            result = compile_prompt(prompt, out=out, model=str(tiny_model_dir),
+                                    overrides=dict(lr=lr, updates_per_batch=k, **settings))
+            logs[k, lr] = result.train.log[0]
+            weights = load_file(out / "adapter_model.safetensors")
+            largest_b[k, lr] = max(float(v.abs().max()) for name, v in weights.items() if "lora_B" in name)
+    assert logs[1, 1e-3].updates == 1 and logs[2, 1e-3].updates == 2
+    assert 0.99e-3 < largest_b[1, 1e-3] <= 1.01e-3
+    assert 1.5e-3 < largest_b[2, 1e-3] <= 2.02e-3
+    assert logs[2, 1e-9].response_tokens == logs[1, 1e-9].response_tokens
+    assert logs[2, 1e-9].kl == pytest.approx(logs[1, 1e-9].kl, rel=1e-4)
+    with pytest.raises(ValueError, match="updates_per_batch=5 is more than the 4 rollouts"):
+        BakeConfig(batch_size=4, updates_per_batch=5)
