@@ -314,15 +314,15 @@ def train_student(
                 if math.isfinite(norm):
                     optimizer.step()
                     applied += 1
+                    if config.teacher_mode == "live":
+                        teacher.refresh()  # the teacher's weights just changed: its prompt cache is stale
                 optimizer.zero_grad(set_to_none=True)
             t2 = t1 + teacher_s
             grad_norm = sum(norms) / len(norms)  # not finite if any update's was
             skipped = applied < len(norms)
             scheduler.step()  # the schedule follows the step count, applied or not
             if applied:
-                engine.sync()
-                if config.teacher_mode == "live":
-                    teacher.refresh()  # the teacher's weights just changed: its prompt cache is stale
+                engine.sync()  # the next step samples from the updated student
             t3 = time.perf_counter()
             rows_capped = accelerator.reduce(torch.tensor(
                 [len(batch), sum(hit_cap(rollout, config.max_new_tokens, eos_ids))], device=accelerator.device), "sum")
