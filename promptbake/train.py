@@ -160,9 +160,10 @@ def lr_factor(step_index: int, config: BakeConfig) -> float:
 
 
 def update_parts(rows: int, updates: int) -> list[list[int]]:
-    """The rows of one rollout batch split into `updates` consecutive parts of near-equal size, one optimizer
-    update each. The batch is drawn at random, so consecutive parts are random parts; a query's rollouts stay
-    together."""
+    """The rows of one process's rollouts split into `updates` consecutive parts of near-equal size, one optimizer
+    update each. The batch is drawn at random, so consecutive parts are random parts. Each process holds every
+    `world`-th query of the global batch, so when its rows divide evenly into the parts, the processes' k-th parts
+    together are the k-th part a single process would train on."""
     return [list(range(i * rows // updates, (i + 1) * rows // updates)) for i in range(updates)]
 
 

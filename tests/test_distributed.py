@@ -19,9 +19,13 @@ from conftest import write_prompt
 from promptbake.serve import free_port
 
 # sft trains on the prompted teacher's samples, drawn once and cached: the data of every step is then fixed,
-# and one process and two must train the same adapter up to the order of floating-point sums.
+# and one process and two must train the same adapter up to the order of floating-point sums. Two updates per
+# step: each process splits its share of the batch in two, and the processes' first halves together must be the
+# single process's first half (its token count agreed across processes), or the adapters part (see
+# promptbake.train.update_parts).
 SETTINGS = ["--method", "sft", "--steps", "8", "--batch-size", "4", "--micro-batch-size", "2", "--heldout", "4",
-            "--max-new-tokens", "8", "--precision", "fp32", "--lr", "0.01", "--checkpoint-every", "100"]
+            "--max-new-tokens", "8", "--precision", "fp32", "--lr", "0.01", "--checkpoint-every", "100",
+            "--updates-per-batch", "2"]
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # gloo's all-reduce and the split of the batch reorder fp32 sums
 
 
