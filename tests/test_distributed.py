@@ -27,6 +27,9 @@ SETTINGS = ["--method", "sft", "--steps", "8", "--batch-size", "4", "--micro-bat
             "--max-new-tokens", "8", "--precision", "fp32", "--lr", "0.01", "--checkpoint-every", "100",
             "--updates-per-batch", "2"]
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # gloo's all-reduce and the split of the batch reorder fp32 sums
+# Adam divides by the root of the squared gradient, so where an element's gradient is near zero it turns that
+# reordering noise into part of an update; 16 updates at lr 0.01 left one weight of 2,048 9e-6 apart.
+ADAPTER_TOLERANCE = dict(rtol=1e-3, atol=2e-5)
 
 
 def compile_command(prompt: Path, out: Path, model: Path, processes: int) -> list[str]:
@@ -72,7 +75,7 @@ def test_two_processes_train_like_one_and_resume_after_ctrl_c(tmp_path, tiny_mod
     a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], **TOLERANCE)
+        torch.testing.assert_close(b[name], a[name], **ADAPTER_TOLERANCE)
     assert any(a[n].abs().max() > 0 for n in a if "lora_B" in n)  # it did train
 
     # Ctrl-C in the terminal reaches the whole process group: both processes stop after the same step and save.
