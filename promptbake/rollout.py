@@ -1,8 +1,12 @@
 """Sampling responses from a policy with a plain decode loop over its forward (not `generate`), and the shared batch layout.
 
-Layout used everywhere (student forward, teacher scoring, generation):
-    [left-padded prompt, P columns][response, T columns]
-so response position t sits at column P + t for every row, and the logits that predict it at P + t - 1.
+Two batch layouts:
+- generation and scoring after a cached prefix: [left-padded prompt, P columns][response, T columns], so response
+  position t sits at column P + t for every row, and the logits that predict it at P + t - 1;
+- a forward over whole sequences (the student's training pass, held-out KL, a teacher without a prefix cache): each
+  row's prompt and response from column 0, padding after them (`packed_response_logits`). With left padding the
+  padding columns are query positions with nothing to attend to; some attention kernels' backward turns such fully
+  masked rows into NaN gradients, at a finite loss. Packed, every position sees at least its row's first token.
 """
 
 from __future__ import annotations
@@ -253,13 +257,16 @@ def response_logits(
     prefix_len: int = 0,
     prefix_attended: bool = False,
 ) -> torch.Tensor:
-    """Logits that predict each response token (logits_BTV), for prompt + response in the shared layout.
+    """Logits that predict each response token (logits_BTV), for prompt + response.
 
-    With `past_key_values` (a cache of `prefix_len` tokens shared by all rows), `prompts` hold only what
+    Whole sequences (no prefix) go through the packed layout; after a prefix, the left-padded one (every row
+    attends to the prefix, so no position is fully masked there either). With `past_key_values` (a cache of `prefix_len` tokens shared by all rows), `prompts` hold only what
     follows that prefix; the result is the same as running the full sequences. `prefix_attended`: the
     prefix is attended to through `fastdecode.shared_prefix` instead (one copy for all rows), so it takes no
     place in the mask or the cache; positions still start after it.
     """
+    if past_key_values is None and not prefix_len and all(prompts):
+        return packed_response_logits(model, prompts, rollout, pad_id)
     device = next(model.parameters()).device
     ids_BP, mask_BP = left_pad(prompts, pad_id)
     ids_BL = torch.cat([ids_BP, rollout.response_ids_BT], dim=1).to(device)
@@ -277,6 +284,38 @@ def response_logits(
         logits_to_keep=T + 1,
     )
     return out.logits[:, :-1, :]
+
+
+def packed_response_logits(model, prompts: list[list[int]], rollout: Rollout, pad_id: int) -> torch.Tensor:
+    """`response_logits` with each row's prompt and response from column 0 and the padding after them (logits_BTV).
+
+    No query position is fully masked (see the module's docstring). Rows whose prompts differ in length predict
+    their responses from different columns: the model keeps only the columns some row needs (from the shortest
+    prompt's last token on), and each row's T columns are gathered from there.
+    """
+    device = next(model.parameters()).device
+    B, T = rollout.response_ids_BT.shape
+    lengths = [len(p) for p in prompts]
+    ids_BL = torch.full((B, max(lengths) + T), pad_id, dtype=torch.long)
+    mask_BL = torch.zeros_like(ids_BL)
+    for row, prompt in enumerate(prompts):
+        P = len(prompt)
+        ids_BL[row, :P] = torch.tensor(prompt, dtype=torch.long)
+        ids_BL[row, P:P + T] = rollout.response_ids_BT[row]
+        mask_BL[row, :P] = 1
+        mask_BL[row, P:P + T] = rollout.response_mask_BT[row]
+    first = min(lengths) - 1
+    out = model(
+        input_ids=ids_BL.to(device),
+        attention_mask=mask_BL.to(device),
+        position_ids=torch.arange(ids_BL.shape[1], device=device).expand(B, -1),
+        logits_to_keep=torch.arange(first, max(lengths) - 1 + T, device=device),
+    )
+    logits_BKV = out.logits
+    if min(lengths) == max(lengths):
+        return logits_BKV
+    columns_BT = torch.tensor(lengths, device=device)[:, None] - 1 - first + torch.arange(T, device=device)[None, :]
+    return logits_BKV[torch.arange(B, device=device)[:, None], columns_BT]
 
 
 def adapter_enabled(model, enabled: bool):

@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -221,8 +222,10 @@ def train_student(
         restore(ckpt, policy, optimizer)
         rng.setstate(python_rng_from_json(ckpt.python_rng))
         torch.set_rng_state(ckpt.torch_rng_of(rank))
-        for _ in range(ckpt.step):
-            scheduler.step()
+        with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step: expected here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            for _ in range(ckpt.step):
+                scheduler.step()
         first_step = ckpt.step + 1
     tokens_trained = int(checkpointing.resume_from.extra.get("tokens_trained", 0)) if checkpointing and checkpointing.resume_from else 0
     engine = engine or HFRolloutEngine(policy, bf16=bf16)

@@ -96,17 +96,69 @@ def test_dropping_finished_rows_leaves_every_row_unchanged(tiny_model_dir, greed
     assert torch.equal(a.response_ids_BT, b.response_ids_BT)
 
 
-def test_response_logits_align_with_unpadded_forward(tiny):
-    """Column t of response_logits predicts response token t, for every row despite left padding."""
+@pytest.mark.parametrize("prompts", [[[1, 5, 6, 7, 11], [1, 8], [1, 9, 10]], [[1, 5, 6], [1, 8, 9]]],
+                         ids=["prompts of different lengths", "equal lengths"])
+def test_response_logits_align_with_unpadded_forward(tiny, prompts):
+    """Column t of response_logits predicts response token t, for every row despite padding (packed layout)."""
     model, _ = tiny
-    prompts = [[1, 5, 6, 7, 11], [1, 8]]
-    rollout = Rollout(torch.tensor([[20, 21, 22], [30, 31, EOS]]), torch.ones(2, 3, dtype=torch.long))
+    ids_BT = torch.tensor([[20, 21, 22, 23], [30, EOS, 0, 0], [40, 41, 42, EOS]])[:len(prompts)]
+    rollout = Rollout(ids_BT, mask_after_eos(ids_BT, [EOS]))
     with torch.no_grad():
         got = response_logits(model, prompts, rollout, pad_id=0)
+        assert got.shape == (len(prompts), 4, model.config.vocab_size)
         for row, prompt in enumerate(prompts):
-            full = torch.tensor([prompt + rollout.response_ids_BT[row].tolist()])
-            ref = model(input_ids=full).logits[0, len(prompt) - 1: len(prompt) + 2]
-            torch.testing.assert_close(got[row], ref, atol=1e-4, rtol=1e-4)
+            live = int(rollout.response_mask_BT[row].sum())
+            full = torch.tensor([prompt + ids_BT[row, :live].tolist()])
+            ref = model(input_ids=full).logits[0, len(prompt) - 1: len(prompt) - 1 + live]
+            torch.testing.assert_close(got[row, :live], ref, atol=1e-4, rtol=1e-4)
+
+
+def _attention_with_nan_backward_on_empty_rows(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Matmul attention whose forward gives 0 where a query has no key to attend to and whose backward gives NaN
+    there: what some fused kernels do with fully masked rows (finite loss, NaN gradient)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    bias = torch.zeros(attention_mask.shape).masked_fill(~attention_mask, float("-inf"))[:, :, :, : key.shape[-2]]
+    scores = scores + bias  # added, not filled in: the NaN of the softmax's backward reaches the queries and keys
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # 0/0 -> NaN in the forward, hidden; its backward is NaN
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def test_training_layout_has_no_fully_masked_rows_so_such_kernels_give_finite_gradients(tiny_model_dir):
+    """The student's pass (packed layout) under an attention that turns fully masked rows into NaN gradients:
+    finite gradients, while the same rows left-padded (the old layout) get NaN from that attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from promptbake.models import load_model
+    from promptbake.rollout import position_ids
+
+    AttentionInterface.register("nan_backward_test", _attention_with_nan_backward_on_empty_rows)
+    AttentionMaskInterface.register("nan_backward_test", sdpa_mask)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "k_proj"],
+                                                                 init_lora_weights=False))
+    model.set_attn_implementation("nan_backward_test")
+    prompts = [[1, 5, 6, 7, 11, 12], [1, 8]]
+    ids_BT = torch.tensor([[20, 21, EOS], [30, 31, 32]])
+    rollout = Rollout(ids_BT, mask_after_eos(ids_BT, [EOS]))
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(logits_BTV):
+        model.zero_grad()
+        logits_BTV.float().log_softmax(-1).mean().backward()
+        return torch.cat([p.grad.flatten() for p in lora])
+
+    packed = grads(response_logits(model, prompts, rollout, pad_id=0))
+    assert torch.isfinite(packed).all() and packed.abs().sum() > 0
+    ids_BP, mask_BP = left_pad(prompts, 0)
+    mask_BL = torch.cat([mask_BP, rollout.response_mask_BT], dim=1)
+    out = model(input_ids=torch.cat([ids_BP, ids_BT], dim=1), attention_mask=mask_BL, position_ids=position_ids(mask_BL))
+    left = out.logits[:, ids_BP.shape[1] - 1: -1]
+    assert torch.isfinite(left).all()  # the forward (and so the loss) is finite ...
+    assert not torch.isfinite(grads(left)).all()  # ... and the gradient is not: what the packed layout avoids
 
 
 @pytest.fixture
