@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -223,7 +224,7 @@ def train_student(
         rng.setstate(python_rng_from_json(ckpt.python_rng))
         torch.set_rng_state(ckpt.torch_rng_of(rank))
         with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step: expected here
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for _ in range(ckpt.step):
                 scheduler.step()
         first_step = ckpt.step + 1
@@ -263,11 +264,12 @@ def train_student(
             # Each update's loss is a mean over its part's response tokens of all processes; DDP averages gradients
             # over processes, so each one scales its sum by `world` (1 in a single process).
             response_lens = rollout.response_mask_BT.sum(-1).tolist()
-            step_tokens = int(accelerator.reduce(torch.tensor(rollout.num_tokens, device=accelerator.device), "sum"))
+            parts = update_parts(len(batch), config.updates_per_batch)
+            part_tokens_K = accelerator.reduce(torch.tensor([sum(response_lens[r] for r in rows) for rows in parts],
+                                                            device=accelerator.device), "sum").tolist()
+            step_tokens = sum(part_tokens_K)
             wrapped.train()
-            for part_rows in update_parts(len(batch), config.updates_per_batch):
-                part_tokens = int(accelerator.reduce(torch.tensor(sum(response_lens[r] for r in part_rows),
-                                                                  device=accelerator.device), "sum"))
+            for part_rows, part_tokens in zip(parts, part_tokens_K):
                 total_tokens = max(part_tokens, 1) / world
                 groups = micro_batches([len(prompts[r]) + response_lens[r] for r in part_rows], config.micro_batch_size)
                 for index, group in enumerate(groups):
