@@ -37,6 +37,8 @@ VARIANTS = {
     "loss in 256-token chunks": {"loss_chunk_bytes": 256 * 4 * 49152},
     "gradient checkpointing": {"gradient_checkpointing": True},
     "checkpointing + loss chunks": {"gradient_checkpointing": True, "loss_chunk_bytes": 256 * 4 * 49152},
+    # Not a setting: the student's pass with left-padded prompts, the layout before the packed one.
+    "left-padded student pass": {"packed_layout": False},
     "micro-batch 2": {"micro_batch_size": 2},
     "micro-batch 8": {"micro_batch_size": 8},
     "micro-batch 2 + checkpointing": {"micro_batch_size": 2, "gradient_checkpointing": True},
@@ -101,11 +103,14 @@ def teacher_scoring(prompt_path: Path, repeats: int = 3, precisions: tuple[str, 
 def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
     """One variant, a few steps, in this process; prints its JSON."""
     import promptbake.losses
+    import promptbake.rollout
     from promptbake.bake import compile_prompt
 
     settings = dict(VARIANTS[variant])
     if "loss_chunk_bytes" in settings:
         promptbake.losses.LOSS_CHUNK_BYTES = settings.pop("loss_chunk_bytes")
+    if "packed_layout" in settings:
+        promptbake.rollout.PACKED_LAYOUT = settings.pop("packed_layout")
     with tempfile.TemporaryDirectory() as tmp:
         overrides = dict(steps=steps, max_new_tokens=new_tokens, heldout=0, checkpoint_every=10_000, **settings)
         result = compile_prompt(prompt, out=Path(tmp) / "out", overrides=overrides)

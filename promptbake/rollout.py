@@ -265,7 +265,7 @@ def response_logits(
     prefix is attended to through `fastdecode.shared_prefix` instead (one copy for all rows), so it takes no
     place in the mask or the cache; positions still start after it.
     """
-    if past_key_values is None and not prefix_len and all(prompts):
+    if PACKED_LAYOUT and past_key_values is None and not prefix_len and all(prompts):
         return packed_response_logits(model, prompts, rollout, pad_id)
     device = next(model.parameters()).device
     ids_BP, mask_BP = left_pad(prompts, pad_id)
@@ -284,6 +284,10 @@ def response_logits(
         logits_to_keep=T + 1,
     )
     return out.logits[:, :-1, :]
+
+
+# Whole sequences go through the packed layout; benchmarks/train_step.py turns it off to time the left-padded one.
+PACKED_LAYOUT = True
 
 
 def packed_response_logits(model, prompts: list[list[int]], rollout: Rollout, pad_id: int) -> torch.Tensor:
