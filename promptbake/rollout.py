@@ -3,8 +3,8 @@
 Two batch layouts:
 - generation and scoring after a cached prefix: [left-padded prompt, P columns][response, T columns], so response
   position t sits at column P + t for every row, and the logits that predict it at P + t - 1;
-- a forward over whole sequences (the student's training pass, held-out KL, a teacher without a prefix cache): each
-  row's prompt and response from column 0, padding after them (`packed_response_logits`). With left padding the
+- on accelerators, a forward over whole sequences (the student's training pass, held-out KL, a teacher without a
+  prefix cache): each row's prompt and response from column 0, padding after them (`packed_response_logits`). With left padding the
   padding columns are query positions with nothing to attend to; some attention kernels' backward turns such fully
   masked rows into NaN gradients, at a finite loss. Packed, every position sees at least its row's first token.
 """
@@ -259,15 +259,17 @@ def response_logits(
 ) -> torch.Tensor:
     """Logits that predict each response token (logits_BTV), for prompt + response.
 
-    Whole sequences (no prefix) go through the packed layout; after a prefix, the left-padded one (every row
-    attends to the prefix, so no position is fully masked there either). With `past_key_values` (a cache of `prefix_len` tokens shared by all rows), `prompts` hold only what
+    Whole sequences (no prefix) go through the packed layout on accelerators (`PACKED_LAYOUT`); after a prefix,
+    the left-padded one (every row attends to the prefix, so no position is fully masked there either).
+    With `past_key_values` (a cache of `prefix_len` tokens shared by all rows), `prompts` hold only what
     follows that prefix; the result is the same as running the full sequences. `prefix_attended`: the
     prefix is attended to through `fastdecode.shared_prefix` instead (one copy for all rows), so it takes no
     place in the mask or the cache; positions still start after it.
     """
-    if PACKED_LAYOUT and past_key_values is None and not prefix_len and all(prompts):
-        return packed_response_logits(model, prompts, rollout, pad_id)
     device = next(model.parameters()).device
+    packed = PACKED_LAYOUT if PACKED_LAYOUT is not None else device.type != "cpu"
+    if packed and past_key_values is None and not prefix_len and all(prompts):
+        return packed_response_logits(model, prompts, rollout, pad_id)
     ids_BP, mask_BP = left_pad(prompts, pad_id)
     ids_BL = torch.cat([ids_BP, rollout.response_ids_BT], dim=1).to(device)
     mask_BL = torch.cat([mask_BP, rollout.response_mask_BT], dim=1).to(device)
@@ -286,8 +288,9 @@ def response_logits(
     return out.logits[:, :-1, :]
 
 
-# Whole sequences go through the packed layout; benchmarks/train_step.py turns it off to time the left-padded one.
-PACKED_LAYOUT = True
+# Whole sequences in the packed layout: None = on accelerators (where fully masked rows gave NaN gradients), not on
+# CPUs, whose student pass it made 10-15 % slower (benchmarks/train_step.py, "packed student pass").
+PACKED_LAYOUT: bool | None = None
 
 
 def packed_response_logits(model, prompts: list[list[int]], rollout: Rollout, pad_id: int) -> torch.Tensor:

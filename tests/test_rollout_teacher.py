@@ -8,7 +8,8 @@ from peft import LoraConfig, get_peft_model
 
 from promptbake.chat import ChatRenderer
 from promptbake.queries import Query
-from promptbake.rollout import HFRolloutEngine, Rollout, left_pad, mask_after_eos, response_logits, sample
+from promptbake.rollout import (HFRolloutEngine, Rollout, left_pad, mask_after_eos, packed_response_logits,
+                                response_logits, sample)
 from promptbake.teacher import PromptedTeacher
 
 EOS = 2
@@ -96,10 +97,14 @@ def test_dropping_finished_rows_leaves_every_row_unchanged(tiny_model_dir, greed
     assert torch.equal(a.response_ids_BT, b.response_ids_BT)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed layout", "left-padded layout"])
 @pytest.mark.parametrize("prompts", [[[1, 5, 6, 7, 11], [1, 8], [1, 9, 10]], [[1, 5, 6], [1, 8, 9]]],
                          ids=["prompts of different lengths", "equal lengths"])
-def test_response_logits_align_with_unpadded_forward(tiny, prompts):
-    """Column t of response_logits predicts response token t, for every row despite padding (packed layout)."""
+def test_response_logits_align_with_unpadded_forward(tiny, prompts, packed, monkeypatch):
+    """Column t of response_logits predicts response token t, for every row despite padding, in both layouts."""
+    import promptbake.rollout
+
+    monkeypatch.setattr(promptbake.rollout, "PACKED_LAYOUT", packed)
     model, _ = tiny
     ids_BT = torch.tensor([[20, 21, 22, 23], [30, EOS, 0, 0], [40, 41, 42, EOS]])[:len(prompts)]
     rollout = Rollout(ids_BT, mask_after_eos(ids_BT, [EOS]))
@@ -127,8 +132,8 @@ def _attention_with_nan_backward_on_empty_rows(module, query, key, value, attent
 
 
 def test_training_layout_has_no_fully_masked_rows_so_such_kernels_give_finite_gradients(tiny_model_dir):
-    """The student's pass (packed layout) under an attention that turns fully masked rows into NaN gradients:
-    finite gradients, while the same rows left-padded (the old layout) get NaN from that attention."""
+    """The packed layout (the student's pass on accelerators) under an attention that turns fully masked rows
+    into NaN gradients: finite gradients, while the same rows left-padded get NaN from that attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -151,7 +156,7 @@ def test_training_layout_has_no_fully_masked_rows_so_such_kernels_give_finite_gr
         logits_BTV.float().log_softmax(-1).mean().backward()
         return torch.cat([p.grad.flatten() for p in lora])
 
-    packed = grads(response_logits(model, prompts, rollout, pad_id=0))
+    packed = grads(packed_response_logits(model, prompts, rollout, pad_id=0))
     assert torch.isfinite(packed).all() and packed.abs().sum() > 0
     ids_BP, mask_BP = left_pad(prompts, 0)
     mask_BL = torch.cat([mask_BP, rollout.response_mask_BT], dim=1)
