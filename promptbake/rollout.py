@@ -4,9 +4,10 @@ Two batch layouts:
 - generation and scoring after a cached prefix: [left-padded prompt, P columns][response, T columns], so response
   position t sits at column P + t for every row, and the logits that predict it at P + t - 1;
 - on accelerators, a forward over whole sequences (the student's training pass, held-out KL, a teacher without a
-  prefix cache): each row's prompt and response from column 0, padding after them (`packed_response_logits`). With left padding the
-  padding columns are query positions with nothing to attend to; some attention kernels' backward turns such fully
-  masked rows into NaN gradients, at a finite loss. Packed, every position sees at least its row's first token.
+  prefix cache): each row's prompt and response from column 0, padding after them (`packed_response_logits`).
+  With left padding the padding columns are query positions with nothing to attend to; some attention kernels'
+  backward turns such fully masked rows into NaN gradients, at a finite loss. Packed, every position sees at
+  least its row's first token.
 """
 
 from __future__ import annotations
