@@ -85,7 +85,8 @@ class BakeConfig(BaseModel):
         description="Optimizer updates per round of sampling: the batch's rollouts are split into this many parts, each "
                     "scored and trained on as its own update (lr and schedule per step, as before). More updates for the "
                     "same sampling and teacher time; the later parts' samples are then slightly off-policy. In the quality "
-                    "study (support, 40 steps, one seed) 2 closed 0.03 more of the held-out KL gap than 1, 4 no more.")
+                    "study (support, 40 steps, one seed) 2 closed 0.03 more of the held-out KL gap than 1, 4 no more; at 80 "
+                    "steps 2 closed no more than 1.")
     micro_batch_size: int = Field(
         2, gt=0, description="Rows per student forward/backward; bounds memory, not the math. 2 rows took 0.67 GiB less "
                              "than 4 at the 128-token cap and no longer per step (benchmarks/memory.py).")
