@@ -61,7 +61,8 @@ class BakeManifest(BaseModel):
     heldout_kl_after: float | None = None
     check_rates: dict[str, dict[str, float]] = {}
     loss_summary: dict[str, Any] = {}
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {}  # this run's wall times; loss_summary's seconds include the steps before a resume
+    resumed_from_step: int | None = None  # training started from this step's checkpoint (an interrupted or a shorter compile)
     versions: dict[str, str] = {}
 
 

@@ -27,7 +27,7 @@ from accelerate import PartialState
 
 from promptbake.artifact import BakeManifest, sha256_file, write_artifact
 from promptbake.atomic import write_text_atomic
-from promptbake.checkpoint import Checkpointing, load_checkpoint
+from promptbake.checkpoint import Checkpoint, Checkpointing, load_checkpoint, mark_finished
 from promptbake.chat import ChatRenderer
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
@@ -107,6 +107,7 @@ class CompileRun:
     cap_info: dict = field(default_factory=dict)
     cap_hit: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    resumed_from_step: int | None = None
 
     @property
     def config(self) -> BakeConfig:
@@ -149,7 +150,7 @@ def compile_prompt(
     if restart and main:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
     processes.wait_for_everyone()
-    resume = load_checkpoint(plan.work_dir, plan.build_key)
+    resume = resumable(plan, load_checkpoint(plan.work_dir, plan.build_key, plan.continue_key))
 
     run = load(plan, emit)
     run.timings["load_s"] = time.perf_counter() - t_start
@@ -172,8 +173,25 @@ def compile_prompt(
     if main:
         emit(StageStarted("write", f"writing {plan.out_dir}"))
         write_artifact(plan.out_dir, run.runtime.model, manifest, plan.work_dir / "train_log.jsonl")
-        shutil.rmtree(plan.work_dir, ignore_errors=True)
+        if plan.continue_key is None:  # nothing can continue from it
+            shutil.rmtree(plan.work_dir, ignore_errors=True)
+        else:
+            mark_finished(plan.work_dir, plan.build_key)
     return BakeResult(plan.out_dir, manifest, result, responses, main_process=main)
+
+
+def resumable(plan: CompilePlan, checkpoint: Checkpoint | None) -> Checkpoint | None:
+    """The checkpoint this compile starts from: its own (an interrupted run of the same build key), or one of a
+    compile that differs only in its step count, at a constant learning rate, whose state this run passes through:
+    not past this run's steps, and not past its token budget (a run that stopped there would not go on)."""
+    if checkpoint is None:
+        return None
+    if checkpoint.build_key == plan.build_key:  # finished: the artifact was --force'd or deleted, so train it again
+        return None if checkpoint.finished else checkpoint
+    budget = plan.config.token_budget
+    if checkpoint.step > plan.config.steps or (budget is not None and checkpoint.extra.get("tokens_trained", 0) >= budget):
+        return None
+    return checkpoint
 
 
 def load(plan: CompilePlan, emit: OnEvent) -> CompileRun:
@@ -256,8 +274,12 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
     log_lines = resume.log_lines if resume else 0
     if main:
         _truncate_lines(log_path, log_lines)
-    if resume:
+    if resume and resume.build_key == plan.build_key:
         run.emit(Notice(f"resuming from step {resume.step} (checkpoint in {plan.work_dir}; --restart to start over)"))
+    elif resume:
+        run.emit(Notice(f"continuing from step {resume.step} of an earlier compile with the same settings and a constant "
+                        f"learning rate (checkpoint in {plan.work_dir}; --restart to start over)"))
+    run.resumed_from_step = resume.step if resume else None
     eval_cap = config.eval_max_new_tokens or run.cap
     run_config = config.model_copy(update={"max_new_tokens": run.cap, "eval_max_new_tokens": eval_cap})
     fixed = None
@@ -275,17 +297,18 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
         result = train_student(
             rt.model, run.teacher, run.renderer, rt.tokenizer, run.train_queries, run_config, bf16=rt.bf16,
             engine=run.engine, log_path=log_path, on_step=lambda entry: run.emit(StepDone(entry, config.steps)),
-            checkpointing=Checkpointing(plan.work_dir, plan.build_key, config.checkpoint_every, resume, log_lines,
-                                        {"kl_before": kl_before, "cap_hit": run.cap_hit}, stop_requested),
+            checkpointing=Checkpointing(plan.work_dir, plan.build_key, config.checkpoint_every, plan.continue_key, resume,
+                                        log_lines, {"kl_before": kl_before, "cap_hit": run.cap_hit}, stop_requested),
             fixed_responses=fixed,
         )
     finally:
         uninstall()
         run.teacher.live = False  # measure against the prompted initial weights, whatever taught
         run.teacher.refresh()
-    if main:  # the whole log, the steps before a resume included
-        result.log = [StepLog(**json.loads(line)) for line in log_path.read_text().splitlines() if line.strip()]
     run.timings["train_s"] = result.seconds
+    if main:  # the whole log, the steps before a resume included, and their time
+        result.log = [StepLog(**json.loads(line)) for line in log_path.read_text().splitlines() if line.strip()]
+        result.seconds += sum(s.seconds for s in result.log[:log_lines])
     run.emit(TrainingDone(len(result.log), result.seconds, f"trained {len(result.log)} steps in {result.seconds:.0f} s"))
     summary = result.summary()
     if summary.get("rollouts"):
@@ -344,6 +367,7 @@ def make_manifest(run: CompileRun, result: TrainResult, kl_before: float | None,
         check_rates=rates,
         loss_summary=result.summary(),
         timings={k: round(v, 3) for k, v in run.timings.items()},
+        resumed_from_step=run.resumed_from_step,
         versions=package_versions(),
     )
 

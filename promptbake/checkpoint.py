@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from promptbake.atomic import atomic_folder
+from promptbake.atomic import atomic_folder, write_text_atomic
 from promptbake.faults import fault_point
 
 CHECKPOINT = "checkpoint"
@@ -34,6 +34,8 @@ class Checkpoint:
     log_lines: int
     extra: dict[str, Any] = field(default_factory=dict)
     torch_rngs: list[torch.Tensor] = field(default_factory=list)  # one per process, by process index
+    continue_key: str | None = None  # the compile's settings without its step count (promptbake.plan.HOW_FAR)
+    finished: bool = False  # its compile wrote the artifact: kept for longer compiles to continue from, not to resume
 
     def torch_rng_of(self, process_index: int) -> torch.Tensor:
         return self.torch_rngs[process_index] if process_index < len(self.torch_rngs) else self.torch_rng
@@ -46,6 +48,7 @@ class Checkpointing:
     work_dir: Path
     build_key: str
     every: int
+    continue_key: str | None = None
     resume_from: Checkpoint | None = None
     log_lines_before: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +60,8 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimizer, python_rng_state: Any,
-                    log_lines: int, extra: dict[str, Any], torch_rngs: list[torch.Tensor] | None = None) -> None:
+                    log_lines: int, extra: dict[str, Any], torch_rngs: list[torch.Tensor] | None = None,
+                    continue_key: str | None = None) -> None:
     """Write the checkpoint atomically. `torch_rngs`: every process's torch RNG state (default: this one's)."""
     with atomic_folder(work_dir / CHECKPOINT) as tmp:
         params = trainable(model)
@@ -78,20 +82,21 @@ def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimiz
                   str(tmp / "rng.safetensors"))
         fault_point("checkpoint")
         (tmp / "state.json").write_text(json.dumps({
-            "step": step, "build_key": build_key, "adam_steps": adam_steps, "python_rng": python_rng_state,
+            "step": step, "build_key": build_key, "continue_key": continue_key, "adam_steps": adam_steps, "python_rng": python_rng_state,
             "log_lines": log_lines, "extra": extra,
         }))
 
 
-def load_checkpoint(work_dir: Path, build_key: str) -> Checkpoint | None:
-    """The last complete checkpoint of a compile with this build key, or None."""
+def load_checkpoint(work_dir: Path, build_key: str, continue_key: str | None = None) -> Checkpoint | None:
+    """The last complete checkpoint of a compile with this build key, or with this continue key (the same
+    settings but the step count: the caller decides whether its step and token count still lead to this run), or None."""
     folder = work_dir / CHECKPOINT
     if not folder.is_dir():  # killed between the two renames of atomic_folder: the previous one was moved aside
         olds = sorted(work_dir.glob(f".{CHECKPOINT}.old-*"), key=lambda p: p.stat().st_mtime)
         folder = olds[-1] if olds else folder
     try:
         state = json.loads((folder / "state.json").read_text())
-        if state["build_key"] != build_key:
+        if state["build_key"] != build_key and (continue_key is None or state.get("continue_key") != continue_key):
             return None
         rng = load_file(str(folder / "rng.safetensors"))
         return Checkpoint(
@@ -105,9 +110,24 @@ def load_checkpoint(work_dir: Path, build_key: str) -> Checkpoint | None:
             log_lines=int(state["log_lines"]),
             extra=state.get("extra", {}),
             torch_rngs=[rng[f"torch_rng.{i}"] for i in range(len(rng)) if f"torch_rng.{i}" in rng],
+            continue_key=state.get("continue_key"),
+            finished=bool(state.get("finished", False)),
         )
     except (OSError, ValueError, KeyError):
         return None
+
+
+def mark_finished(work_dir: Path, build_key: str) -> None:
+    """Flag the last checkpoint as that of the artifact just written (the next checkpoint saved drops the flag). A
+    checkpoint of another compile (a longer one this compile continued from, at its own last step) stays as it is."""
+    path = work_dir / CHECKPOINT / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):  # no checkpoint to keep: a longer compile will start from step 1
+        return
+    if state.get("build_key") != build_key:
+        return
+    write_text_atomic(path, json.dumps({**state, "finished": True}))
 
 
 def restore(checkpoint: Checkpoint, model, optimizer) -> None:

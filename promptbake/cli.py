@@ -152,7 +152,7 @@ def compile_cmd(
         help="Separate held-out query file, only measured on; default from the front matter's heldout:.")] = None,
     var: Annotated[list[str], typer.Option("--var", help="Template variable key=value (repeatable).")] = [],
     force: Annotated[bool, typer.Option(help="Rebuild even if up to date; replace an output that is not this prompt's.")] = False,
-    restart: Annotated[bool, typer.Option(help="Ignore the checkpoint of an interrupted compile and start over.")] = False,
+    restart: Annotated[bool, typer.Option(help="Ignore the checkpoint of an interrupted compile (or of a shorter one to continue from) and start over.")] = False,
     make_report: Annotated[bool, typer.Option("--report", help="Write report.html/report.md into the output.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) weights.")] = False,
     *,

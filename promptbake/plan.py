@@ -24,6 +24,9 @@ from promptbake.spec import PromptSpec, load_spec
 
 BUILD_KEY_VERSION = "1"
 NOT_IN_KEY = {"checkpoint_every", "threads", "release_memory", "torch_compile", "gradient_checkpointing"}  # change how a bake runs, not what it produces
+# Settings that only say how far a compile goes: at a constant learning rate, the first N steps of a longer compile
+# are a shorter compile's N steps exactly, so a compile may continue from the checkpoint of one that differs only here.
+HOW_FAR = {"steps"}
 
 
 @dataclass
@@ -37,6 +40,7 @@ class CompilePlan:
     trust_pickle: bool = False
     model_dir: Path | None = None
     build_key: str | None = None
+    continue_key: str | None = None  # the build key without `steps`; None where the schedule depends on steps
     heldout_path: Path | None = None
     heldout_queries: list[Query] | None = None
     synthesized: bool = False  # no query file was given: queries are written from the prompt's rules in resolve()
@@ -54,7 +58,8 @@ class CompilePlan:
 
     @property
     def work_dir(self) -> Path:
-        """Checkpoints of an unfinished compile live beside the output, never inside it."""
+        """Checkpoints live beside the output, never inside it: an unfinished compile's, to resume, and a finished
+        one's last (constant learning rate), so that a longer compile of the same settings continues from it."""
         return self.out_dir.parent / f".{self.out_dir.name}.work"
 
     def resolve(self, on_event: Callable[[object], None] | None = None) -> None:
@@ -77,6 +82,10 @@ class CompilePlan:
             "config": self.config.model_dump(exclude=NOT_IN_KEY),
         }
         self.build_key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        self.continue_key = None
+        if self.config.lr_schedule == "constant":  # cosine and wsd decay over `steps`: a longer run differs from step 1
+            payload["config"] = self.config.model_dump(exclude=NOT_IN_KEY | HOW_FAR)
+            self.continue_key = hashlib.sha256(json.dumps({**payload, "kind": "continue"}, sort_keys=True).encode()).hexdigest()
 
     def _synthesize_queries(self, emit: Callable[[object], None]) -> None:
         from promptbake.events import Notice

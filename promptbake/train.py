@@ -373,7 +373,7 @@ def train_student(
                             checkpointing.work_dir, step=step, build_key=checkpointing.build_key, model=policy,
                             optimizer=optimizer, python_rng_state=python_rng_to_json(rng.getstate()),
                             log_lines=checkpointing.log_lines_before + len(result.log), extra=checkpointing.extra,
-                            torch_rngs=torch_rngs,
+                            torch_rngs=torch_rngs, continue_key=checkpointing.continue_key,
                         )
                     accelerator.wait_for_everyone()  # nobody stops before the checkpoint is on disk
                 if stop:

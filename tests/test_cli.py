@@ -66,7 +66,10 @@ def test_compile_writes_a_loadable_adapter_and_respects_force(tmp_path, prompt, 
     assert read_manifest(out).seed == 5
     forced = run("compile", prompt, "--model", tiny_model_dir, "--out", out, *FAST, "--seed", "5", "--force")
     assert forced.exit_code == 0 and "baked tinybake" in forced.output
-    assert not list(out.parent.glob(".out.*")), "temporary or work folders left behind"
+    assert [p.name for p in out.parent.glob(".out.*")] == [".out.work"], "temporary folders left behind"
+    assert sorted(p.name for p in (out.parent / ".out.work").iterdir()) == ["checkpoint", "train_log.jsonl"]
+    kept = json.loads((out.parent / ".out.work" / "checkpoint" / "state.json").read_text())
+    assert kept["finished"] and kept["step"] == 2  # only the last checkpoint, for a longer compile to continue from
 
 
 def test_output_holding_something_else_is_kept_without_force(tmp_path, prompt, tiny_model_dir):

@@ -64,8 +64,12 @@ def test_two_processes_train_like_one_and_resume_after_ctrl_c(tmp_path, tiny_mod
     double = run(compile_command(prompt, two, tiny_model_dir, 2), env)
     assert double.returncode == 0, double.stderr[-3000:]
 
-    # One artifact, reported once, no work folder left behind; the manifest says two processes trained it.
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("p", "home")) == ["one", "two"]
+    # One artifact, reported once, beside its finished last checkpoint (a longer compile continues from it); the
+    # manifest says two processes trained it.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("p", "home")) == [".one.work", ".two.work", "one", "two"]
+    for work in (".one.work", ".two.work"):
+        kept = json.loads((tmp_path / work / "checkpoint" / "state.json").read_text())
+        assert kept["finished"] and kept["step"] == 8, work
     assert double.stdout.count("baked prompt ->") == 1
     manifest = json.loads((two / "bake.json").read_text())
     assert manifest["loss_summary"]["processes"] == 2 and manifest["loss_summary"]["rollouts"] == 8 * 4

@@ -3,6 +3,7 @@ uninterrupted run ends, without ever damaging the good adapter already in the ou
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -70,7 +71,8 @@ def test_killed_compiles_resume_to_the_same_adapter(tmp_path, tiny_model_dir):
         got = tensors(out)
         assert got.keys() == want.keys()
         assert all((got[k] == want[k]).all() for k in want), f"resumed run after {point} differs"
-        assert not (out.parent / ".out.work").exists()
+        state = json.loads((out.parent / ".out.work" / "checkpoint" / "state.json").read_text())
+        assert state["finished"] and state["step"] == 5  # kept for a longer compile to continue from
         shutil.rmtree(out)
         shutil.copytree(good_copy, out)  # the previous good adapter again, for the next kill point
 
@@ -91,3 +93,90 @@ def test_sigint_checkpoints_and_exits_then_resumes(tmp_path, tiny_model_dir):
     assert all((got[k] == want[k]).all() for k in want)
     restarted = run_ok(compile_cmd(prompt, tiny_model_dir, tmp_path / "fresh", "--restart"))
     assert "resuming" not in restarted.stderr
+
+
+def test_continue_key_ignores_only_the_step_count(tmp_path, tiny_model_dir):
+    """Two compiles that differ only in `steps` share a continue key at a constant learning rate; any other
+    setting, or a schedule that decays over `steps`, gives none to share."""
+    from promptbake.plan import plan_compile
+
+    prompt = write_prompt(tmp_path / "p")
+
+    def keys(**overrides):
+        plan = plan_compile(prompt, model=str(tiny_model_dir), overrides=overrides)
+        plan.resolve()
+        return plan.build_key, plan.continue_key
+
+    short, long, other_lr = keys(steps=3), keys(steps=6), keys(steps=6, lr=2e-3)
+    assert short[0] != long[0] and short[1] == long[1] is not None
+    assert other_lr[1] != long[1]
+    assert keys(steps=3, checkpoint_every=1)[1] == short[1]  # how a bake runs is in neither key
+    assert keys(steps=6, lr_schedule="cosine")[1] is None and keys(steps=6, lr_schedule="wsd")[1] is None
+
+
+def test_which_checkpoint_a_compile_starts_from(tmp_path, tiny_model_dir):
+    """Its own unfinished checkpoint resumes; its own finished one (--force, or the artifact deleted) starts over;
+    a same-settings checkpoint continues only up to this run's steps and while its token budget is not spent."""
+    import torch
+
+    from promptbake.bake import resumable
+    from promptbake.checkpoint import Checkpoint
+    from promptbake.plan import plan_compile
+
+    def plan(**overrides):
+        made = plan_compile(write_prompt(tmp_path / "p"), model=str(tiny_model_dir), overrides=overrides)
+        made.resolve()
+        return made
+
+    def checkpoint(of, step, finished=False, tokens=100):
+        return Checkpoint(step=step, build_key=of.build_key, lora={}, optimizer={}, adam_steps=[], python_rng=None,
+                          torch_rng=torch.get_rng_state(), log_lines=step, extra={"tokens_trained": tokens},
+                          continue_key=of.continue_key, finished=finished)
+
+    six, three, ten = plan(steps=6), plan(steps=3), plan(steps=10)
+    own = checkpoint(six, 4)
+    assert resumable(six, own) is own and resumable(six, checkpoint(six, 6, finished=True)) is None
+    assert resumable(six, None) is None
+    shorter = checkpoint(three, 3, finished=True)
+    assert resumable(six, shorter) is shorter
+    assert resumable(six, checkpoint(ten, 6)) is not None  # a longer compile's step 6 is this one's last
+    assert resumable(six, checkpoint(ten, 10, finished=True)) is None  # past this run's steps
+    budget = plan(steps=6, token_budget=500)
+    assert resumable(budget, checkpoint(plan(steps=3, token_budget=500), 3, tokens=400)) is not None
+    assert resumable(budget, checkpoint(plan(steps=3, token_budget=500), 3, tokens=500)) is None  # it stopped there
+
+
+def _log_kls(folder: Path) -> list[float]:
+    return [json.loads(line)["kl"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_longer_compile_continues_from_a_shorter_one(tmp_path, tiny_model_dir):
+    """`--steps 6` after a finished 3-step compile trains steps 4-6 from its kept checkpoint and ends on the
+    adapter, and the log, of a straight 6-step compile; a run whose settings differ in more than steps starts over."""
+    prompt = write_prompt(tmp_path / "p", front="name: longer\nqueries: queries.txt\n")
+    args = ["--batch-size", "4", "--heldout", "4", "--max-new-tokens", "8"]
+
+    def compile_(out, *extra):
+        return run_ok([EXE, "compile", str(prompt), "--model", str(tiny_model_dir), "--out", str(out), *args, *extra])
+
+    reference = tmp_path / "reference"
+    compile_(reference, "--steps", "6")
+    out = tmp_path / "out"
+    first = compile_(out, "--steps", "3")
+    assert "continuing" not in first.stderr and "resuming" not in first.stderr
+    kept = json.loads((tmp_path / ".out.work" / "checkpoint" / "state.json").read_text())
+    assert kept["step"] == 3
+    longer = compile_(out, "--steps", "6")
+    assert "continuing from step 3" in longer.stderr
+    got, want = tensors(out), tensors(reference)
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+    assert _log_kls(out) == _log_kls(reference) and len(_log_kls(out)) == 6
+    manifest = read_manifest(out)
+    assert manifest.resumed_from_step == 3 and manifest.loss_summary["steps"] == 6
+    assert manifest.heldout_kl_before == read_manifest(reference).heldout_kl_before
+
+    other = compile_(out, "--steps", "8", "--lr", "2e-3")  # another learning rate: its step 6 is not this one's
+    assert "continuing" not in other.stderr and read_manifest(out).resumed_from_step is None
+    cosine = compile_(tmp_path / "cos", "--steps", "3", "--lr-schedule", "cosine")
+    assert "continuing" not in cosine.stderr and not (tmp_path / ".cos.work").exists()  # nothing can continue from it
