@@ -26,8 +26,8 @@ import torch
 from accelerate import PartialState
 
 from promptbake.artifact import BakeManifest, sha256_file, write_artifact
-from promptbake.atomic import write_text_atomic
-from promptbake.checkpoint import Checkpoint, Checkpointing, load_checkpoint, mark_finished
+from promptbake.atomic import atomic_folder, write_text_atomic
+from promptbake.checkpoint import CHECKPOINT, Checkpoint, Checkpointing, checkpoint_folder, load_checkpoint, mark_finished
 from promptbake.chat import ChatRenderer
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
@@ -35,7 +35,7 @@ from promptbake.events import Notice, OnEvent, StageStarted, StepDone, TrainingD
 from promptbake.lengths import LengthProbe, fraction, ids_hit_cap, probe_queries, probe_teacher_lengths, size_cap
 from promptbake.measure import check_rates, condition_ids, decode_all, kl_to_teacher
 from promptbake.models import weights_sha256
-from promptbake.plan import CompilePlan, plan_compile
+from promptbake.plan import CompilePlan, plan_compile, work_dir_for
 from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, adapter_set, eos_token_ids
 from promptbake.runtime import Runtime, load_runtime
@@ -126,7 +126,7 @@ def compile_prompt(
     """Bake a prompt file into a LoRA adapter with OPCD. Raises PromptbakeError on bad input.
 
     `prompt` is a prompt file, planned here from `inputs` (the keywords of `plan_compile`: out, queries, model,
-    teacher, overrides, variables, trust_pickle, heldout), or a `CompilePlan` already made by `plan_compile`.
+    teacher, overrides, variables, trust_pickle, heldout, continue_from), or a `CompilePlan` already made by `plan_compile`.
     Same inputs as the artifact already in the output folder: returns it ("up to date"). An interrupted
     compile of the same inputs resumes from its last checkpoint unless `restart`. `measure=False` skips the
     held-out KL and check measurements around training (compare runs verify on every adapter instead).
@@ -151,6 +151,9 @@ def compile_prompt(
         shutil.rmtree(plan.work_dir, ignore_errors=True)
     processes.wait_for_everyone()
     resume = resumable(plan, load_checkpoint(plan.work_dir, plan.build_key, plan.continue_key))
+    if resume is None and plan.continue_from is not None and work_dir_for(plan.continue_from) != plan.work_dir:
+        resume = adopt_checkpoint(plan, main)
+        processes.wait_for_everyone()
 
     run = load(plan, emit)
     run.timings["load_s"] = time.perf_counter() - t_start
@@ -188,9 +191,45 @@ def resumable(plan: CompilePlan, checkpoint: Checkpoint | None) -> Checkpoint | 
         return None
     if checkpoint.build_key == plan.build_key:  # finished: the artifact was --force'd or deleted, so train it again
         return None if checkpoint.finished else checkpoint
-    budget = plan.config.token_budget
-    if checkpoint.step > plan.config.steps or (budget is not None and checkpoint.extra.get("tokens_trained", 0) >= budget):
-        return None
+    return None if why_not_continue(plan, checkpoint) else checkpoint
+
+
+def why_not_continue(plan: CompilePlan, checkpoint: Checkpoint) -> str | None:
+    """Why this compile does not pass through the state of `checkpoint` (same settings, other step count), or None."""
+    budget, tokens = plan.config.token_budget, checkpoint.extra.get("tokens_trained", 0)
+    if checkpoint.step > plan.config.steps:
+        return f"its checkpoint is at step {checkpoint.step}, past this compile's {plan.config.steps} steps"
+    if budget is not None and tokens >= budget:
+        return f"its checkpoint has trained {tokens:,} response tokens, this compile's whole token_budget of {budget:,}"
+    return None
+
+
+def adopt_checkpoint(plan: CompilePlan, main: bool) -> Checkpoint:
+    """Start from the kept checkpoint of another output folder (`--continue-from`): checked to be of the same
+    settings but the step count, then copied, with its training log, into this compile's work folder."""
+    source, label = work_dir_for(plan.continue_from), f"--continue-from {plan.continue_from}"
+    if plan.continue_key is None:
+        raise PromptbakeError(f"{label}: this compile's lr_schedule {plan.config.lr_schedule} decays over its steps, so its "
+                              "first steps differ from a shorter compile's; only the constant schedule continues")
+    try:
+        state = json.loads((checkpoint_folder(source) / "state.json").read_text())
+    except (OSError, ValueError):
+        raise PromptbakeError(f"{label}: no readable checkpoint in {source}") from None
+    if state.get("continue_key") != plan.continue_key:
+        raise PromptbakeError(f"{label}: its checkpoint was trained with other inputs or settings than this compile "
+                              "(only steps may differ)")
+    checkpoint = load_checkpoint(source, plan.build_key, plan.continue_key)
+    if checkpoint is None:
+        raise PromptbakeError(f"{label}: its checkpoint in {source} is incomplete")
+    reason = why_not_continue(plan, checkpoint)
+    if reason:
+        raise PromptbakeError(f"{label}: {reason}")
+    if main:
+        with atomic_folder(plan.work_dir / CHECKPOINT) as tmp:
+            for item in checkpoint_folder(source).iterdir():
+                shutil.copy2(item, tmp / item.name)
+        log = source / "train_log.jsonl"
+        write_text_atomic(plan.work_dir / "train_log.jsonl", log.read_text() if log.is_file() else "")
     return checkpoint
 
 

@@ -87,13 +87,19 @@ def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimiz
         }))
 
 
-def load_checkpoint(work_dir: Path, build_key: str, continue_key: str | None = None) -> Checkpoint | None:
-    """The last complete checkpoint of a compile with this build key, or with this continue key (the same
-    settings but the step count: the caller decides whether its step and token count still lead to this run), or None."""
+def checkpoint_folder(work_dir: Path) -> Path:
+    """The folder of the last complete checkpoint in `work_dir` (it may not exist)."""
     folder = work_dir / CHECKPOINT
     if not folder.is_dir():  # killed between the two renames of atomic_folder: the previous one was moved aside
         olds = sorted(work_dir.glob(f".{CHECKPOINT}.old-*"), key=lambda p: p.stat().st_mtime)
         folder = olds[-1] if olds else folder
+    return folder
+
+
+def load_checkpoint(work_dir: Path, build_key: str, continue_key: str | None = None) -> Checkpoint | None:
+    """The last complete checkpoint of a compile with this build key, or with this continue key (the same
+    settings but the step count: the caller decides whether its step and token count still lead to this run), or None."""
+    folder = checkpoint_folder(work_dir)
     try:
         state = json.loads((folder / "state.json").read_text())
         if state["build_key"] != build_key and (continue_key is None or state.get("continue_key") != continue_key):

@@ -155,6 +155,10 @@ def compile_cmd(
     restart: Annotated[bool, typer.Option(help="Ignore the checkpoint of an interrupted compile (or of a shorter one to continue from) and start over.")] = False,
     make_report: Annotated[bool, typer.Option("--report", help="Write report.html/report.md into the output.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) weights.")] = False,
+    continue_from: Annotated[Optional[Path], typer.Option(
+        help="Output folder of an earlier compile with the same settings but fewer steps: train on from its last "
+             "checkpoint (kept beside it) instead of from step 1, into --out. Rerunning with more --steps into the "
+             "same --out does this by itself.")] = None,
     *,
     overrides: dict,
 ) -> None:
@@ -167,7 +171,8 @@ def compile_cmd(
 
     variables = parse_var_overrides(var)
     plan = plan_compile(prompt, out=out_dir, queries=queries, model=model, overrides=overrides,
-                        variables=variables, trust_pickle=trust_pickle, heldout=heldout_queries)
+                        variables=variables, trust_pickle=trust_pickle, heldout=heldout_queries,
+                        continue_from=continue_from)
     plan.resolve(on_event=lambda event: console.print(f"[dim]{event.message}[/]", highlight=False))
     if plan.existing(force) == "up-to-date":
         manifest = plan.cached_manifest()

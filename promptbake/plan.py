@@ -44,6 +44,7 @@ class CompilePlan:
     heldout_path: Path | None = None
     heldout_queries: list[Query] | None = None
     synthesized: bool = False  # no query file was given: queries are written from the prompt's rules in resolve()
+    continue_from: Path | None = None  # another compile's output folder, whose kept checkpoint this one starts from
 
     def split(self) -> tuple[list[Query], list[Query]]:
         """(train, held-out): every query of the file and the separate held-out file when there is one,
@@ -60,7 +61,7 @@ class CompilePlan:
     def work_dir(self) -> Path:
         """Checkpoints live beside the output, never inside it: an unfinished compile's, to resume, and a finished
         one's last (constant learning rate), so that a longer compile of the same settings continues from it."""
-        return self.out_dir.parent / f".{self.out_dir.name}.work"
+        return work_dir_for(self.out_dir)
 
     def resolve(self, on_event: Callable[[object], None] | None = None) -> None:
         """Find the model (converting a GGUF once), write the queries when there is no query file (cached by
@@ -136,6 +137,10 @@ class CompilePlan:
         return read_manifest(self.out_dir)
 
 
+def work_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.work"
+
+
 def plan_compile(
     prompt: str | Path,
     *,
@@ -147,11 +152,13 @@ def plan_compile(
     variables: dict[str, str] | None = None,
     trust_pickle: bool = False,
     heldout: str | Path | None = None,
+    continue_from: str | Path | None = None,
 ) -> CompilePlan:
     """Parse and validate every input of a compile; no model is loaded.
 
     `heldout` (or the prompt's `heldout:` key) names a separate query file that is only measured on; without
-    one, `config.heldout` queries of the query file are split off."""
+    one, `config.heldout` queries of the query file are split off. `continue_from` names the output folder of an
+    earlier compile with the same settings but fewer steps: training starts from its kept last checkpoint."""
     spec = load_spec(prompt, variables)
     try:
         config = BakeConfig.from_layers(spec.train, overrides or {}, {"teacher": teacher})
@@ -161,15 +168,19 @@ def plan_compile(
     heldout_path = Path(heldout) if heldout else spec.heldout_path
     out_dir = Path(out) if out else Path("build") / spec.name
     model_name = model or spec.model or DEFAULT_MODEL
+    continue_from = Path(continue_from) if continue_from is not None else None
+    if continue_from is not None and not work_dir_for(continue_from).is_dir():
+        raise PromptbakeError(f"--continue-from {continue_from}: no checkpoint kept beside it ({work_dir_for(continue_from)} "
+                              "is missing; a compile keeps its last checkpoint there at a constant learning rate)")
     if queries_path is None:  # written from the prompt in resolve(), once the model is known
         heldout_queries = load_queries(heldout_path) if heldout_path else None
         return CompilePlan(spec, config, [], Path(), out_dir, model_name, trust_pickle, heldout_path=heldout_path,
-                           heldout_queries=heldout_queries, synthesized=True)
+                           heldout_queries=heldout_queries, synthesized=True, continue_from=continue_from)
     loaded = load_queries(queries_path)
     heldout_queries = load_heldout(heldout_path, queries_path, loaded) if heldout_path else None
     check_train_count(queries_path, loaded, heldout_path, config)
     return CompilePlan(spec, config, loaded, queries_path, out_dir, model_name, trust_pickle,
-                       heldout_path=heldout_path, heldout_queries=heldout_queries)
+                       heldout_path=heldout_path, heldout_queries=heldout_queries, continue_from=continue_from)
 
 
 def check_train_count(queries_path: Path, loaded: list[Query], heldout_path: Path | None, config: BakeConfig) -> None:

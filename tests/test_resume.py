@@ -176,6 +176,28 @@ def test_a_longer_compile_continues_from_a_shorter_one(tmp_path, tiny_model_dir)
     assert manifest.resumed_from_step == 3 and manifest.loss_summary["steps"] == 6
     assert manifest.heldout_kl_before == read_manifest(reference).heldout_kl_before
 
+    # Into another folder: --continue-from names the shorter bake, whose kept checkpoint stays as it was.
+    short = tmp_path / "short"
+    compile_(short, "--steps", "3")
+    kept_before = (tmp_path / ".short.work" / "checkpoint" / "state.json").read_text()
+    longer_elsewhere = compile_(tmp_path / "long", "--steps", "6", "--continue-from", str(short))
+    assert "continuing from step 3" in longer_elsewhere.stderr
+    got = tensors(tmp_path / "long")
+    assert all((got[k] == want[k]).all() for k in want) and _log_kls(tmp_path / "long") == _log_kls(reference)
+    assert (tmp_path / ".short.work" / "checkpoint" / "state.json").read_text() == kept_before
+
+    def refused(fragment, *extra):
+        proc = subprocess.run([EXE, "compile", str(prompt), "--model", str(tiny_model_dir), "--out", str(tmp_path / "bad"),
+                               *args, *extra], capture_output=True, text=True, timeout=300)
+        lines = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "bad").exists() and not (tmp_path / ".bad.work").exists()
+
+    refused("no checkpoint kept beside it", "--steps", "6", "--continue-from", str(tmp_path / "nowhere"))
+    refused("only steps may differ", "--steps", "6", "--lr", "2e-3", "--continue-from", str(short))
+    refused("past this compile's 2 steps", "--steps", "2", "--continue-from", str(short))
+    refused("lr_schedule cosine", "--steps", "6", "--lr-schedule", "cosine", "--continue-from", str(short))
+
     other = compile_(out, "--steps", "8", "--lr", "2e-3")  # another learning rate: its step 6 is not this one's
     assert "continuing" not in other.stderr and read_manifest(out).resumed_from_step is None
     cosine = compile_(tmp_path / "cos", "--steps", "3", "--lr-schedule", "cosine")
