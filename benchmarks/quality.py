@@ -14,7 +14,9 @@ then measure it with one fixed protocol, the same for every variant:
 Base and teacher measurements are made once per prompt and kept in `<out>/reference-<prompt>.json`. Every
 run's result goes to `<out>/runs/<prompt>/<variant>-s<seed>.json` as soon as it is measured, so an
 interrupted study continues where it stopped (adapters are kept under `build/quality/`, not committed); a
-compile stopped halfway resumes from its last checkpoint (every 5 steps), so a long run may span sessions.
+compile stopped halfway resumes from its last checkpoint (every 5 steps), so a long run may span sessions. A
+run that differs from a finished one only in its step count continues from that run's kept last checkpoint
+(constant learning rate: its first steps are the shorter run's), and its compile time counts the earlier steps.
 Variants train on an equal budget of response tokens (`--token-budget`; steps are only an upper bound),
 so they are compared at equal training compute; the wall time is reported beside each.
 
@@ -206,9 +208,28 @@ def check_ratio(baked: dict[str, list[bool]], teacher: dict[str, list[bool]]) ->
     return sum(sum(baked[n]) for n in used) / sum(sum(teacher[n]) for n in used)
 
 
+def shorter_run(plan) -> Path | None:
+    """The run of this prompt whose kept checkpoint this one passes through (same settings and seed, fewer steps;
+    constant learning rate), the furthest one; None when there is none."""
+    from promptbake.checkpoint import checkpoint_folder
+
+    best, best_step = None, 0
+    for work in plan.out_dir.parent.glob(".*.work"):
+        try:
+            state = json.loads((checkpoint_folder(work) / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        budget, tokens = plan.config.token_budget, state.get("extra", {}).get("tokens_trained", 0)
+        if (plan.continue_key and state.get("continue_key") == plan.continue_key and best_step < state["step"] <= plan.config.steps
+                and (budget is None or tokens < budget) and work != plan.work_dir):
+            best, best_step = work.parent / work.name[1:-len(".work")], state["step"]
+    return best
+
+
 def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measurer: Measurer) -> dict:
     from promptbake.bake import compile_prompt
     from promptbake.events import StepDone
+    from promptbake.plan import plan_compile
 
     overrides = {**variant_settings(variant), "seed": seed, "checkpoint_every": 5}
     source = overrides.pop("queries", "hand")
@@ -221,12 +242,16 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
         if not isinstance(event, StepDone) or event.entry.step % 10 == 0:
             print(f"  [{prompt} {variant} s{seed}] {event.message}", flush=True)
 
-    result = compile_prompt(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, queries=queries,
-                            measure=False, on_event=show)
+    plan = plan_compile(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, queries=queries)
+    plan.resolve()
+    plan.continue_from = shorter_run(plan)  # e.g. steps160 trains on from steps80's last checkpoint
+    result = compile_prompt(plan, measure=False, on_event=show)
     compile_s = time.perf_counter() - t0
     m = result.manifest
     if result.up_to_date:
         compile_s = m.timings.get("total_s", compile_s)
+    # A resumed or continued compile: add the earlier steps' time (in the log) so that compile_s is a whole run's.
+    compile_s += (m.loss_summary.get("seconds") or 0.0) - m.timings.get("train_s", m.loss_summary.get("seconds") or 0.0)
     measured = measurer.measure(out_dir)
     ref_checks = reference["checks"]
     baked_checks = measured["checks"]["baked"]
@@ -238,6 +263,8 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
         "steps": m.loss_summary.get("steps"), "tokens_trained": m.loss_summary.get("response_tokens"),
         "train_loss_last_fifth": m.loss_summary.get("kl_last_fifth_mean"),  # beside the held-out KL: a training gap or a generalisation one
         "train_s": m.loss_summary.get("seconds"), "compile_s": compile_s, "timings": m.timings,
+        "resumed_from_step": m.resumed_from_step,
+        "continued_from": plan.continue_from.name if plan.continue_from and m.resumed_from_step else None,
         "machine": machine_name(),  # compile minutes compare only between runs on the same kind of machine
         "reverse_gap": gap(measured["reverse"], reference["reverse"]),
         "forward_gap": gap(measured["forward"], reference["forward"]),
