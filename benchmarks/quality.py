@@ -71,6 +71,8 @@ VARIANTS: dict[str, dict] = {
     "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
     "steps80": {"steps": 80},  # with --token-budget 0: the faithful default's steps (was twice them when first run)
     "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?
+    "steps240": {"steps": 240},  # continues from steps160's kept checkpoint (80 more steps)
+    "steps320": {"steps": 320},
     "limit256": {"max_new_tokens_limit": 256},  # the auto cap may grow to 256: rollouts past 128 for long answers
     # The presets as shipped: run these with --token-budget 0 (their own steps, no budget).
     "preset-faithful": {"preset": "faithful"},
