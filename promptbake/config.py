@@ -75,7 +75,8 @@ class BakeConfig(BaseModel):
     # Sampling.
     steps: int = Field(
         80, gt=0, description="Optimizer steps. 80 closed about 0.08 more of the held-out KL gap than 40 on both "
-                              "prompts measured, twice the time (README, quality study).")
+                              "prompts measured, twice the time; 160 closed 0.025 more than 80 (README, quality study). "
+                              "A rerun with more steps continues from the finished compile's last step.")
     batch_size: int = Field(
         16, gt=0, description="Queries per step. CPU decoding is bound by reading weights, so 16 rows cost little more than 4."
     )
