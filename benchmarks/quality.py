@@ -213,18 +213,16 @@ def check_ratio(baked: dict[str, list[bool]], teacher: dict[str, list[bool]]) ->
 def shorter_run(plan) -> Path | None:
     """The run of this prompt whose kept checkpoint this one passes through (same settings and seed, fewer steps;
     constant learning rate), the furthest one; None when there is none."""
-    from promptbake.checkpoint import checkpoint_folder
+    from promptbake.bake import why_not_continue
+    from promptbake.checkpoint import load_checkpoint
 
     best, best_step = None, 0
+    if plan.continue_key is None:
+        return None
     for work in plan.out_dir.parent.glob(".*.work"):
-        try:
-            state = json.loads((checkpoint_folder(work) / "state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        budget, tokens = plan.config.token_budget, state.get("extra", {}).get("tokens_trained", 0)
-        if (plan.continue_key and state.get("continue_key") == plan.continue_key and best_step < state["step"] <= plan.config.steps
-                and (budget is None or tokens < budget) and work != plan.work_dir):
-            best, best_step = work.parent / work.name[1:-len(".work")], state["step"]
+        checkpoint = None if work == plan.work_dir else load_checkpoint(work, plan.build_key, plan.continue_key)
+        if checkpoint and checkpoint.step > best_step and why_not_continue(plan, checkpoint) is None:
+            best, best_step = work.parent / work.name[1:-len(".work")], checkpoint.step
     return best
 
 
