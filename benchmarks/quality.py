@@ -17,6 +17,8 @@ interrupted study continues where it stopped (adapters are kept under `build/qua
 compile stopped halfway resumes from its last checkpoint (every 5 steps), so a long run may span sessions. A
 run that differs from a finished one only in its step count continues from that run's kept last checkpoint
 (constant learning rate: its first steps are the shorter run's), and its compile time counts the earlier steps.
+A variant with `ema_decay` (ema0.9) writes the moving average of its weights; its training is that of the run
+without it, so the same run's last-step weights (from its kept checkpoint) are measured too, under `last_step`.
 Variants train on an equal budget of response tokens (`--token-budget`; steps are only an upper bound),
 so they are compared at equal training compute; the wall time is reported beside each.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,6 +76,10 @@ VARIANTS: dict[str, dict] = {
     "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?
     "steps240": {"steps": 240},  # continues from steps160's kept checkpoint (80 more steps)
     "steps320": {"steps": 320},
+    # The adapter as a moving average of the weights over the last ~10 or ~20 steps; training is unchanged, so the
+    # run also measures its own last step's weights (kept in its checkpoint): a paired comparison from one run.
+    "ema0.9": {"ema_decay": 0.9},
+    "ema0.95": {"ema_decay": 0.95},
     "limit256": {"max_new_tokens_limit": 256},  # the auto cap may grow to 256: rollouts past 128 for long answers
     # The presets as shipped: run these with --token-budget 0 (their own steps, no budget).
     "preset-faithful": {"preset": "faithful"},
@@ -226,6 +233,46 @@ def shorter_run(plan) -> Path | None:
     return best
 
 
+def last_step_adapter(out_dir: Path, build_key: str) -> Path:
+    """The last step's weights of an averaged bake (its kept checkpoint holds them) as an adapter folder beside it."""
+    from safetensors.torch import load_file, save_file
+
+    from promptbake.artifact import sha256_file
+    from promptbake.checkpoint import checkpoint_folder
+    from promptbake.plan import work_dir_for
+
+    folder = checkpoint_folder(work_dir_for(out_dir))
+    state = json.loads((folder / "state.json").read_text())
+    if state["build_key"] != build_key:
+        raise SystemExit(f"{folder}: the kept checkpoint is not {out_dir.name}'s last step")
+    # Trainable parameters carry PEFT's adapter name (".default."); the saved adapter file drops it.
+    weights = {name.replace(".default.", "."): t for name, t in load_file(str(folder / "lora.safetensors")).items()}
+    if set(weights) != set(load_file(str(out_dir / "adapter_model.safetensors"))):
+        raise SystemExit(f"{folder}: its tensors do not match {out_dir}'s adapter")
+    raw = out_dir.parent / f"{out_dir.name}-last-step"
+    shutil.rmtree(raw, ignore_errors=True)
+    shutil.copytree(out_dir, raw)
+    save_file(weights, str(raw / "adapter_model.safetensors"))
+    manifest = json.loads((raw / "bake.json").read_text())
+    manifest["adapter_sha256"] = sha256_file(raw / "adapter_model.safetensors")
+    (raw / "bake.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return raw
+
+
+def gaps(measured: dict, reference: dict) -> dict:
+    """An adapter's measurement against the base and teacher's: gaps closed, by position, and checks."""
+    ref_checks, baked_checks = reference["checks"], measured["checks"]["baked"]
+    return {
+        "reverse_gap": gap(measured["reverse"], reference["reverse"]),
+        "forward_gap": gap(measured["forward"], reference["forward"]),
+        "bucket_gaps": {k: 1 - measured["reverse"]["buckets"][k] / v if v else None
+                        for k, v in reference["reverse"]["buckets"].items()},
+        "check_ratio": check_ratio(baked_checks, ref_checks["teacher"]),
+        "check_rates": {name: {"base": _rate(ref_checks["base"][name]), "teacher": _rate(ref_checks["teacher"][name]),
+                               "baked": _rate(baked_checks[name])} for name in baked_checks},
+    }
+
+
 def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measurer: Measurer) -> dict:
     from promptbake.bake import compile_prompt
     from promptbake.events import StepDone
@@ -253,8 +300,11 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
     # A resumed or continued compile: add the earlier steps' time (in the log) so that compile_s is a whole run's.
     compile_s += (m.loss_summary.get("seconds") or 0.0) - m.timings.get("train_s", m.loss_summary.get("seconds") or 0.0)
     measured = measurer.measure(out_dir)
-    ref_checks = reference["checks"]
-    baked_checks = measured["checks"]["baked"]
+    last_step = None
+    if m.config.get("ema_decay"):  # the same run without the average: its last step's weights
+        raw = last_step_adapter(out_dir, m.build_key)
+        raw_measured = measurer.measure(raw)
+        last_step = {**gaps(raw_measured, reference), "measured": raw_measured}
     return {
         "prompt": prompt, "variant": variant, "seed": seed, "overrides": variant_settings(variant),
         "token_budget": args.token_budget, "measure_cap": args.measure_cap,
@@ -266,14 +316,9 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
         "resumed_from_step": m.resumed_from_step,
         "continued_from": plan.continue_from.name if plan.continue_from and m.resumed_from_step else None,
         "machine": machine_name(),  # compile minutes compare only between runs on the same kind of machine
-        "reverse_gap": gap(measured["reverse"], reference["reverse"]),
-        "forward_gap": gap(measured["forward"], reference["forward"]),
-        "bucket_gaps": {k: 1 - measured["reverse"]["buckets"][k] / v if v else None
-                        for k, v in reference["reverse"]["buckets"].items()},
-        "check_ratio": check_ratio(baked_checks, ref_checks["teacher"]),
-        "check_rates": {name: {"base": _rate(ref_checks["base"][name]), "teacher": _rate(ref_checks["teacher"][name]),
-                               "baked": _rate(baked_checks[name])} for name in baked_checks},
+        **gaps(measured, reference),
         "measured": measured,
+        "last_step": last_step,  # with ema_decay: the same run's last-step weights, measured the same way
     }
 
 
@@ -306,6 +351,9 @@ def summarise(out: Path) -> str:
     from promptbake.stats import seeds_mean_ci
 
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
+    # An averaged run (ema_decay) also measured its own last step: a row of its own, from the same training.
+    runs += [{**r, **{k: v for k, v in r["last_step"].items() if k != "measured"}, "variant": f"{r['variant']} (last step)"}
+             for r in runs if r.get("last_step")]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
         reference = json.loads((out / f"reference-{r['prompt']}-cap{r['measure_cap']}.json").read_text())

@@ -1,9 +1,9 @@
 """Checkpoints of an unfinished compile, so a killed run resumes where it stopped.
 
 A checkpoint holds everything the next step depends on: LoRA weights, AdamW moments and step counts,
-the query sampler's and torch's RNG states, the step number and what was measured before training. On
-CPU a resumed run then reproduces the uninterrupted run bit for bit. Tensors are stored as safetensors
-(never pickle); the rest as JSON. Each save goes to a temporary folder that is renamed over the last one.
+the query sampler's and torch's RNG states, the step number, what was measured before training and, with
+`ema_decay`, the running sums of the weight average. On CPU a resumed run then reproduces the
+uninterrupted run bit for bit. Tensors are stored as safetensors (never pickle); the rest as JSON. Each save goes to a temporary folder that is renamed over the last one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from promptbake.atomic import atomic_folder, write_text_atomic
 from promptbake.faults import fault_point
 
 CHECKPOINT = "checkpoint"
+AVERAGE_FILE = "average.safetensors"
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Checkpoint:
     torch_rngs: list[torch.Tensor] = field(default_factory=list)  # one per process, by process index
     continue_key: str | None = None  # the compile's settings without its step count (promptbake.plan.HOW_FAR)
     finished: bool = False  # its compile wrote the artifact: kept for longer compiles to continue from, not to resume
+    average: dict[str, torch.Tensor] | None = None  # the weight average's running sums (promptbake.averaging), if any
 
     def torch_rng_of(self, process_index: int) -> torch.Tensor:
         return self.torch_rngs[process_index] if process_index < len(self.torch_rngs) else self.torch_rng
@@ -61,8 +63,9 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
 
 def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimizer, python_rng_state: Any,
                     log_lines: int, extra: dict[str, Any], torch_rngs: list[torch.Tensor] | None = None,
-                    continue_key: str | None = None) -> None:
-    """Write the checkpoint atomically. `torch_rngs`: every process's torch RNG state (default: this one's)."""
+                    continue_key: str | None = None, average: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the checkpoint atomically. `torch_rngs`: every process's torch RNG state (default: this one's);
+    `average`: the weight average's running sums, when the compile keeps one."""
     with atomic_folder(work_dir / CHECKPOINT) as tmp:
         params = trainable(model)
         save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "lora.safetensors"))
@@ -77,6 +80,8 @@ def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimiz
             else:
                 adam_steps.append(0.0)
         save_file(moments or {"empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
+        if average is not None:
+            save_file(average, str(tmp / AVERAGE_FILE))
         rngs = torch_rngs or [torch.get_rng_state()]
         save_file({"torch_rng": rngs[0].clone(), **{f"torch_rng.{i}": r.clone() for i, r in enumerate(rngs)}},
                   str(tmp / "rng.safetensors"))
@@ -118,6 +123,7 @@ def load_checkpoint(work_dir: Path, build_key: str, continue_key: str | None = N
             torch_rngs=[rng[f"torch_rng.{i}"] for i in range(len(rng)) if f"torch_rng.{i}" in rng],
             continue_key=state.get("continue_key"),
             finished=bool(state.get("finished", False)),
+            average=load_file(str(folder / AVERAGE_FILE)) if (folder / AVERAGE_FILE).is_file() else None,
         )
     except (OSError, ValueError, KeyError):
         return None

@@ -122,6 +122,11 @@ class BakeConfig(BaseModel):
         None, gt=0,
         description="LoRA+: the LoRA B matrices learn this many times faster than the A matrices (which keep `lr`). "
                     "B starts at zero, so early training moves through B alone.")
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="Write the adapter as an exponential moving average of the weights over the steps (bias-corrected, "
+                    "so about the last 1/(1-ema_decay) steps) instead of the last step's; 0: off. Training is unchanged "
+                    "(the average is a shadow copy), so it costs no samples, only a few MB.")
     lr_schedule: Literal["constant", "cosine", "wsd"] = Field(
         "constant", description="After warm-up: constant; cosine decay from lr towards 0 over `steps`; or wsd (warm-up, "
                                 "stable, decay): constant, then linear decay to 0 over the last fifth of `steps`.")

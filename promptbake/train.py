@@ -11,6 +11,8 @@ One step:
        sampling and teacher scoring (the later parts' samples are then a few updates old). A step whose gradient is not
        finite while its loss is (a NaN from an attention kernel's backward, say) is skipped, not applied: one
        such step must not poison the adapter and Adam's moments; several in a row stop the compile.
+    4. with `ema_decay`, fold the new weights into their moving average; after the last step the average replaces
+       the weights (promptbake.averaging).
 The loop goes through `accelerate`, so `accelerate launch` runs it data-parallel without changes: each
 process draws its own queries and gradients are averaged. The same loop trains the off-policy baselines
 (promptbake.losses.OFF_POLICY) on the teacher's fixed samples; the log names the objective of each number.
@@ -34,7 +36,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from promptbake.chat import ChatRenderer
-from promptbake.checkpoint import Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint
+from promptbake.averaging import WeightAverage
+from promptbake.checkpoint import (Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint,
+                                   trainable)
 from promptbake.faults import fault_point, fault_requested
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
@@ -217,6 +221,8 @@ def train_student(
     rng = random.Random(config.seed * 1000)
     if world > 1:
         torch.manual_seed(config.seed * 1000 + rank)
+    # The weight average (ema_decay) is a shadow of the training: kept beside it, written as the adapter at the end.
+    average = WeightAverage(trainable(policy), config.ema_decay) if config.ema_decay else None
     first_step = 1
     if checkpointing and checkpointing.resume_from:
         ckpt = checkpointing.resume_from
@@ -228,6 +234,10 @@ def train_student(
             for _ in range(ckpt.step):
                 scheduler.step()
         first_step = ckpt.step + 1
+        if average is not None:
+            if ckpt.average is None:
+                raise PromptbakeError(f"the checkpoint at step {ckpt.step} has no weight average to resume with ema_decay")
+            average.load_state(ckpt.average, ckpt.step)
     tokens_trained = int(checkpointing.resume_from.extra.get("tokens_trained", 0)) if checkpointing and checkpointing.resume_from else 0
     engine = engine or HFRolloutEngine(policy, bf16=bf16)
     engine.sync()
@@ -327,6 +337,8 @@ def train_student(
             grad_norm = sum(norms) / len(norms)  # not finite if any update's was
             skipped = applied < len(norms)
             scheduler.step()  # the schedule follows the step count, applied or not
+            if average is not None:
+                average.update()  # once per step, applied or not: its update count is the step
             if applied:
                 engine.sync()  # the next step samples from the updated student
             t3 = time.perf_counter()
@@ -374,6 +386,7 @@ def train_student(
                             optimizer=optimizer, python_rng_state=python_rng_to_json(rng.getstate()),
                             log_lines=checkpointing.log_lines_before + len(result.log), extra=checkpointing.extra,
                             torch_rngs=torch_rngs, continue_key=checkpointing.continue_key,
+                            average=average.state() if average is not None else None,
                         )
                     accelerator.wait_for_everyone()  # nobody stops before the checkpoint is on disk
                 if stop:
@@ -384,6 +397,9 @@ def train_student(
         compiled.close()
         if log_file:
             log_file.close()
+    if average is not None:  # the checkpoints keep the last step's weights; the artifact gets their average
+        average.copy_to_params()
+        engine.sync()
     result.seconds = time.perf_counter() - started
     result.processes = world
     if world > 1:  # DDP keeps the replicas equal; check it rather than assume it, before anyone writes
