@@ -26,12 +26,14 @@ def run_eval(
     batch_size: int = 16,
     on_condition=None,
     resume: str | Path | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Greedy answers of each condition (base, prompted, each adapter) to the suite, scored side by side.
 
     `resume`: a folder that keeps each finished condition's answers, so an interrupted eval (a 1,000-question
     suite takes hours on a CPU) starts again at the first unfinished condition. An entry is used only when
-    everything that decides its answers is the same: items, decoding settings, weights, prompt or adapter."""
+    everything that decides its answers is the same: items, decoding settings, weights, prompt or adapter.
+    `precision` (auto, bf16, fp32): decode in it instead of the first adapter's recorded precision."""
     from promptbake.artifact import read_manifest
     from promptbake.measure import decode_all, generate_ids
     from promptbake.models import manifest_base_dir, resolve_model
@@ -76,7 +78,7 @@ def run_eval(
 
     model_dir = resolve_model(model) if model or not manifests else manifest_base_dir(manifests[0])
     runtime = load_runtime(model_dir, adapters=[(n, Path(a)) for n, a in zip(names, adapters)],
-                           precision=manifests[0].precision if manifests else "auto")
+                           precision=precision or (manifests[0].precision if manifests else "auto"))
     tokenizer, model, engine = runtime.tokenizer, runtime.model, runtime.engine()
     student = runtime.renderer("-")
     queries = [[{"role": "user", "content": it.prompt}] for it in items]

@@ -1,0 +1,84 @@
+"""How close to its prompted model a bake can agree on answer letters: the prompted model against itself.
+
+The medical headline asks the bake to pick the prompted model's answer letter on >= 90 % of MedMCQA questions.
+At 135M the prompted model's greedy letter is near chance, so a change of numerics alone may flip it. This
+decodes the prompted model and the bake again in fp32 on the questions a saved eval decoded in bf16 (its stored
+answers), and prints every pairwise letter agreement with 95 % intervals: the prompted model in bf16 against
+itself in fp32 is the agreement that rounding alone leaves.
+
+    python benchmarks/agreement_noise.py --result results/headline/medical/eval-medmcqa.json \
+        --adapter build/headline/medical --data ../shared/datasets
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def letters(suite, items, texts: list[str]) -> list[str | None]:
+    from promptbake.evals import parse
+
+    return [parse(suite, item, text) for item, text in zip(items, texts)]
+
+
+def agreement(a: list[str | None], b: list[str | None]):
+    """Share of questions where both answers parse to the same letter (an unparseable answer never agrees)."""
+    from promptbake.stats import mean_ci
+
+    return mean_ci([float(x is not None and x == y) for x, y in zip(a, b)])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--result", type=Path, default=Path("results/headline/medical/eval-medmcqa.json"))
+    p.add_argument("--adapter", type=Path, default=Path("build/headline/medical"))
+    p.add_argument("--data", type=Path, default=Path("../shared/datasets"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", type=Path, default=Path("results/headline/medical/agreement_noise.json"))
+    args = p.parse_args(argv)
+
+    from promptbake.artifact import read_manifest
+    from promptbake.atomic import write_text_atomic
+    from promptbake.evals import load_items, load_suite, run_eval
+
+    saved = json.loads(args.result.read_text())
+    name = read_manifest(args.adapter).name
+    if name not in saved["responses"] or "prompted" not in saved["responses"]:
+        raise SystemExit(f"{args.result}: no stored answers of 'prompted' and '{name}'")
+    suite = load_suite(saved["suite"])
+    items = load_items(suite, args.data, saved["limit"], saved["seed"], saved["groups"])
+    fresh = run_eval(saved["suite"], [args.adapter], data=args.data, limit=saved["limit"], seed=saved["seed"],
+                     groups=saved["groups"], batch_size=args.batch_size, conditions=["prompted", name], precision="fp32",
+                     resume=args.out.parent / f".{args.out.name}.partial",
+                     on_condition=lambda c: print(f"{c} decoded in fp32", flush=True))
+    answers = {
+        "prompted bf16": letters(suite, items, saved["responses"]["prompted"]),
+        "baked bf16": letters(suite, items, saved["responses"][name]),
+        "prompted fp32": letters(suite, items, fresh["responses"]["prompted"]),
+        "baked fp32": letters(suite, items, fresh["responses"][name]),
+        "base bf16": letters(suite, items, saved["responses"]["base"]),
+    }
+    rows = []
+    print(f"| answer letters agree ({len(items)} {saved['suite']} questions) | share | 95 % interval |")
+    print("|---|---|---|")
+    for a, b in itertools.combinations(answers, 2):
+        est = agreement(answers[a], answers[b])
+        rows.append({"a": a, "b": b, **est.to_dict()})
+        print(f"| {a} vs {b} | {est.value:.1%} | [{est.lo:.1%}, {est.hi:.1%}] |")
+    write_text_atomic(args.out, json.dumps({
+        "command": " ".join(["python", "benchmarks/agreement_noise.py"] + sys.argv[1:]),
+        "result": str(args.result), "adapter": str(args.adapter), "n": len(items), "agreements": rows,
+        "unparseable": {k: sum(x is None for x in v) / len(v) for k, v in answers.items()},
+        "responses_fp32": fresh["responses"],
+    }, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
