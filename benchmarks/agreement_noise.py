@@ -2,9 +2,9 @@
 
 The medical headline asks the bake to pick the prompted model's answer letter on >= 90 % of MedMCQA questions.
 At 135M the prompted model's greedy letter is near chance, so a change of numerics alone may flip it. This
-decodes the prompted model and the bake again in fp32 on the questions a saved eval decoded in bf16 (its stored
-answers), and prints every pairwise letter agreement with 95 % intervals: the prompted model in bf16 against
-itself in fp32 is the agreement that rounding alone leaves.
+decodes the prompted model and the bake again in the other precision (fp32 for a bf16 bake) on the questions a
+saved eval decoded (its stored answers), and prints every pairwise letter agreement with 95 % intervals: the
+prompted model against itself in the other precision is the agreement that rounding alone leaves.
 
     python benchmarks/agreement_noise.py --result results/headline/medical/eval-medmcqa.json \
         --adapter build/headline/medical --data ../shared/datasets
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,21 +50,24 @@ def main(argv=None) -> None:
     from promptbake.evals import load_items, load_suite, run_eval
 
     saved = json.loads(args.result.read_text())
-    name = read_manifest(args.adapter).name
+    manifest = read_manifest(args.adapter)
+    name, was = manifest.name, manifest.precision  # the saved eval decoded in the bake's precision
+    other = "fp32" if was == "bf16" else "bf16"
     if name not in saved["responses"] or "prompted" not in saved["responses"]:
         raise SystemExit(f"{args.result}: no stored answers of 'prompted' and '{name}'")
     suite = load_suite(saved["suite"])
     items = load_items(suite, args.data, saved["limit"], saved["seed"], saved["groups"])
+    partial = args.out.parent / f".{args.out.name}.partial"  # an interrupted run keeps the conditions it decoded
     fresh = run_eval(saved["suite"], [args.adapter], data=args.data, limit=saved["limit"], seed=saved["seed"],
-                     groups=saved["groups"], batch_size=args.batch_size, conditions=["prompted", name], precision="fp32",
-                     resume=args.out.parent / f".{args.out.name}.partial",
-                     on_condition=lambda c: print(f"{c} decoded in fp32", flush=True))
+                     groups=saved["groups"], batch_size=args.batch_size, conditions=["prompted", name], precision=other,
+                     resume=partial,
+                     on_condition=lambda c: print(f"{c} decoded in {other}", flush=True))
     answers = {
-        "prompted bf16": letters(suite, items, saved["responses"]["prompted"]),
-        "baked bf16": letters(suite, items, saved["responses"][name]),
-        "prompted fp32": letters(suite, items, fresh["responses"]["prompted"]),
-        "baked fp32": letters(suite, items, fresh["responses"][name]),
-        "base bf16": letters(suite, items, saved["responses"]["base"]),
+        f"prompted {was}": letters(suite, items, saved["responses"]["prompted"]),
+        f"baked {was}": letters(suite, items, saved["responses"][name]),
+        f"prompted {other}": letters(suite, items, fresh["responses"]["prompted"]),
+        f"baked {other}": letters(suite, items, fresh["responses"][name]),
+        f"base {was}": letters(suite, items, saved["responses"]["base"]),
     }
     rows = []
     print(f"| answer letters agree ({len(items)} {saved['suite']} questions) | share | 95 % interval |")
@@ -76,8 +80,10 @@ def main(argv=None) -> None:
         "command": " ".join(["python", "benchmarks/agreement_noise.py"] + sys.argv[1:]),
         "result": str(args.result), "adapter": str(args.adapter), "n": len(items), "agreements": rows,
         "unparseable": {k: sum(x is None for x in v) / len(v) for k, v in answers.items()},
-        "responses_fp32": fresh["responses"],
+        "precisions": {"saved": was, "decoded": other},
+        f"responses_{other}": fresh["responses"],
     }, indent=1) + "\n")
+    shutil.rmtree(partial, ignore_errors=True)  # the decoded answers are in the result now
 
 
 if __name__ == "__main__":
