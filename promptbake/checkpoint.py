@@ -3,7 +3,8 @@
 A checkpoint holds everything the next step depends on: LoRA weights, AdamW moments and step counts,
 the query sampler's and torch's RNG states, the step number, what was measured before training and, with
 `ema_decay`, the running sums of the weight average. On CPU a resumed run then reproduces the
-uninterrupted run bit for bit. Tensors are stored as safetensors (never pickle); the rest as JSON. Each save goes to a temporary folder that is renamed over the last one.
+uninterrupted run bit for bit. Tensors are stored as safetensors (never pickle); the rest as JSON. Each
+save goes to a temporary folder that is renamed over the last one.
 """
 
 from __future__ import annotations
