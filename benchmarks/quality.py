@@ -238,24 +238,24 @@ def last_step_adapter(out_dir: Path, build_key: str) -> Path:
     from safetensors.torch import load_file, save_file
 
     from promptbake.artifact import sha256_file
-    from promptbake.checkpoint import checkpoint_folder
+    from promptbake.atomic import write_text_atomic
+    from promptbake.checkpoint import load_checkpoint
     from promptbake.plan import work_dir_for
 
-    folder = checkpoint_folder(work_dir_for(out_dir))
-    state = json.loads((folder / "state.json").read_text())
-    if state["build_key"] != build_key:
-        raise SystemExit(f"{folder}: the kept checkpoint is not {out_dir.name}'s last step")
+    checkpoint = load_checkpoint(work_dir_for(out_dir), build_key)
+    if checkpoint is None:
+        raise SystemExit(f"{work_dir_for(out_dir)}: no kept checkpoint of {out_dir.name}'s last step")
     # Trainable parameters carry PEFT's adapter name (".default."); the saved adapter file drops it.
-    weights = {name.replace(".default.", "."): t for name, t in load_file(str(folder / "lora.safetensors")).items()}
+    weights = {name.replace(".default.", "."): t for name, t in checkpoint.lora.items()}
     if set(weights) != set(load_file(str(out_dir / "adapter_model.safetensors"))):
-        raise SystemExit(f"{folder}: its tensors do not match {out_dir}'s adapter")
+        raise SystemExit(f"{work_dir_for(out_dir)}: its checkpoint's tensors do not match {out_dir}'s adapter")
     raw = out_dir.parent / f"{out_dir.name}-last-step"
     shutil.rmtree(raw, ignore_errors=True)
     shutil.copytree(out_dir, raw)
     save_file(weights, str(raw / "adapter_model.safetensors"))
     manifest = json.loads((raw / "bake.json").read_text())
     manifest["adapter_sha256"] = sha256_file(raw / "adapter_model.safetensors")
-    (raw / "bake.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(raw / "bake.json", json.dumps(manifest, indent=2) + "\n")
     return raw
 
 
