@@ -53,6 +53,10 @@ VARIANTS: dict[str, dict] = {
     "lr2e-3": {"lr": 2e-3},
     "lr4e-3": {"lr": 4e-3},
     "r64": {"lora_r": 64, "lora_alpha": 128},
+    # Rank at an equal update size: with Adam a LoRA update moves the layer's output by about (alpha / r) * sqrt(r),
+    # so r16/alpha32 (the default), r64/alpha64 and r4/alpha16 all give 8; r64/alpha128 above gives 16.
+    "r64a64": {"lora_r": 64, "lora_alpha": 64},
+    "r4a16": {"lora_r": 4, "lora_alpha": 16},
     "attn-only": {"lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "batch4": {"batch_size": 4},
     "batch8": {"batch_size": 8},
@@ -133,17 +137,19 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class Measurer:
-    """One base model and tokenizer; measures the base, the prompted teacher and any adapter on a prompt's held-out file."""
+    """One base model and tokenizer; measures the base, the prompted teacher and any adapter on a prompt's held-out
+    file (or on another query file: benchmarks/fit_gap.py measures on training queries)."""
 
-    def __init__(self, prompt_path: Path, cap: int):
+    def __init__(self, prompt_path: Path, cap: int, query_path: Path | None = None):
         from promptbake.models import load_tokenizer, resolve_model
         from promptbake.queries import load_queries
         from promptbake.spec import load_spec
 
         self.spec = load_spec(prompt_path)
-        if self.spec.heldout_path is None:
+        if query_path is None and self.spec.heldout_path is None:
             raise SystemExit(f"{prompt_path}: the study measures on a separate held-out file; add heldout: FILE")
-        self.queries = load_queries(self.spec.heldout_path)
+        self.query_path = query_path or self.spec.heldout_path
+        self.queries = load_queries(self.query_path)
         self.cap = cap
         self.model_dir = resolve_model(self.spec.model)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -154,7 +160,7 @@ class Measurer:
         runtime = load_runtime(self.model_dir, adapters=[("default", adapter_dir)] if adapter_dir else ())  # none: the base
         renderer = runtime.renderer(self.spec.system_prompt)
         teacher = runtime.teacher(renderer)
-        teacher.prepare(self.queries, self.cap, str(self.spec.heldout_path))
+        teacher.prepare(self.queries, self.cap, str(self.query_path))
         return runtime.model, runtime.engine(), teacher, renderer, runtime.bf16
 
     def measure(self, adapter_dir: Path | None) -> dict:
