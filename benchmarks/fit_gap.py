@@ -72,13 +72,7 @@ def main(argv=None) -> None:
     sample = train_sample(args.prompt, args.queries, args.build)
     measurer = Measurer(REPO / "prompts" / f"{args.prompt}.md", args.measure_cap, query_path=sample)
     fit_dir = args.out / "fit"
-    ref_path = fit_dir / f"reference-{args.prompt}-train{args.queries}-cap{args.measure_cap}.json"
-    if ref_path.is_file():
-        reference = json.loads(ref_path.read_text())
-    else:
-        print(f"[{args.prompt}] base and teacher on {args.queries} training queries", flush=True)
-        reference = measurer.measure(None)
-        write_json(ref_path, reference)
+    reference = measurer.reference(fit_dir / f"reference-{args.prompt}-train{args.queries}-cap{args.measure_cap}.json")
     heldout_ref = json.loads((args.out / f"reference-{args.prompt}-cap{args.measure_cap}.json").read_text())
 
     rows = []

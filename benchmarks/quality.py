@@ -163,6 +163,15 @@ class Measurer:
         teacher.prepare(self.queries, self.cap, str(self.query_path))
         return runtime.model, runtime.engine(), teacher, renderer, runtime.bf16
 
+    def reference(self, path: Path) -> dict:
+        """The base and the prompted teacher on these queries, measured once and kept at `path`."""
+        if path.is_file():
+            return json.loads(path.read_text())
+        print(f"measuring base and prompted teacher on {len(self.queries)} queries of {self.query_path}", flush=True)
+        reference = self.measure(None)
+        write_json(path, reference)
+        return reference
+
     def measure(self, adapter_dir: Path | None) -> dict:
         """KLs both ways (with position buckets) and greedy answers' check outcomes; adapter None = base/teacher."""
         from promptbake.checks import check_outcomes
@@ -435,13 +444,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for prompt in args.prompts.split(","):
         measurer = Measurer(REPO / "prompts" / f"{prompt}.md", args.measure_cap)
-        ref_path = args.out / f"reference-{prompt}-cap{args.measure_cap}.json"
-        if ref_path.is_file():
-            reference = json.loads(ref_path.read_text())
-        else:
-            print(f"[{prompt}] measuring base and prompted teacher on {len(measurer.queries)} held-out queries", flush=True)
-            reference = measurer.measure(None)
-            write_json(ref_path, reference)
+        reference = measurer.reference(args.out / f"reference-{prompt}-cap{args.measure_cap}.json")
         for seed in [int(s) for s in args.seeds.split(",")]:
             for variant in args.variants.split(","):
                 path = args.out / "runs" / prompt / f"{run_name(variant, seed, args.token_budget)}.json"
