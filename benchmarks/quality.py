@@ -54,9 +54,8 @@ VARIANTS: dict[str, dict] = {
     "lr4e-3": {"lr": 4e-3},
     "r64": {"lora_r": 64, "lora_alpha": 128},
     # Rank at an equal update size: with Adam a LoRA update moves the layer's output by about (alpha / r) * sqrt(r),
-    # so r16/alpha32 (the default), r64/alpha64 and r4/alpha16 all give 8; r64/alpha128 above gives 16.
+    # so r16/alpha32 (the default) and r64/alpha64 both give 8; r64/alpha128 above gives 16.
     "r64a64": {"lora_r": 64, "lora_alpha": 64},
-    "r4a16": {"lora_r": 4, "lora_alpha": 16},
     "attn-only": {"lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "batch4": {"batch_size": 4},
     "batch8": {"batch_size": 8},
