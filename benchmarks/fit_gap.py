@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from quality import BUCKETS, Measurer, gaps, write_json  # noqa: E402
+from quality import BUCKETS, Measurer, gaps, reference_path, run_path, write_json  # noqa: E402
 
 
 def train_sample(prompt: str, n: int, build: Path) -> Path:
@@ -47,7 +47,7 @@ def train_sample(prompt: str, n: int, build: Path) -> Path:
 def heldout_result(out: Path, prompt: str, run: str) -> dict:
     """The run's saved held-out measurement (a '-last-step' name: the last-step weights of an averaged run)."""
     name = run.removesuffix("-last-step")
-    saved = json.loads((out / "runs" / prompt / f"{name}.json").read_text())
+    saved = json.loads(run_path(out, prompt, name).read_text())
     return saved["last_step"] if run.endswith("-last-step") else saved
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     measurer = Measurer(REPO / "prompts" / f"{args.prompt}.md", args.measure_cap, query_path=sample)
     fit_dir = args.out / "fit"
     reference = measurer.reference(fit_dir / f"reference-{args.prompt}-train{args.queries}-cap{args.measure_cap}.json")
-    heldout_ref = json.loads((args.out / f"reference-{args.prompt}-cap{args.measure_cap}.json").read_text())
+    heldout_ref = json.loads(reference_path(args.out, args.prompt, args.measure_cap).read_text())
 
     rows = []
     for run in args.runs.split(","):

@@ -11,7 +11,7 @@ then measure it with one fixed protocol, the same for every variant:
 - forward KL(teacher || baked) on the teacher's samples, the same way;
 - the prompt's checks on greedy answers (same cap): baked pass rate / teacher pass rate.
 
-Base and teacher measurements are made once per prompt and kept in `<out>/reference-<prompt>.json`. Every
+Base and teacher measurements are made once per prompt and kept in `<out>/reference-<prompt>-cap<N>.json`. Every
 run's result goes to `<out>/runs/<prompt>/<variant>-s<seed>.json` as soon as it is measured, so an
 interrupted study continues where it stopped (adapters are kept under `build/quality/`, not committed); a
 compile stopped halfway resumes from its last checkpoint (every 5 steps), so a long run may span sessions. A
@@ -103,6 +103,16 @@ def variant_settings(name: str) -> dict:
     return settings
 MEASURE_SEED = 1234
 DEFAULT_BUDGET = 40_000
+
+
+def reference_path(out: Path, prompt: str, cap: int) -> Path:
+    """Where the base and teacher's held-out measurement of a prompt is kept."""
+    return out / f"reference-{prompt}-cap{cap}.json"
+
+
+def run_path(out: Path, prompt: str, name: str) -> Path:
+    """Where a run's result is kept (`name`: see run_name)."""
+    return out / "runs" / prompt / f"{name}.json"
 
 
 def run_name(variant: str, seed: int, budget: int) -> str:
@@ -370,7 +380,7 @@ def summarise(out: Path) -> str:
              for r in runs if r.get("last_step")]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
-        reference = json.loads((out / f"reference-{r['prompt']}-cap{r['measure_cap']}.json").read_text())
+        reference = json.loads(reference_path(out, r["prompt"], r["measure_cap"]).read_text())
         weakest = weakest_check(r, reference["checks"]["teacher"])
         r["weakest_check"], r["weakest_ratio"] = weakest if weakest else (None, None)
         # steps in the key: a preset-* variant run before and after a change of the default's steps is two rows
@@ -443,10 +453,10 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for prompt in args.prompts.split(","):
         measurer = Measurer(REPO / "prompts" / f"{prompt}.md", args.measure_cap)
-        reference = measurer.reference(args.out / f"reference-{prompt}-cap{args.measure_cap}.json")
+        reference = measurer.reference(reference_path(args.out, prompt, args.measure_cap))
         for seed in [int(s) for s in args.seeds.split(",")]:
             for variant in args.variants.split(","):
-                path = args.out / "runs" / prompt / f"{run_name(variant, seed, args.token_budget)}.json"
+                path = run_path(args.out, prompt, run_name(variant, seed, args.token_budget))
                 if path.is_file():
                     continue
                 print(f"[{prompt}] {variant} seed {seed}", flush=True)
