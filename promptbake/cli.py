@@ -437,6 +437,7 @@ def eval_cmd(
     groups: Annotated[str, typer.Option(help="all | train | test: only the train or test half of the suite's groups (subjects).")] = "all",
     export_queries: Annotated[Optional[Path], typer.Option(help="Write the selected questions (no answers) as a query JSONL to bake on, and stop.")] = None,
     batch_size: Annotated[int, typer.Option(help="Questions decoded together (CPU decoding is bound by reading weights, so larger batches are cheaper per question).")] = 16,
+    precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32 (default: the first adapter's recorded precision, else auto).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here.")] = None,
     md_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the Markdown table here.")] = None,
     rescore: Annotated[Optional[Path], typer.Option(help="Score this saved --json result again from its stored answers (no decoding) and rewrite it.")] = None,
@@ -465,7 +466,7 @@ def eval_cmd(
     result = run_eval(
         suite, list(adapters or []), data=data, limit=limit, prompt=prompt, model=model, seed=seed, groups=groups, batch_size=batch_size,
         conditions=_comma_list(conditions) if conditions else None,
-        on_condition=lambda c: console.print(f"[dim]{c} done[/]"), resume=partial,
+        on_condition=lambda c: console.print(f"[dim]{c} done[/]"), resume=partial, precision=precision,
     )
     out.print(result["markdown"], highlight=False)
     if json_out:

@@ -309,3 +309,22 @@ def test_rescore_scores_stored_answers_again_without_decoding(tmp_path):
     one_line_error(run_cli("eval", "--rescore", str(tmp_path / "other.json")), "not a saved eval result")
     one_line_error(run_cli("eval", "--rescore", str(tmp_path / "missing.json")), "no such eval result")
     assert json.loads(path.read_text())["responses"] == {"base": base[:3]}
+
+
+def test_eval_precision_is_the_one_asked_for_and_recorded(tmp_path, tiny_model_dir):
+    """--precision overrides the default (auto: bf16 only on CPUs with fast bf16), the result says which one decoded,
+    and an unknown value is a one-line error before anything is loaded or written."""
+    from typer.testing import CliRunner
+
+    from promptbake.cli import app
+    from promptbake.evals import run_eval
+
+    data = data_or_skip()
+    kw = dict(data=data, limit=2, model=str(tiny_model_dir), conditions=["base"], batch_size=2)
+    assert run_eval("mmlu", [], precision="fp32", **kw)["precision"] == "fp32"
+    assert run_eval("mmlu", [], precision="bf16", **kw)["precision"] == "bf16"
+    out = tmp_path / "r.json"
+    bad = CliRunner().invoke(app, ["eval", "--suite", "mmlu", "--data", str(data), "--limit", "2", "--model",
+                                   str(tiny_model_dir), "--precision", "fp16", "--json", str(out)])
+    assert bad.exit_code == 2 and "--precision must be auto, bf16 or fp32, got 'fp16'" in bad.output
+    assert not out.exists()

@@ -40,6 +40,8 @@ def run_eval(
     from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
 
+    if precision not in (None, "auto", "bf16", "fp32"):
+        raise PromptbakeError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
     suite = load_suite(suite_name)
     items = load_items(suite, data, limit, seed, groups)
     manifests = [read_manifest(a) for a in adapters]
@@ -126,6 +128,7 @@ def run_eval(
         "seed": seed,
         "limit": limit,
         "groups": groups,
+        "precision": "bf16" if runtime.bf16 else "fp32",  # what the answers were decoded in
         "prompt_file": prompt_of.get("prompted"),
         "prompt_files": prompt_of,
         "adapters": {n: str(a) for n, a in zip(names, adapters)},
