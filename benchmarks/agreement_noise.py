@@ -29,13 +29,6 @@ def letters(suite, items, texts: list[str]) -> list[str | None]:
     return [parse(suite, item, text) for item, text in zip(items, texts)]
 
 
-def agreement(a: list[str | None], b: list[str | None]):
-    """Share of questions where both answers parse to the same letter (an unparseable answer never agrees)."""
-    from promptbake.stats import mean_ci
-
-    return mean_ci([float(x is not None and x == y) for x, y in zip(a, b)])
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--result", type=Path, default=Path("results/headline/medical/eval-medmcqa.json"))
@@ -48,6 +41,7 @@ def main(argv=None) -> None:
     from promptbake.artifact import read_manifest
     from promptbake.atomic import write_text_atomic
     from promptbake.evals import load_items, load_suite, run_eval
+    from promptbake.evals.scoring import answer_agreement
 
     saved = json.loads(args.result.read_text())
     manifest = read_manifest(args.adapter)
@@ -73,7 +67,7 @@ def main(argv=None) -> None:
     print(f"| answer letters agree ({len(items)} {saved['suite']} questions) | share | 95 % interval |")
     print("|---|---|---|")
     for a, b in itertools.combinations(answers, 2):
-        est = agreement(answers[a], answers[b])
+        est = answer_agreement(answers[a], answers[b])
         rows.append({"a": a, "b": b, **est.to_dict()})
         print(f"| {a} vs {b} | {est.value:.1%} | [{est.lo:.1%}, {est.hi:.1%}] |")
     write_text_atomic(args.out, json.dumps({

@@ -9,6 +9,11 @@ from promptbake.evals.suites import EvalItem, SuiteSpec
 from promptbake.stats import Estimate, mean_ci
 
 
+def answer_agreement(answers: list, reference: list) -> Estimate:
+    """Share of items where both answers parse to the same value; an unparseable answer never agrees."""
+    return mean_ci([float(a is not None and a == r) for a, r in zip(answers, reference)])
+
+
 def score(suite: SuiteSpec, items: list[EvalItem], responses: dict[str, list[str]],
           reference: str | dict[str, str] | None = "prompted") -> dict:
     """Metrics with 95 % CIs per condition. `reference`: the prompted condition answers are compared against,
@@ -36,8 +41,7 @@ def score(suite: SuiteSpec, items: list[EvalItem], responses: dict[str, list[str
             metrics["unparseable"] = mean_ci([float(a is None) for a in answers])
             if cond in reference:
                 ref = parsed[reference[cond]]
-                metrics["agreement_with_prompted"] = mean_ci(
-                    [float(a is not None and a == r) for a, r in zip(answers, ref)])
+                metrics["agreement_with_prompted"] = answer_agreement(answers, ref)
         if "base" in per_item and cond != "base":
             # Paired by item: what a prompt or a bake changes against the base on the same items (retention asks
             # "within a point of the base", which two separate intervals cannot answer).
