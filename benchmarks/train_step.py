@@ -39,6 +39,7 @@ VARIANTS = {
     "checkpointing + loss chunks": {"gradient_checkpointing": True, "loss_chunk_bytes": 256 * 4 * 49152},
     # Not a setting: the student's pass in the packed layout (prompt and response from column 0), which CUDA uses.
     "packed student pass": {"packed_layout": True},
+    "micro-batch 1": {"micro_batch_size": 1},
     "micro-batch 2": {"micro_batch_size": 2},
     "micro-batch 8": {"micro_batch_size": 8},
     "micro-batch 2 + checkpointing": {"micro_batch_size": 2, "gradient_checkpointing": True},
