@@ -40,7 +40,7 @@ from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, adapter_set, eos_token_ids
 from promptbake.runtime import Runtime, load_runtime
 from promptbake.teacher import PromptedTeacher
-from promptbake.train import StepLog, TrainResult, train_student
+from promptbake.train import StepLog, TrainResult, train_student, use_torch_compile
 
 
 @dataclass
@@ -327,8 +327,9 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
         fixed = teacher_responses(plan, run_config, run.teacher, run.engine, rt.tokenizer, run.train_queries, rt.bf16)
     budget = f" or {config.token_budget:,} response tokens, whichever comes first" if config.token_budget else ""
     first = resume.step + 1 if resume else 1
+    compiled = ", decoder layers compiled" if use_torch_compile(config, rt.bf16, rt.device) else ""
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
-                             f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher)"))
+                             f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher{compiled})"))
     stop_requested, uninstall = _install_stop_handlers()
     run.teacher.live = config.teacher_mode == "live"
     run.teacher.refresh()

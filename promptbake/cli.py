@@ -95,7 +95,7 @@ def _option_for(name: str, field) -> tuple[object, str]:
         help_text += f" [default: {','.join(default) if isinstance(default, list) else default}]"
     flag = "--" + name.replace("_", "-")
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if annotation is bool:
+    if annotation is bool or args == [bool]:  # bool | None: unset leaves the choice to the config (torch_compile)
         return Annotated[Optional[bool], typer.Option(f"{flag}/--no-{name.replace('_', '-')}", help=help_text, show_default=False)], help_text
     if typing.get_origin(annotation) is typing.Literal:
         help_text = f"{' | '.join(map(str, typing.get_args(annotation)))}. {help_text}"

@@ -164,10 +164,11 @@ class BakeConfig(BaseModel):
     sampler_copy: bool = Field(
         True, description="With bf16, sample from a bf16 copy of the base with the LoRA merged in (refreshed every step)."
     )
-    torch_compile: bool = Field(
-        False, description="torch.compile the student's decoder layers for the training forward and backward (one "
-                           "compile serves every layer). Costs about 20-40 s of compiling on a 2-core CPU (less when "
-                           "torch's on-disk cache has it); pays off on long compiles. Needs a C++ compiler on CPUs.")
+    torch_compile: bool | None = Field(
+        None, description="torch.compile the student's decoder layers for the training forward and backward (one "
+                          "compile serves every layer). Costs 20-60 s of compiling in step 1 on a 2-core CPU (less when "
+                          "torch's on-disk cache has it). Unset: on where it was measured to pay, a CPU with bf16 "
+                          "kernels (AVX-512/AMX), a C++ compiler and at least 40 steps; off elsewhere.")
     gradient_checkpointing: bool = Field(
         False, description="Keep only each decoder layer's input during the student's forward and recompute the rest "
                            "in the backward pass: the student's activations (most of a step's peak memory) shrink to "

@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -135,6 +137,21 @@ def compiled_blocks(model, enabled: bool):
     finally:
         for block in blocks:
             block._compiled_call_impl = None  # what nn.Module.compile set; None is eager again
+
+
+# torch_compile unset turns on from this many steps: compiling costs 20-60 s in step 1 and saves about 3 s per step
+# at the faithful cap on a 2-core AVX-512 CPU (README "Performance").
+AUTO_COMPILE_MIN_STEPS = 40
+
+
+def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device) -> bool:
+    """`torch_compile` as set; unset, on only where it was measured to pay: a CPU with bf16 kernels (on AVX2-only
+    CPUs in fp32 it saved 3-4 % of a compile), a C++ compiler for inductor, and a run long enough to repay compiling.
+    GPUs were not measured, so they stay eager unless asked."""
+    if config.torch_compile is not None:
+        return config.torch_compile
+    compiler = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("clang++")
+    return device.type == "cpu" and bf16 and config.steps >= AUTO_COMPILE_MIN_STEPS and compiler is not None
 
 
 def eager_only(enabled: bool):
@@ -248,7 +265,8 @@ def train_student(
     log_file = open(log_path, "a") if log_path and accelerator.is_main_process else None
     started = time.perf_counter()
     compiled = contextlib.ExitStack()
-    compiled.enter_context(compiled_blocks(policy, config.torch_compile))
+    compiling = use_torch_compile(config, bf16, accelerator.device)
+    compiled.enter_context(compiled_blocks(policy, compiling))
     if config.gradient_checkpointing:
         compiled.enter_context(recomputed_activations(policy))
     nonfinite_in_a_row, nonfinite_since = 0, first_step
@@ -260,7 +278,7 @@ def train_student(
             batch = [q for q in drawn for _ in range(config.rollouts)]
             prompts = [student_prompts[q.id] for q in batch]
             if config.method == "opcd":
-                with eager_only(config.torch_compile):
+                with eager_only(compiling):
                     rollout = engine.sample(
                         prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_ids=eos_ids,
                         pad_id=pad_id,
@@ -286,7 +304,7 @@ def train_student(
                     rows = [part_rows[i] for i in group]
                     micro, micro_queries = rollout.select(rows), [batch[r] for r in rows]
                     t_teacher = time.perf_counter()
-                    with eager_only(config.torch_compile):
+                    with eager_only(compiling):
                         if objective.teacher_input == "logits":
                             teacher_out = teacher.logits(micro_queries, micro)  # logits_BTV
                         elif objective.teacher_input == "sampled_logprobs":

@@ -245,3 +245,23 @@ def test_updates_per_batch_makes_that_many_optimizer_updates_from_one_batch(tmp_
     assert logs[2, 1e-9].kl == pytest.approx(logs[1, 1e-9].kl, rel=1e-4)
     with pytest.raises(ValueError, match="updates_per_batch=5 is more than the 4 rollouts"):
         BakeConfig(batch_size=4, updates_per_batch=5)
+
+
+def test_torch_compile_unset_turns_on_only_where_it_was_measured_to_pay(monkeypatch):
+    """Unset: a CPU in bf16 with a C++ compiler and a long run; an explicit value always wins."""
+    from promptbake.config import BakeConfig
+    from promptbake.train import AUTO_COMPILE_MIN_STEPS, use_torch_compile
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    long_run, short_run = BakeConfig(steps=AUTO_COMPILE_MIN_STEPS), BakeConfig(steps=AUTO_COMPILE_MIN_STEPS - 1)
+    assert long_run.torch_compile is None
+    monkeypatch.setenv("CXX", "sh")  # any program on PATH stands for a compiler here
+    assert use_torch_compile(long_run, bf16=True, device=cpu)
+    assert not use_torch_compile(long_run, bf16=False, device=cpu)  # fp32 on AVX2-only CPUs: 3-4 %, not worth it
+    assert not use_torch_compile(short_run, bf16=True, device=cpu)
+    assert not use_torch_compile(long_run, bf16=True, device=gpu)  # not measured there
+    assert use_torch_compile(short_run.model_copy(update={"torch_compile": True}), bf16=False, device=gpu)
+    assert not use_torch_compile(long_run.model_copy(update={"torch_compile": False}), bf16=True, device=cpu)
+    monkeypatch.setenv("CXX", "no-such-compiler-anywhere")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert not use_torch_compile(long_run, bf16=True, device=cpu)
