@@ -23,8 +23,15 @@ from promptbake.rollout import HFRolloutEngine
 from promptbake.teacher import PromptedTeacher
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast only where it is fast: CUDA with bf16, or CPUs with AMX/AVX-512."""
+    """bf16 autocast only where it is fast: CUDA with bf16, or CPUs with AMX/AVX-512.
+
+    An unknown value is an error rather than a silent fp32: a typo must not change what a run measures."""
+    if precision not in PRECISIONS:
+        raise PromptbakeError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":

@@ -347,3 +347,14 @@ def test_grouped_prefill_gives_the_padded_batch_numbers(tiny_model_dir, shared, 
         torch.manual_seed(5)
         outs.append(sample(model, prompts, max_new_tokens=12, temperature=1.0, eos_ids=[EOS], pad_id=0))
     assert torch.equal(outs[0].response_ids_BT, outs[1].response_ids_BT)
+
+
+def test_unknown_precision_is_an_error_not_a_silent_fp32():
+    """A library caller's typo ('bf-16') used to fall through to fp32 and change what a run measured."""
+    from promptbake.errors import PromptbakeError
+    from promptbake.runtime import use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+    with pytest.raises(PromptbakeError, match="precision must be one of auto, bf16, fp32, got 'bf-16'"):
+        use_bf16("bf-16", cpu)

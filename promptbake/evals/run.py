@@ -37,10 +37,10 @@ def run_eval(
     from promptbake.artifact import read_manifest
     from promptbake.measure import decode_all, generate_ids
     from promptbake.models import manifest_base_dir, resolve_model
-    from promptbake.runtime import load_runtime
+    from promptbake.runtime import PRECISIONS, load_runtime
     from promptbake.spec import load_spec
 
-    if precision not in (None, "auto", "bf16", "fp32"):
+    if precision is not None and precision not in PRECISIONS:
         raise PromptbakeError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
     suite = load_suite(suite_name)
     items = load_items(suite, data, limit, seed, groups)
