@@ -375,9 +375,15 @@ def summarise(out: Path) -> str:
     from promptbake.stats import seeds_mean_ci
 
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
-    # An averaged run (ema_decay) also measured its own last step: a row of its own, from the same training.
-    runs += [{**r, **{k: v for k, v in r["last_step"].items() if k != "measured"}, "variant": f"{r['variant']} (last step)"}
-             for r in runs if r.get("last_step")]
+    # An averaged run (ema_decay) also measured its own last step. Its training is the variant's without the
+    # average, so where that variant was run too (other seeds), the last step is one more seed of it; otherwise
+    # it is a row of its own.
+    seen = {(r["prompt"], r["variant"], r["seed"]) for r in runs}
+    for r in [r for r in runs if r.get("last_step")]:
+        plain = "+".join(part for part in r["variant"].split("+") if not part.startswith("ema"))
+        joins = any(p == r["prompt"] and v == plain for p, v, _ in seen) and (r["prompt"], plain, r["seed"]) not in seen
+        runs.append({**r, **{k: v for k, v in r["last_step"].items() if k != "measured"},
+                     "variant": plain if joins else f"{r['variant']} (last step)"})
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
         reference = json.loads(reference_path(out, r["prompt"], r["measure_cap"]).read_text())
