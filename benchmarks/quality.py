@@ -379,9 +379,10 @@ def summarise(out: Path) -> str:
     # average, so where that variant was run too (other seeds), the last step is one more seed of it; otherwise
     # it is a row of its own.
     seen = {(r["prompt"], r["variant"], r["seed"]) for r in runs}
+    variants = {(prompt, variant) for prompt, variant, _ in seen}
     for r in [r for r in runs if r.get("last_step")]:
         plain = "+".join(part for part in r["variant"].split("+") if not part.startswith("ema"))
-        joins = any(p == r["prompt"] and v == plain for p, v, _ in seen) and (r["prompt"], plain, r["seed"]) not in seen
+        joins = (r["prompt"], plain) in variants and (r["prompt"], plain, r["seed"]) not in seen
         runs.append({**r, **{k: v for k, v in r["last_step"].items() if k != "measured"},
                      "variant": plain if joins else f"{r['variant']} (last step)"})
     groups: dict[tuple[str, str], list[dict]] = {}

@@ -6,7 +6,7 @@ result is stored verbatim in the manifest so a bake can be reproduced.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,6 +21,10 @@ PRESETS: dict[str, dict] = {
     "faithful": {},
     "quick": {"max_new_tokens": 64, "steps": 16},
 }
+
+
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list: config, runtime and eval check against it
 
 
 class BakeConfig(BaseModel):
@@ -149,7 +153,7 @@ class BakeConfig(BaseModel):
     eval_max_new_tokens: int | None = Field(
         None, gt=0, description="Greedy answer length for check pass rates on held-out queries; default: the response cap.")
     seed: int = Field(0, description="Seeds the split, sampling and LoRA init.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Precision = Field(
         "auto", description="auto: bf16 autocast where the hardware has fast bf16 (AMX/AVX-512 CPUs, CUDA), else fp32."
     )
     prefix_cache: bool = Field(True, description="Compute the teacher's system-prompt KV cache once and reuse it.")

@@ -16,14 +16,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from promptbake.chat import ChatRenderer
-from promptbake.config import BakeConfig
+from promptbake.config import PRECISIONS, BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.models import check_same_tokenizer, load_adapter, load_model, load_tokenizer, resolve_model
 from promptbake.rollout import HFRolloutEngine
 from promptbake.teacher import PromptedTeacher
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

@@ -37,7 +37,8 @@ def run_eval(
     from promptbake.artifact import read_manifest
     from promptbake.measure import decode_all, generate_ids
     from promptbake.models import manifest_base_dir, resolve_model
-    from promptbake.runtime import PRECISIONS, load_runtime
+    from promptbake.config import PRECISIONS
+    from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
 
     if precision is not None and precision not in PRECISIONS:
