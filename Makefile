@@ -28,7 +28,7 @@ $(VLLM_STAMP): $(STAMP)
 
 DEMO_QUESTION := "My internet has been down since this morning. What should I do?"
 
-# The default (faithful) settings, 80 steps: about 40 minutes on a 2-core AVX-512 CPU, 80-90 on an AVX2-only one (fp32; README "CPUs without AVX-512").
+# The default (faithful) settings, 80 steps: about 40 minutes on a 2-core AVX-512 CPU, 80-90 on an AVX2-only one (fp32; docs/performance.md, "CPUs without AVX-512").
 demo: setup
 	$(BIN)/promptbake compile prompts/support.md --force
 	$(BIN)/promptbake chat build/support -m $(DEMO_QUESTION) --max-new-tokens 96

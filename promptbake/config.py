@@ -12,11 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-DEFAULT_FORWARD_KL_WEIGHT = 0.5  # where it applies: method opcd with kl full (README "Quality study")
+DEFAULT_FORWARD_KL_WEIGHT = 0.5  # where it applies: method opcd with kl full (docs/quality.md)
 
 
 # What a preset sets for every field the prompt file and the command line leave alone. `faithful` is the
-# default (the quality study's choice, README "Quality study"); `quick` trades fidelity for minutes (CI, demos).
+# default (the quality study's choice, docs/quality.md); `quick` trades fidelity for minutes (CI, demos).
 PRESETS: dict[str, dict] = {
     "faithful": {},
     "quick": {"max_new_tokens": 64, "steps": 16},

@@ -140,7 +140,7 @@ def compiled_blocks(model, enabled: bool):
 
 
 # torch_compile unset turns on from this many steps: compiling costs 20-60 s in step 1 and saves about 3 s per step
-# at the faithful cap on a 2-core AVX-512 CPU (README "Performance").
+# at the faithful cap on a 2-core AVX-512 CPU (docs/performance.md).
 AUTO_COMPILE_MIN_STEPS = 40
 
 
