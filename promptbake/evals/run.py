@@ -34,15 +34,17 @@ def run_eval(
     suite takes hours on a CPU) starts again at the first unfinished condition. An entry is used only when
     everything that decides its answers is the same: items, decoding settings, weights, prompt or adapter.
     `precision` (auto, bf16, fp32): decode in it instead of the first adapter's recorded precision."""
+    from promptbake.config import PRECISIONS
+
+    if precision is not None and precision not in PRECISIONS:  # before the heavy imports: a typo fails at once
+        choices = ", ".join(PRECISIONS[:-1]) + f" or {PRECISIONS[-1]}"
+        raise PromptbakeError(f"--precision must be {choices}, got {precision!r}")
+
     from promptbake.artifact import read_manifest
     from promptbake.measure import decode_all, generate_ids
     from promptbake.models import manifest_base_dir, resolve_model
-    from promptbake.config import PRECISIONS
     from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
-
-    if precision is not None and precision not in PRECISIONS:
-        raise PromptbakeError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
     suite = load_suite(suite_name)
     items = load_items(suite, data, limit, seed, groups)
     manifests = [read_manifest(a) for a in adapters]
