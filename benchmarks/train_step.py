@@ -32,7 +32,9 @@ VARIANTS = {
     "no bf16 sampler copy": {"sampler_copy": False},
     "fp32 everywhere": {"precision": "fp32"},
     "no heap trim": {"release_memory": False},
-    "torch.compile layers": {"torch_compile": True},
+    "torch.compile layers": {"torch_compile": True},  # the setting: decoder layers, and the sampler's decode step
+    # Not a setting: torch_compile with the sampler's decode step eager, as before compiled decoding.
+    "compiled layers + eager decoding": {"torch_compile": True, "eager_decoding": True},
     # Not a setting: the loss forced into 256-token chunks (SmolLM2's 49k vocabulary is under the default threshold).
     "loss in 256-token chunks": {"loss_chunk_bytes": 256 * 4 * 49152},
     "gradient checkpointing": {"gradient_checkpointing": True},
@@ -112,6 +114,11 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
         promptbake.losses.LOSS_CHUNK_BYTES = settings.pop("loss_chunk_bytes")
     if "packed_layout" in settings:
         promptbake.rollout.PACKED_LAYOUT = settings.pop("packed_layout")
+    if settings.pop("eager_decoding", False):
+        import contextlib
+
+        import promptbake.train
+        promptbake.train.compiled_decoding = lambda engine, enabled: contextlib.nullcontext(False)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = dict(steps=steps, max_new_tokens=new_tokens, heldout=0, checkpoint_every=10_000, **settings)
         result = compile_prompt(prompt, out=Path(tmp) / "out", overrides=overrides)

@@ -327,7 +327,10 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
         fixed = teacher_responses(plan, run_config, run.teacher, run.engine, rt.tokenizer, run.train_queries, rt.bf16)
     budget = f" or {config.token_budget:,} response tokens, whichever comes first" if config.token_budget else ""
     first = resume.step + 1 if resume else 1
-    compiled = ", decoder layers compiled" if use_torch_compile(config, rt.bf16, rt.device) else ""
+    compiled = ""
+    if use_torch_compile(config, rt.bf16, rt.device):  # the decode step too where the engine has a CPU merged copy
+        decode = getattr(run.engine, "model", None) is not None and rt.device.type == "cpu"
+        compiled = ", decoder layers and decode step compiled" if decode else ", decoder layers compiled"
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
                              f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher{compiled})"))
     stop_requested, uninstall = _install_stop_handlers()

@@ -249,6 +249,80 @@ def sample(
     return Rollout(response_ids_BT, response_mask_BT)
 
 
+# The compiled decode step's prompt widths are rounded up to a multiple of this, so that batches of different
+# prompt lengths share one graph (a new width costs a recompile of about a minute on a 2-core CPU).
+STATIC_WIDTH_BUCKET = 64
+
+
+def decode_step(model, input_ids_B1: torch.Tensor, attention_mask_BS: torch.Tensor, position_ids_B1: torch.Tensor, cache,
+                cache_position_1: torch.Tensor) -> torch.Tensor:
+    """One token per row through `model` with a static KV cache: the next-token logits (logits_BV). Every
+    argument keeps its shape from one step to the next, which is what lets `torch.compile` capture it once."""
+    return model(input_ids=input_ids_B1, attention_mask=attention_mask_BS, position_ids=position_ids_B1,
+                 past_key_values=cache, cache_position=cache_position_1, use_cache=True).logits[:, -1, :]
+
+
+@torch.no_grad()
+def sample_static(
+    model,
+    step,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: list[int],
+    pad_id: int,
+    greedy: bool = False,
+    bucket: int = STATIC_WIDTH_BUCKET,
+) -> Rollout:
+    """`sample` over a static KV cache, each decode token through `step(model, ...)` (`decode_step` or a compiled
+    copy of it).
+
+    The cache holds the prompts left-padded to a multiple of `bucket` plus `max_new_tokens`, and the attention
+    mask keeps that width throughout, so a compiled step sees the same shapes at every token and for every batch
+    of the same size and bucket. Same draws as `sample` (one uniform number per row and token); finished rows stay
+    in the batch (dropping them would change the shapes) and decode padding until every row has ended.
+    """
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids_BL, mask_BL = left_pad(prompts, pad_id)
+    B, L = ids_BL.shape
+    T = max_new_tokens
+    W = -(-L // bucket) * bucket
+    ids_BW = torch.cat([torch.full((B, W - L), pad_id, dtype=torch.long), ids_BL], dim=1).to(device)
+    mask_BW = torch.cat([torch.zeros(B, W - L, dtype=torch.long), mask_BL], dim=1).to(device)
+    mask_BS = torch.zeros(B, W + T, dtype=torch.long, device=device)
+    mask_BS[:, :W] = mask_BW
+    cache = StaticCache(config=model.config, max_cache_len=W + T)
+    logits_BV = model(input_ids=ids_BW, attention_mask=mask_BW, position_ids=position_ids(mask_BW), past_key_values=cache,
+                      cache_position=torch.arange(W, device=device), use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    next_pos_B1 = mask_BW.sum(-1, keepdim=True) - 1
+    eos_t = torch.tensor(eos_ids, device=device)
+    rows_B = torch.arange(B, device=device)
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    out_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    steps = 0
+    for t in range(T):
+        token_B = _draw(logits_BV, temperature, greedy, rows_B, B)
+        token_B = torch.where(done_B, torch.full_like(token_B, pad_id), token_B)
+        out_BT[:, t] = token_B.cpu()
+        steps = t + 1
+        done_B |= torch.isin(token_B, eos_t)
+        if bool(done_B.all()) or steps == T:
+            break
+        mask_BS[:, W + t] = 1
+        next_pos_B1 = next_pos_B1 + 1
+        logits_BV = step(model, token_B[:, None], mask_BS, next_pos_B1, cache, torch.tensor([W + t], device=device))
+    model.train(was_training)
+    response_ids_BT = out_BT[:, :steps]
+    response_mask_BT = mask_after_eos(response_ids_BT, eos_ids)
+    response_ids_BT = torch.where(response_mask_BT.bool(), response_ids_BT, torch.full_like(response_ids_BT, pad_id))
+    return Rollout(response_ids_BT, response_mask_BT)
+
+
 def response_logits(
     model,
     prompts: list[list[int]],
@@ -357,6 +431,7 @@ class HFRolloutEngine:
         self.bf16 = bf16
         self.model = None
         self.with_adapter = True
+        self.step = None  # set by `compiled_decoding`: the merged copy's decode step, compiled
         if bf16 and merged_copy:
             from transformers import AutoModelForCausalLM
 
@@ -393,12 +468,34 @@ class HFRolloutEngine:
             target.weight.copy_(weight)
 
     def sample(self, prompts: list[list[int]], **kwargs) -> Rollout:
+        if self.model is not None and self.step is not None:
+            kwargs.pop("drop_finished", None)  # the static cache keeps every row to the end
+            return sample_static(self.model, self.step, prompts, **kwargs)
         if self.model is not None:
             return sample(self.model, prompts, bf16=False, **kwargs)
         if self.with_adapter or not hasattr(self.policy, "disable_adapter"):  # a plain model has no adapter to turn off
             return sample(self.policy, prompts, bf16=self.bf16, **kwargs)
         with self.policy.disable_adapter():
             return sample(self.policy, prompts, bf16=self.bf16, **kwargs)
+
+
+@contextlib.contextmanager
+def compiled_decoding(engine, enabled: bool):
+    """While active, `engine` samples through one compiled decode step over a static KV cache (`sample_static`);
+    yields whether it does. Only the merged bf16 copy on a CPU: there the step's small element-wise ops and casts
+    are most of a token's cost, and compiling them made decoding 16 rows x 128 tokens 1.6x faster after a compile
+    of about a minute (benchmarks/compiled_decode.py, docs/performance.md). Training turns it on with
+    `torch_compile`; measurement and evals keep the eager sampler, whose batches change shape from call to call."""
+    model = getattr(engine, "model", None)
+    on = enabled and isinstance(engine, HFRolloutEngine) and model is not None \
+        and next(model.parameters()).device.type == "cpu"
+    if on:
+        engine.step = torch.compile(decode_step, dynamic=False)
+    try:
+        yield on
+    finally:
+        if on:
+            engine.step = None
 
 
 class VLLMRolloutEngine:

@@ -48,7 +48,14 @@ from promptbake.lengths import hit_cap
 from promptbake.losses import distill_loss, token_loss
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
-from promptbake.rollout import HFRolloutEngine, autocast, eos_token_ids, response_logits, rollout_from_lists
+from promptbake.rollout import (
+    HFRolloutEngine,
+    autocast,
+    compiled_decoding,
+    eos_token_ids,
+    response_logits,
+    rollout_from_lists,
+)
 from promptbake.teacher import PromptedTeacher
 
 
@@ -267,6 +274,7 @@ def train_student(
     compiled = contextlib.ExitStack()
     compiling = use_torch_compile(config, bf16, accelerator.device)
     compiled.enter_context(compiled_blocks(policy, compiling))
+    decode_compiled = compiled.enter_context(compiled_decoding(engine, compiling))
     if config.gradient_checkpointing:
         compiled.enter_context(recomputed_activations(policy))
     nonfinite_in_a_row, nonfinite_since = 0, first_step
@@ -278,7 +286,8 @@ def train_student(
             batch = [q for q in drawn for _ in range(config.rollouts)]
             prompts = [student_prompts[q.id] for q in batch]
             if config.method == "opcd":
-                with eager_only(compiling):
+                # The student's compiled layers serve its training pass only; the sampler's own compiled step may run.
+                with eager_only(compiling and not decode_compiled):
                     rollout = engine.sample(
                         prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_ids=eos_ids,
                         pad_id=pad_id,

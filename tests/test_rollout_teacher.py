@@ -8,8 +8,8 @@ from peft import LoraConfig, get_peft_model
 
 from promptbake.chat import ChatRenderer
 from promptbake.queries import Query
-from promptbake.rollout import (HFRolloutEngine, Rollout, left_pad, mask_after_eos, packed_response_logits,
-                                response_logits, sample)
+from promptbake.rollout import (HFRolloutEngine, Rollout, compiled_decoding, decode_step, left_pad, mask_after_eos,
+                                packed_response_logits, response_logits, sample, sample_static)
 from promptbake.teacher import PromptedTeacher
 
 EOS = 2
@@ -95,6 +95,62 @@ def test_dropping_finished_rows_leaves_every_row_unchanged(tiny_model_dir, greed
     assert len(set(lengths)) > 3 and min(lengths) < 40 // 2, lengths  # the test exercises several drops
     assert torch.equal(a.response_mask_BT, b.response_mask_BT)
     assert torch.equal(a.response_ids_BT, b.response_ids_BT)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_static_cache_sampling_draws_what_the_eager_sampler_draws(tiny_model_dir, greedy):
+    """The static-cache loop (prompts padded to a bucket, one mask width for every token, finished rows kept)
+    draws the same tokens as `sample` (grouped prefill, growing cache, finished rows dropped), stops and all.
+    Float64, so that the two layouts' different summation orders cannot move a sample across a CDF step."""
+    from promptbake.fastdecode import use_fast_decode
+    from promptbake.models import load_model
+
+    model = load_model(tiny_model_dir).double()
+    use_fast_decode(model)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (3, 11, 5, 17, 8, 2)]
+    torch.manual_seed(4)
+    free = sample(model, prompts, max_new_tokens=30, temperature=1.3, eos_ids=[EOS], pad_id=0, greedy=greedy)
+    stops = sorted({row[5 + 4 * r] for r, row in enumerate(free.response_ids_BT.tolist()[:4])})  # rows end at steps 6-18
+    runs = []
+    for sampler in ("eager", "static"):
+        torch.manual_seed(4)
+        kwargs = dict(max_new_tokens=30, temperature=1.3, eos_ids=stops, pad_id=0, greedy=greedy)
+        runs.append(sample(model, prompts, **kwargs) if sampler == "eager"
+                    else sample_static(model, decode_step, prompts, bucket=8, **kwargs))
+    eager, static = runs
+    lengths = eager.response_mask_BT.sum(-1).tolist()
+    assert min(lengths) < 20 and len(set(lengths)) > 2, lengths  # rows end at different steps
+    assert torch.equal(eager.response_ids_BT, static.response_ids_BT)
+    assert torch.equal(eager.response_mask_BT, static.response_mask_BT)
+
+
+def test_compiled_decode_step_gives_the_eager_step_and_only_while_asked(peft_tiny):
+    """`compiled_decoding` puts a compiled step on the bf16 engine for as long as it is active: its logits are
+    the eager step's on the same cache, and the engine samples through the static cache meanwhile."""
+    from transformers import StaticCache
+
+    engine = HFRolloutEngine(peft_tiny, bf16=True)
+    model = engine.model
+    prompts = [[1, 5, 6, 7, 8], [1, 9]]
+    ids_BL, mask_BL = left_pad(prompts, 0)
+    cache = StaticCache(config=model.config, max_cache_len=12)
+    with torch.no_grad():
+        model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=(mask_BL.cumsum(-1) - 1).clamp(min=0),
+              past_key_values=cache, cache_position=torch.arange(5), use_cache=True)
+        mask_BS = torch.cat([mask_BL, torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], dim=1)
+        args = (torch.tensor([[40], [41]]), mask_BS, torch.tensor([[5], [2]]), cache, torch.tensor([5]))
+        eager = decode_step(model, *args).float()
+        with compiled_decoding(engine, True) as on:
+            assert on and engine.step is not None
+            compiled = engine.step(model, *args).float()
+            torch.manual_seed(0)
+            rollout = engine.sample(prompts, max_new_tokens=6, temperature=1.0, eos_ids=[-1], pad_id=0)
+    assert engine.step is None  # eager again afterwards
+    torch.testing.assert_close(compiled, eager, atol=0.05 * eager.abs().max().item(), rtol=0)
+    assert rollout.response_ids_BT.shape == (2, 6) and bool(rollout.response_mask_BT.all())
+    with compiled_decoding(HFRolloutEngine(peft_tiny, bf16=False), True) as on:
+        assert not on  # no merged copy to compile: the eager sampler through the PEFT model
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed layout", "left-padded layout"])

@@ -91,6 +91,24 @@ def test_torch_compile_gives_the_eager_loss_and_gradient(tmp_path, tiny_model_di
         assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-3)
 
 
+def test_bf16_compile_samples_through_the_compiled_decode_step(tmp_path, tiny_model_dir):
+    """In bf16 on a CPU the sampler's merged copy decodes through a compiled static-cache step while training:
+    the compile says so and trains on finite losses."""
+    from promptbake.events import TrainingStarted
+
+    prompt = write_prompt(tmp_path / "p")
+    said = []
+    result = compile_prompt(
+        prompt, out=tmp_path / "out", model=str(tiny_model_dir), on_event=said.append,
+        overrides=dict(steps=2, batch_size=4, heldout=0, max_new_tokens=10, precision="bf16", torch_compile=True),
+    )
+    started = [e.message for e in said if isinstance(e, TrainingStarted)]
+    assert started and "decoder layers and decode step compiled" in started[0]
+    assert len(result.train.log) == 2
+    for entry in result.train.log:
+        assert 4 <= entry.response_tokens <= 40 and math.isfinite(entry.kl) and math.isfinite(entry.grad_norm)
+
+
 def test_compiled_blocks_are_the_decoder_layers_and_eager_again_afterwards(tiny):
     from promptbake.train import compiled_blocks, repeated_blocks
 
