@@ -146,8 +146,8 @@ def compiled_blocks(model, enabled: bool):
             block._compiled_call_impl = None  # what nn.Module.compile set; None is eager again
 
 
-# torch_compile unset turns on from this many steps: compiling costs 20-60 s in step 1 and saves about 3 s per step
-# at the faithful cap on a 2-core AVX-512 CPU (docs/performance.md).
+# torch_compile unset turns on from this many steps: compiling the layers and the decode step costs about 1-2 minutes
+# in step 1 and saved about 6 s per step at the faithful cap on a 2-core AVX-512 CPU (docs/performance.md).
 AUTO_COMPILE_MIN_STEPS = 40
 
 
