@@ -37,7 +37,7 @@ from promptbake.measure import check_rates, condition_ids, decode_all, kl_to_tea
 from promptbake.models import weights_sha256
 from promptbake.plan import CompilePlan, plan_compile, work_dir_for
 from promptbake.queries import Query
-from promptbake.rollout import HFRolloutEngine, adapter_set, eos_token_ids
+from promptbake.rollout import HFRolloutEngine, adapter_set, can_compile_decoding, eos_token_ids
 from promptbake.runtime import Runtime, load_runtime
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import StepLog, TrainResult, train_student, use_torch_compile
@@ -328,8 +328,8 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
     budget = f" or {config.token_budget:,} response tokens, whichever comes first" if config.token_budget else ""
     first = resume.step + 1 if resume else 1
     compiled = ""
-    if use_torch_compile(config, rt.bf16, rt.device):  # the decode step too where the engine has a CPU merged copy
-        decode = getattr(run.engine, "model", None) is not None and rt.device.type == "cpu"
+    if use_torch_compile(config, rt.bf16, rt.device):
+        decode = can_compile_decoding(run.engine)
         compiled = ", decoder layers and decode step compiled" if decode else ", decoder layers compiled"
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
                              f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher{compiled})"))

@@ -76,6 +76,13 @@ def mask_after_eos(response_ids_BT: torch.Tensor, eos_ids: list[int]) -> torch.T
     return (eos_before_BT == 0).long()
 
 
+def decoded_rollout(response_ids_BT: torch.Tensor, eos_ids: list[int], pad_id: int) -> Rollout:
+    """The decoded tokens as a Rollout: masked after each row's first EOS, and padding there."""
+    response_mask_BT = mask_after_eos(response_ids_BT, eos_ids)
+    response_ids_BT = torch.where(response_mask_BT.bool(), response_ids_BT, torch.full_like(response_ids_BT, pad_id))
+    return Rollout(response_ids_BT, response_mask_BT)
+
+
 def position_ids(mask_BL: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Positions that skip left padding, as `generate` assigns them."""
     return (mask_BL.cumsum(-1) - 1).clamp(min=0) + offset
@@ -243,10 +250,7 @@ def sample(
                 logits_AV = model(input_ids=token_A[:, None], attention_mask=mask_BL, position_ids=next_pos_B1,
                                   past_key_values=cache, use_cache=True).logits[:, -1, :]
     model.train(was_training)
-    response_ids_BT = out_BT[:, :steps]
-    response_mask_BT = mask_after_eos(response_ids_BT, eos_ids)
-    response_ids_BT = torch.where(response_mask_BT.bool(), response_ids_BT, torch.full_like(response_ids_BT, pad_id))
-    return Rollout(response_ids_BT, response_mask_BT)
+    return decoded_rollout(out_BT[:, :steps], eos_ids, pad_id)
 
 
 # The compiled decode step's prompt widths are rounded up to a multiple of this, so that batches of different
@@ -317,10 +321,7 @@ def sample_static(
         next_pos_B1 = next_pos_B1 + 1
         logits_BV = step(model, token_B[:, None], mask_BS, next_pos_B1, cache, torch.tensor([W + t], device=device))
     model.train(was_training)
-    response_ids_BT = out_BT[:, :steps]
-    response_mask_BT = mask_after_eos(response_ids_BT, eos_ids)
-    response_ids_BT = torch.where(response_mask_BT.bool(), response_ids_BT, torch.full_like(response_ids_BT, pad_id))
-    return Rollout(response_ids_BT, response_mask_BT)
+    return decoded_rollout(out_BT[:, :steps], eos_ids, pad_id)
 
 
 def response_logits(
@@ -479,6 +480,12 @@ class HFRolloutEngine:
             return sample(self.policy, prompts, bf16=self.bf16, **kwargs)
 
 
+def can_compile_decoding(engine) -> bool:
+    """Whether `compiled_decoding` compiles this engine's decode step: an in-process engine with a merged copy on a CPU."""
+    return isinstance(engine, HFRolloutEngine) and engine.model is not None \
+        and next(engine.model.parameters()).device.type == "cpu"
+
+
 @contextlib.contextmanager
 def compiled_decoding(engine, enabled: bool):
     """While active, `engine` samples through one compiled decode step over a static KV cache (`sample_static`);
@@ -486,9 +493,7 @@ def compiled_decoding(engine, enabled: bool):
     are most of a token's cost, and compiling them made decoding 16 rows x 128 tokens 1.6x faster after a compile
     of about a minute (benchmarks/compiled_decode.py, docs/performance.md). Training turns it on with
     `torch_compile`; measurement and evals keep the eager sampler, whose batches change shape from call to call."""
-    model = getattr(engine, "model", None)
-    on = enabled and isinstance(engine, HFRolloutEngine) and model is not None \
-        and next(model.parameters()).device.type == "cpu"
+    on = enabled and can_compile_decoding(engine)
     if on:
         engine.step = torch.compile(decode_step, dynamic=False)
     try:
