@@ -29,6 +29,7 @@ so they are compared at equal training compute; the wall time is reported beside
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -91,6 +92,9 @@ VARIANTS: dict[str, dict] = {
     # 500 written from the prompt's rules by `promptbake queries`, or both files together.
     "queries-synth": {"queries": "synth"},
     "queries-both": {"queries": "both"},
+    # Training rollouts through the eager sampler although torch_compile is on (no user setting; a paired check
+    # that the compiled decode step trains what the eager one does).
+    "decode-eager": {"eager_decoding": True},
 }
 BUCKETS = ((0, 48), (48, 128), (128, 10**9))
 
@@ -297,6 +301,18 @@ def gaps(measured: dict, reference: dict) -> dict:
     }
 
 
+@contextlib.contextmanager
+def eager_decoding_only():
+    """Training samples through the eager sampler while the student's layers stay compiled."""
+    import promptbake.train
+    kept = promptbake.train.compiled_decoding
+    promptbake.train.compiled_decoding = lambda engine, enabled: contextlib.nullcontext(False)
+    try:
+        yield
+    finally:
+        promptbake.train.compiled_decoding = kept
+
+
 def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measurer: Measurer) -> dict:
     from promptbake.bake import compile_prompt
     from promptbake.events import StepDone
@@ -304,6 +320,7 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
 
     overrides = {**variant_settings(variant), "seed": seed, "checkpoint_every": 5}
     source = overrides.pop("queries", "hand")
+    eager_decoding = overrides.pop("eager_decoding", False)
     queries = None if source == "hand" else query_file(prompt, source, args.build)
     if args.token_budget:
         overrides.update(token_budget=args.token_budget, steps=args.max_steps)
@@ -315,8 +332,10 @@ def run_one(args, prompt: str, variant: str, seed: int, reference: dict, measure
 
     plan = plan_compile(REPO / "prompts" / f"{prompt}.md", out=out_dir, overrides=overrides, queries=queries)
     plan.resolve()
-    plan.continue_from = shorter_run(plan)  # e.g. steps160 trains on from steps80's last checkpoint
-    result = compile_prompt(plan, measure=False, on_event=show)
+    # e.g. steps160 trains on from steps80's last checkpoint; a decode-eager run shares its twin's key, never its steps
+    plan.continue_from = None if eager_decoding else shorter_run(plan)
+    with eager_decoding_only() if eager_decoding else contextlib.nullcontext():
+        result = compile_prompt(plan, measure=False, on_event=show)
     compile_s = time.perf_counter() - t0
     m = result.manifest
     if result.up_to_date:

@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Whole-step variants, comma-separated ('all on' always runs).")
     parser.add_argument("--long-rules", type=int, default=60, help="rules in the long prompt (60: 3,307 tokens; 36: about 2,000)")
     parser.add_argument("--precisions", default="fp32,bf16", help="teacher scoring precisions (bf16 is slow on CPUs without AVX-512)")
-    parser.add_argument("--step-prompts", default="pirate,long", help="Prompts for the whole-step part (pirate, long).")
+    parser.add_argument("--step-prompts", default="pirate,long", help="Prompts for the whole-step part (pirate, long, medical).")
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.steps, args.new_tokens)))
@@ -163,6 +163,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     prompts = {"pirate": PIRATE, "long": long_prompt_file(tmp, args.long_rules)}
+    # medical: short answers (most end well before the cap), where finished rows leaving the batch matter most
+    step_prompts = {**prompts, "medical": REPO / "prompts" / "medical.md"}
     report: dict = {"machine": f"{os.cpu_count()} cores", "teacher_scoring": [], "steps": {}}
     if not args.skip_scoring:
         for path in prompts.values():
@@ -177,7 +179,7 @@ def main() -> None:
         runs: dict[tuple[str, str], list[dict]] = {}
         for rnd in range(args.rounds):
             order = names if rnd % 2 == 0 else names[::-1]  # alternate: machine noise hits every variant alike
-            for pname, path in prompts.items():
+            for pname, path in step_prompts.items():
                 if pname not in args.step_prompts.split(","):
                     continue
                 for variant in order:
@@ -188,7 +190,7 @@ def main() -> None:
                     runs.setdefault((pname, variant), []).append(json.loads(line[7:]))
         print(f"\nOPCD steps on SmolLM2-135M (batch 16, {args.new_tokens} new tokens), median over {args.steps - 1} steps x {args.rounds} round(s)")
         print(f"{'prompt':8} {'variant':22} {'s/step':>7} {'tok/s':>6} {'sample':>7} {'teacher':>8} {'student':>8} {'RSS GiB':>7} {'vs all on':>9} {'step 1':>7}")
-        for pname in [p for p in prompts if p in args.step_prompts.split(",")]:
+        for pname in [p for p in step_prompts if p in args.step_prompts.split(",")]:
             base = statistics.median(r["tokens_per_s"] for r in runs[(pname, "all on")])
             for variant in names:
                 rs = runs[(pname, variant)]

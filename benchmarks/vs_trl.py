@@ -68,12 +68,12 @@ def common_settings(steps: int) -> dict:
                 lora_r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, lora_targets=list(c.lora_targets))
 
 
-def run_promptbake(prompt_copy: Path, out: Path, steps: int) -> dict:
+def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool | None = None) -> dict:
     from promptbake.bake import compile_prompt
 
     s = common_settings(steps)
     result = compile_prompt(prompt_copy, out=out, overrides=dict(steps=steps, max_new_tokens=s["max_new_tokens"], heldout=0,
-                                                                  checkpoint_every=10_000, seed=SEED,
+                                                                  checkpoint_every=10_000, seed=SEED, torch_compile=torch_compile,
                                                                   forward_kl_weight=0.0),  # TRL's SDFT: reverse KL only
                             force=True)
     log = result.train.log
@@ -180,6 +180,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=Path, default=REPO / "prompts" / "pirate.md")
     parser.add_argument("--trl-precision", choices=["bf16", "fp32"], default="bf16",
                         help="TRL's mixed precision (promptbake uses its own default, bf16 on CPUs that have it).")
+    parser.add_argument("--torch-compile", choices=["auto", "on", "off"], default="auto",
+                        help="promptbake's torch_compile (auto: on for 40+ steps on bf16 CPUs, so off at 8 steps); with "
+                             "it on, step 1 carries the compile and the table shows it apart from the steady state")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vs_trl.json")
     parser.add_argument("--worker", nargs=3, metavar=("WHO", "PROMPT_COPY", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=2, metavar=("PROMPT", "ADAPTERS_JSON"), help=argparse.SUPPRESS)
@@ -187,7 +190,8 @@ def main() -> None:
     CAP = args.max_new_tokens
     if args.worker:
         who, prompt_copy, out = args.worker
-        fn = run_promptbake if who == "promptbake" else (
+        compile_flag = {"auto": None, "on": True, "off": False}[args.torch_compile]
+        fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag)) if who == "promptbake" else (
             lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16"))
         print("RESULT " + json.dumps(fn(Path(prompt_copy), Path(out), args.steps)))
         return
@@ -205,26 +209,28 @@ def main() -> None:
             out = tmp / f"{who}-{rnd}"
             print(f"round {rnd + 1}: {who} ...", flush=True)
             runs[who].append(_call("--steps", str(args.steps), "--max-new-tokens", str(CAP), "--trl-precision", args.trl_precision,
-                                   "--worker", who, str(prompt_copy), str(out)))
+                                   "--torch-compile", args.torch_compile, "--worker", who, str(prompt_copy), str(out)))
             adapters[f"{who}-{rnd}"] = str(out)
     print("measuring held-out KL ...", flush=True)
     kls = _call("--max-new-tokens", str(CAP), "--measure", str(args.prompt), json.dumps(adapters))
 
     report: dict = {"machine": f"{os.cpu_count()} cores, {sys.platform}", "steps": args.steps, "rounds": args.rounds,
                     "prompt": str(args.prompt), "heldout_queries": len(heldout), "trl_precision": args.trl_precision,
+                    "torch_compile": args.torch_compile,
                     "settings": runs["promptbake"][0]["settings"], "kl_base": kls["base"], "trainers": {}}
     print(f"\n{args.steps} steps x 16 queries x <= {report['settings']['max_new_tokens']} tokens, {args.rounds} round(s); "
           f"held-out reverse KL to the prompted teacher on {len(heldout)} queries (base model: {kls['base']:.4f})")
-    print(f"{'trainer':11} {'s/step':>7} {'tok/s':>6} {'peak RSS GiB':>12} {'held-out KL':>11}")
+    print(f"{'trainer':11} {'s/step':>7} {'tok/s':>6} {'step 1 s':>8} {'peak RSS GiB':>12} {'held-out KL':>11}")
     for who, rs in runs.items():
         # step 1 carries one-off warm-up in both trainers; the median of the rest is the steady state
         secs = [x for r in rs for x in (r["step_seconds"][1:] or r["step_seconds"])]
         toks = [x for r in rs for x in (r["step_tokens"][1:] or r["step_tokens"])]
         row = {"s_per_step": statistics.median(secs), "tokens_per_s": sum(toks) / sum(secs),
+               "first_step_s": statistics.mean(r["step_seconds"][0] for r in rs),
                "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
                "heldout_kl": statistics.mean(kls[f"{who}-{i}"] for i in range(len(rs))), "runs": rs}
         report["trainers"][who] = row
-        print(f"{who:11} {row['s_per_step']:>7.2f} {row['tokens_per_s']:>6.1f} {row['peak_rss_gb']:>12.2f} {row['heldout_kl']:>11.4f}")
+        print(f"{who:11} {row['s_per_step']:>7.2f} {row['tokens_per_s']:>6.1f} {row['first_step_s']:>8.1f} {row['peak_rss_gb']:>12.2f} {row['heldout_kl']:>11.4f}")
     pb, trl = report["trainers"]["promptbake"], report["trainers"]["trl"]
     report["tokens_per_s_ratio"] = pb["tokens_per_s"] / trl["tokens_per_s"]
     print(f"promptbake / TRL tokens/s: {report['tokens_per_s_ratio']:.2f}x")
