@@ -136,6 +136,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "results" / "quality")
     p.add_argument("--build", type=Path, default=REPO / "build" / "quality")
     p.add_argument("--summary", action="store_true", help="only print and write the summary of saved runs")
+    p.add_argument("--paired", nargs="+", metavar="RUN",
+                   help="only compare saved runs of --prompts by query: the first run's gaps minus the mean of the "
+                        "others', with a 95 %% bootstrap interval over held-out queries (runs by file name, e.g. "
+                        "preset-faithful+fwd0.5+steps80-s3-b0k)")
     args = p.parse_args(argv)
     unknown = [part for v in args.variants.split(",") for part in v.split("+") if part not in VARIANTS]
     if unknown:
@@ -442,6 +446,35 @@ def summarise(out: Path) -> str:
     return md
 
 
+def paired_difference(out: Path, prompt: str, first: str, others: list[str], cap: int = 256) -> dict:
+    """Gap closed by run `first` minus the mean over runs `others`, reverse and forward, each with a 95 % interval
+    that resamples held-out queries jointly: every run is measured on the same queries, so what they share (a hard
+    query is hard for every run) cancels, and the interval is the difference's own noise."""
+    import numpy as np
+
+    from promptbake.stats import bootstrap
+
+    reference = json.loads(reference_path(out, prompt, cap).read_text())
+    runs = [json.loads(run_path(out, prompt, name).read_text())["measured"] for name in [first, *others]]
+    result = {"prompt": prompt, "first": first, "others": others}
+    for kind in ("reverse", "forward"):
+        base = reference[kind]
+        columns = [base["per_query"], base["tokens"]]
+        for run in runs:
+            columns += [run[kind]["per_query"], run[kind]["tokens"]]
+
+        def gap_of(kl, n, base_kl, base_n):
+            base_mean = (base_kl * base_n).sum() / max(base_n.sum(), 1)
+            return 1 - (kl * n).sum() / max(n.sum(), 1) / base_mean
+
+        def difference(base_kl, base_n, *pairs):
+            gaps = [gap_of(pairs[i], pairs[i + 1], base_kl, base_n) for i in range(0, len(pairs), 2)]
+            return float(gaps[0] - np.mean(gaps[1:]))
+
+        result[kind] = bootstrap(columns, difference, n_boot=4000).to_dict()
+    return result
+
+
 def scatter_svg(rows: list[dict], width: int = 720, height: int = 420) -> str:
     """KL gap closed (mean over seeds, with its interval) against compile minutes, one point per prompt x variant."""
     pts = [(r["compile_min"].value / 60, r["reverse_gap"],
@@ -475,6 +508,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.summary:
         print(summarise(args.out))
+        return
+    if args.paired:
+        if len(args.paired) < 2:
+            sys.exit("--paired needs a run and at least one run to compare it with")
+        for prompt in args.prompts.split(","):
+            d = paired_difference(args.out, prompt, args.paired[0], args.paired[1:], args.measure_cap)
+            print(f"[{prompt}] {d['first']} minus the mean of {', '.join(d['others'])}: " + "; ".join(
+                f"{kind} gap {d[kind]['value']:+.3f} [{d[kind]['ci95'][0]:+.3f}, {d[kind]['ci95'][1]:+.3f}]"
+                for kind in ("reverse", "forward")))
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for prompt in args.prompts.split(","):
