@@ -109,6 +109,14 @@ def _draw(logits_AV: torch.Tensor, temperature: float, greedy: bool, rows_A: tor
     return torch.searchsorted(cdf_AV, u_A1).squeeze(-1).clamp(max=cdf_AV.shape[-1] - 1)
 
 
+def _next_tokens(logits_AV: torch.Tensor, done_A: torch.Tensor, rows_A: torch.Tensor, n_rows: int, *, temperature: float,
+                 greedy: bool, pad_id: int, eos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's tokens (token_A, padding for rows that had already ended) and which rows have ended now."""
+    token_A = _draw(logits_AV, temperature, greedy, rows_A, n_rows)
+    token_A = torch.where(done_A, torch.full_like(token_A, pad_id), token_A)
+    return token_A, done_A | torch.isin(token_A, eos_t)
+
+
 # Shared prompt prefixes shorter than this are recomputed per row: one extra forward call costs more than it saves.
 MIN_SHARED_PREFIX = 16
 # Finished rows leave the batch once they are at least this fraction of it: dropping them copies the KV cache,
@@ -232,11 +240,10 @@ def sample(
         with shared_prefix(model, prefix_kv) if shared else contextlib.nullcontext():
             logits_AV = _prefill(model, cache, suffixes, pad_id, shared)
             for step in range(max_new_tokens):
-                token_A = _draw(logits_AV, temperature, greedy, rows_A, B)
-                token_A = torch.where(done_A, torch.full_like(token_A, pad_id), token_A)
+                token_A, done_A = _next_tokens(logits_AV, done_A, rows_A, B, temperature=temperature, greedy=greedy,
+                                               pad_id=pad_id, eos_t=eos_t)
                 out_BT[rows_A.cpu(), step] = token_A.cpu()
                 steps = step + 1
-                done_A |= torch.isin(token_A, eos_t)
                 if bool(done_A.all()) or steps == max_new_tokens:
                     break
                 if drop_finished and int(done_A.sum()) >= max(1, DROP_FINISHED_FRACTION * len(done_A)):
@@ -310,11 +317,10 @@ def sample_static(
     out_BT = torch.full((B, T), pad_id, dtype=torch.long)
     steps = 0
     for t in range(T):
-        token_B = _draw(logits_BV, temperature, greedy, rows_B, B)
-        token_B = torch.where(done_B, torch.full_like(token_B, pad_id), token_B)
+        token_B, done_B = _next_tokens(logits_BV, done_B, rows_B, B, temperature=temperature, greedy=greedy, pad_id=pad_id,
+                                       eos_t=eos_t)
         out_BT[:, t] = token_B.cpu()
         steps = t + 1
-        done_B |= torch.isin(token_B, eos_t)
         if bool(done_B.all()) or steps == T:
             break
         mask_BS[:, W + t] = 1

@@ -127,27 +127,39 @@ def test_static_cache_sampling_draws_what_the_eager_sampler_draws(tiny_model_dir
 
 def test_compiled_decode_step_gives_the_eager_step_and_only_while_asked(peft_tiny):
     """`compiled_decoding` puts a compiled step on the bf16 engine for as long as it is active: its logits are
-    the eager step's on the same cache, and the engine samples through the static cache meanwhile."""
+    the eager step's on the same cache, also after an update of the adapter and a `sync()` (training samples the
+    current policy, not the one the step was compiled with), and the engine samples through the static cache."""
     from transformers import StaticCache
 
     engine = HFRolloutEngine(peft_tiny, bf16=True)
     model = engine.model
     prompts = [[1, 5, 6, 7, 8], [1, 9]]
     ids_BL, mask_BL = left_pad(prompts, 0)
-    cache = StaticCache(config=model.config, max_cache_len=12)
-    with torch.no_grad():
+
+    def step_args():
+        cache = StaticCache(config=model.config, max_cache_len=12)
         model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=(mask_BL.cumsum(-1) - 1).clamp(min=0),
               past_key_values=cache, cache_position=torch.arange(5), use_cache=True)
         mask_BS = torch.cat([mask_BL, torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], dim=1)
-        args = (torch.tensor([[40], [41]]), mask_BS, torch.tensor([[5], [2]]), cache, torch.tensor([5]))
-        eager = decode_step(model, *args).float()
+        return torch.tensor([[40], [41]]), mask_BS, torch.tensor([[5], [2]]), cache, torch.tensor([5])
+
+    with torch.no_grad():
+        eager = decode_step(model, *step_args()).float()
         with compiled_decoding(engine, True) as on:
             assert on and engine.step is not None
-            compiled = engine.step(model, *args).float()
+            compiled = engine.step(model, *step_args()).float()
+            for name, param in peft_tiny.named_parameters():  # an update of the adapter, as an optimizer step makes
+                if "lora_B" in name:
+                    param.add_(torch.randn_like(param))
+            engine.sync()
+            eager_after = decode_step(model, *step_args()).float()
+            compiled_after = engine.step(model, *step_args()).float()
             torch.manual_seed(0)
             rollout = engine.sample(prompts, max_new_tokens=6, temperature=1.0, eos_ids=[-1], pad_id=0)
     assert engine.step is None  # eager again afterwards
     torch.testing.assert_close(compiled, eager, atol=0.05 * eager.abs().max().item(), rtol=0)
+    assert (eager_after - eager).abs().max() > 0.2 * eager.abs().max()  # the update moved the logits
+    torch.testing.assert_close(compiled_after, eager_after, atol=0.05 * eager_after.abs().max().item(), rtol=0)
     assert rollout.response_ids_BT.shape == (2, 6) and bool(rollout.response_mask_BT.all())
     with compiled_decoding(HFRolloutEngine(peft_tiny, bf16=False), True) as on:
         assert not on  # no merged copy to compile: the eager sampler through the PEFT model
