@@ -452,7 +452,7 @@ def paired_difference(out: Path, prompt: str, first: str, others: list[str], cap
     query is hard for every run) cancels, and the interval is the difference's own noise."""
     import numpy as np
 
-    from promptbake.stats import bootstrap
+    from promptbake.stats import bootstrap, gap_closed
 
     reference = json.loads(reference_path(out, prompt, cap).read_text())
     runs = [json.loads(run_path(out, prompt, name).read_text())["measured"] for name in [first, *others]]
@@ -463,12 +463,8 @@ def paired_difference(out: Path, prompt: str, first: str, others: list[str], cap
         for run in runs:
             columns += [run[kind]["per_query"], run[kind]["tokens"]]
 
-        def gap_of(kl, n, base_kl, base_n):
-            base_mean = (base_kl * base_n).sum() / max(base_n.sum(), 1)
-            return 1 - (kl * n).sum() / max(n.sum(), 1) / base_mean
-
-        def difference(base_kl, base_n, *pairs):
-            gaps = [gap_of(pairs[i], pairs[i + 1], base_kl, base_n) for i in range(0, len(pairs), 2)]
+        def difference(base_kl, base_n, *runs_kl_n):
+            gaps = [gap_closed(runs_kl_n[i], base_kl, runs_kl_n[i + 1], base_n) for i in range(0, len(runs_kl_n), 2)]
             return float(gaps[0] - np.mean(gaps[1:]))
 
         result[kind] = bootstrap(columns, difference, n_boot=4000).to_dict()

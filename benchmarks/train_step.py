@@ -14,6 +14,7 @@ in alternating order over rounds. Step 1 is reported apart: it holds one-off war
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # quality.eager_decoding_only
 PIRATE = REPO / "prompts" / "pirate.md"
 VARIANTS = {
     "all on": {},
@@ -114,12 +116,10 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
         promptbake.losses.LOSS_CHUNK_BYTES = settings.pop("loss_chunk_bytes")
     if "packed_layout" in settings:
         promptbake.rollout.PACKED_LAYOUT = settings.pop("packed_layout")
-    if settings.pop("eager_decoding", False):
-        import contextlib
+    from quality import eager_decoding_only
 
-        import promptbake.train
-        promptbake.train.compiled_decoding = lambda engine, enabled: contextlib.nullcontext(False)
-    with tempfile.TemporaryDirectory() as tmp:
+    eager_decoding = settings.pop("eager_decoding", False)
+    with tempfile.TemporaryDirectory() as tmp, eager_decoding_only() if eager_decoding else contextlib.nullcontext():
         overrides = dict(steps=steps, max_new_tokens=new_tokens, heldout=0, checkpoint_every=10_000, **settings)
         result = compile_prompt(prompt, out=Path(tmp) / "out", overrides=overrides)
     log = result.train.log[1:] or result.train.log  # step 1 includes one-off warm-up

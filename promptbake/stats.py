@@ -60,14 +60,17 @@ def ratio_of_means_ci(numerator: Sequence[float], denominator: Sequence[float], 
     return bootstrap([numerator, denominator], ratio, **kw)
 
 
+def gap_closed(kl_baked: np.ndarray, kl_base: np.ndarray, tokens_baked: np.ndarray, tokens_base: np.ndarray) -> float:
+    """1 - KL(baked)/KL(base) from per-query KLs, each side a mean weighted by its own answers' tokens."""
+    base = (kl_base * tokens_base).sum() / max(tokens_base.sum(), 1)
+    baked = (kl_baked * tokens_baked).sum() / max(tokens_baked.sum(), 1)
+    return float(1 - baked / base) if base > 0 else float("nan")
+
+
 def gap_closed_ci(kl_baked: Sequence[float], kl_base: Sequence[float], tokens_baked: Sequence[float],
                   tokens_base: Sequence[float], **kw) -> Estimate:
-    """1 - KL(baked)/KL(base), each a token-weighted mean, resampling queries jointly."""
-    def gap(kb, kB, nb, nB):
-        base = (kB * nB).sum() / max(nB.sum(), 1)
-        baked = (kb * nb).sum() / max(nb.sum(), 1)
-        return float(1 - baked / base) if base > 0 else float("nan")
-    return bootstrap([kl_baked, kl_base, tokens_baked, tokens_base], gap, **kw)
+    """`gap_closed`, resampling queries jointly."""
+    return bootstrap([kl_baked, kl_base, tokens_baked, tokens_base], gap_closed, **kw)
 
 
 # Two-sided 95 % quantiles of Student's t, by degrees of freedom (1..30); beyond 30 the normal 1.96 is close.
