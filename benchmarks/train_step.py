@@ -34,9 +34,11 @@ VARIANTS = {
     "no bf16 sampler copy": {"sampler_copy": False},
     "fp32 everywhere": {"precision": "fp32"},
     "no heap trim": {"release_memory": False},
-    "torch.compile layers": {"torch_compile": True},  # the setting: decoder layers, and the sampler's decode step
-    # Not a setting: torch_compile with the sampler's decode step eager, as before compiled decoding.
+    "torch.compile layers": {"torch_compile": True},  # the setting: decoder layers, the sampler's decode step, the loss
+    # Not settings: torch_compile with the sampler's decode step eager, as before compiled decoding; with the loss
+    # eager, as before the compiled loss.
     "compiled layers + eager decoding": {"torch_compile": True, "eager_decoding": True},
+    "compiled layers + eager loss": {"torch_compile": True, "eager_loss": True},
     # Not a setting: the loss forced into 256-token chunks (SmolLM2's 49k vocabulary is under the default threshold).
     "loss in 256-token chunks": {"loss_chunk_bytes": 256 * 4 * 49152},
     "gradient checkpointing": {"gradient_checkpointing": True},
@@ -118,7 +120,11 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
         promptbake.rollout.PACKED_LAYOUT = settings.pop("packed_layout")
     from quality import eager_decoding_only
 
+    import promptbake.train
+
     eager_decoding = settings.pop("eager_decoding", False)
+    if settings.pop("eager_loss", False):
+        promptbake.train.compiled_loss = lambda enabled: contextlib.nullcontext(False)
     with tempfile.TemporaryDirectory() as tmp, eager_decoding_only() if eager_decoding else contextlib.nullcontext():
         overrides = dict(steps=steps, max_new_tokens=new_tokens, heldout=0, checkpoint_every=10_000, **settings)
         result = compile_prompt(prompt, out=Path(tmp) / "out", overrides=overrides)

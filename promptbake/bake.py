@@ -33,6 +33,7 @@ from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.events import Notice, OnEvent, StageStarted, StepDone, TrainingDone, TrainingStarted, UpToDate, ignore
 from promptbake.lengths import LengthProbe, fraction, ids_hit_cap, probe_queries, probe_teacher_lengths, size_cap
+from promptbake.losses import loss_compiles
 from promptbake.measure import check_rates, condition_ids, decode_all, kl_to_teacher
 from promptbake.models import weights_sha256
 from promptbake.plan import CompilePlan, plan_compile, work_dir_for
@@ -329,8 +330,9 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
     first = resume.step + 1 if resume else 1
     compiled = ""
     if use_torch_compile(config, rt.bf16, rt.device):
-        decode = can_compile_decoding(run.engine)
-        compiled = ", decoder layers and decode step compiled" if decode else ", decoder layers compiled"
+        parts = ["decoder layers"] + ["decode step"] * can_compile_decoding(run.engine) \
+            + ["loss"] * loss_compiles(config.method, config.kl)
+        compiled = f", {', '.join(parts[:-1])} and {parts[-1]} compiled" if len(parts) > 1 else ", decoder layers compiled"
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
                              f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher{compiled})"))
     stop_requested, uninstall = _install_stop_handlers()

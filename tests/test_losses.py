@@ -339,3 +339,37 @@ def test_chunked_mixed_kl_has_the_unchunked_values_and_gradients():
         out.append((loss_BT.detach(), s1.grad))
     torch.testing.assert_close(out[1][0], out[0][0])
     torch.testing.assert_close(out[1][1], out[0][1])
+
+
+def test_compiled_loss_has_the_eager_values_and_gradients():
+    """Inside `compiled_loss` the default objective runs through one compiled per-token loss, whole or in chunks:
+    the same values and gradients as eager (reverse KL against the brute force), eager again afterwards, and
+    objectives it does not compile (top-k) untouched."""
+    import promptbake.losses
+    from torch._dynamo.utils import counters
+
+    from promptbake.losses import compiled_loss, distill_loss
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(3, 7, 50, generator=g) * 2, torch.randn(3, 7, 50, generator=g) * 2
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+
+    def loss_and_grad(kl="full", chunk=0, weight=0.4):
+        s1 = s.clone().requires_grad_(True)
+        loss_BT = distill_loss("opcd", kl, s1, t, ids, temperature=0.8, topk=6, chunk_tokens=chunk, forward_weight=weight)
+        (loss_BT * torch.arange(21.0).reshape(3, 7)).sum().backward()  # position weights: a misplaced token shows
+        return loss_BT.detach(), s1.grad
+
+    cases = [dict(), dict(chunk=4), dict(weight=0.0), dict(kl="topk", weight=0.0)]
+    eager = [loss_and_grad(**c) for c in cases]
+    graphs = counters["stats"]["unique_graphs"]
+    with compiled_loss(True) as on:
+        compiled = [loss_and_grad(**c) for c in cases]
+    assert on and promptbake.losses._compiled_distill_loss is None
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+    for (value, grad), (value_c, grad_c) in zip(eager, compiled):
+        torch.testing.assert_close(value_c, value, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad_c, grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled[2][0].double(), brute_kl(s, t, 0.8), atol=1e-5, rtol=1e-5)
+    with compiled_loss(False) as on:
+        assert not on and promptbake.losses._compiled_distill_loss is None

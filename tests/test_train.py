@@ -103,7 +103,7 @@ def test_bf16_compile_samples_through_the_compiled_decode_step(tmp_path, tiny_mo
         overrides=dict(steps=2, batch_size=4, heldout=0, max_new_tokens=10, precision="bf16", torch_compile=True),
     )
     started = [e.message for e in said if isinstance(e, TrainingStarted)]
-    assert started and "decoder layers and decode step compiled" in started[0]
+    assert started and "decoder layers, decode step and loss compiled" in started[0]
     assert len(result.train.log) == 2
     for entry in result.train.log:
         assert 4 <= entry.response_tokens <= 40 and math.isfinite(entry.kl) and math.isfinite(entry.grad_norm)
