@@ -330,9 +330,12 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
     first = resume.step + 1 if resume else 1
     compiled = ""
     if use_torch_compile(config, rt.bf16, rt.device):
-        parts = ["decoder layers"] + ["decode step"] * can_compile_decoding(run.engine) \
-            + ["loss"] * loss_compiles(config.method, config.kl)
-        compiled = f", {', '.join(parts[:-1])} and {parts[-1]} compiled" if len(parts) > 1 else ", decoder layers compiled"
+        parts = ["decoder layers"]
+        if can_compile_decoding(run.engine):
+            parts.append("decode step")
+        if loss_compiles(config.method, config.kl):
+            parts.append("loss")
+        compiled = ", " + (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") + parts[-1] + " compiled"
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
                              f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher{compiled})"))
     stop_requested, uninstall = _install_stop_handlers()
