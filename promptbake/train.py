@@ -45,7 +45,7 @@ from promptbake.faults import fault_point, fault_requested
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
-from promptbake.losses import compiled_loss, distill_loss, token_loss
+from promptbake.losses import compiled_loss, distill_loss, loss_compiles, token_loss
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import (
@@ -275,7 +275,7 @@ def train_student(
     compiling = use_torch_compile(config, bf16, accelerator.device)
     compiled.enter_context(compiled_blocks(policy, compiling))
     decode_compiled = compiled.enter_context(compiled_decoding(engine, compiling))
-    compiled.enter_context(compiled_loss(compiling))
+    compiled.enter_context(compiled_loss(compiling and loss_compiles(config.method, config.kl)))
     if config.gradient_checkpointing:
         compiled.enter_context(recomputed_activations(policy))
     nonfinite_in_a_row, nonfinite_since = 0, first_step
