@@ -39,6 +39,8 @@ VARIANTS = {
     # eager, as before the compiled loss.
     "compiled layers + eager decoding": {"torch_compile": True, "eager_decoding": True},
     "compiled layers + eager loss": {"torch_compile": True, "eager_loss": True},
+    # Not a setting: teacher scoring through the compiled layers too (the default keeps it eager).
+    "compiled layers + compiled teacher": {"torch_compile": True, "compiled_teacher": True},
     # Not a setting: the loss forced into 256-token chunks (SmolLM2's 49k vocabulary is under the default threshold).
     "loss in 256-token chunks": {"loss_chunk_bytes": 256 * 4 * 49152},
     "gradient checkpointing": {"gradient_checkpointing": True},
@@ -123,6 +125,8 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
     import promptbake.train
 
     eager_decoding = settings.pop("eager_decoding", False)
+    if settings.pop("compiled_teacher", False):  # eager_only guards teacher scoring (and eager sampling, unused here)
+        promptbake.train.eager_only = lambda enabled: contextlib.nullcontext()
     if settings.pop("eager_loss", False):
         promptbake.train.compiled_loss = lambda enabled: contextlib.nullcontext(False)
     with tempfile.TemporaryDirectory() as tmp, eager_decoding_only() if eager_decoding else contextlib.nullcontext():
