@@ -1,7 +1,7 @@
 """Benchmark: the sampler's bf16 linears, plain against packed in oneDNN's layout, on the default model's shapes.
 
 A decode step multiplies a few rows (the sampling batch) against every weight of the model; in a profile of the
-compiled decode step those multiplies were 70 % of a token. oneDNN can hold a weight packed in its own blocked
+compiled decode step those multiplies were 69 % of a token. oneDNN can hold a weight packed in its own blocked
 layout, which the sampler copy could repack at every `sync()`. For each of SmolLM2-135M's linear shapes this
 times, in one process: a bf16 `F.linear` on a parameter that requires grad (how the sampler copy keeps its
 weights, the baseline), the same on a plain tensor, the packed weight through oneDNN's op called directly (what
@@ -63,6 +63,7 @@ def main() -> None:
     @through_op.register_fake
     def _(x, packed_OI, out_features):
         return x.new_empty(*x.shape[:-1], out_features)
+
     torch.manual_seed(0)
     rows, token = [], {"plain": 0.0, "packed, direct": 0.0, "packed, custom op": 0.0}
     with torch.no_grad():
