@@ -137,7 +137,7 @@ def main() -> None:
           f"read {bandwidth / 1e9:.1f} GB/s\n")
     print(f"| phase | FLOPs | floor s | measured s | measured / floor |\n|---|---|---|---|---|")
     for name, seconds in floor.items():
-        extra = f" (+ {reads_s:.1f} s of weight reads)" if name == "sampling" else ""
+        extra = f" (incl. {reads_s:.1f} s of weight reads)" if name == "sampling" else ""
         print(f"| {name} | {flops[name] / 1e12:.1f} T | {seconds:.1f}{extra} | {measured[name]:.1f} | {measured[name] / seconds:.1f}x |")
     print(f"| training loop | {sum(flops.values()) / 1e12:.1f} T | {floor_s:.1f} | {train_s:.1f} | {train_s / floor_s:.1f}x |")
     if args.json:
