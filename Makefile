@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: setup demo demo-quick test test-fast bench-trl bench-trl-faithful clean
 
@@ -44,14 +45,17 @@ test: $(VLLM_STAMP)
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# promptbake against TRL's SDFT trainer, same settings, one run (TRL is a benchmark-only dependency).
-bench-trl: setup
+# TRL is a benchmark-only dependency, installed once like the vLLM extra.
+$(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+# promptbake against TRL's SDFT trainer, same settings, one run.
+bench-trl: $(BENCH_STAMP)
 	TRL_EXPERIMENTAL_SILENCE=1 $(BIN)/python benchmarks/vs_trl.py
 
 # The same at the default compile's 128-token cap with torch_compile on, as an 80-step compile runs (about 15 minutes).
-bench-trl-faithful: setup
-	$(BIN)/pip install -q -e ".[bench]"
+bench-trl-faithful: $(BENCH_STAMP)
 	TRL_EXPERIMENTAL_SILENCE=1 $(BIN)/python benchmarks/vs_trl.py --max-new-tokens 128 --torch-compile on --out results/vs_trl_faithful.json
 
 clean:
