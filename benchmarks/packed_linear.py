@@ -65,21 +65,21 @@ def main() -> None:
         return x.new_empty(*x.shape[:-1], out_features)
 
     torch.manual_seed(0)
-    rows, token = [], {"plain": 0.0, "packed, direct": 0.0, "packed, custom op": 0.0}
+    rows, token = [], {"parameter": 0.0, "packed, direct": 0.0, "packed, custom op": 0.0}
     with torch.no_grad():
         for label, out_f, in_f, per_layer in SHAPES:
             x = torch.randn(args.rows, 1, in_f).bfloat16()
             weight = (torch.randn(out_f, in_f) * 0.05).bfloat16()
             as_param = torch.nn.Parameter(weight.clone())
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, args.rows)
-            same = torch.equal(direct(x, packed), F.linear(x, weight)) and torch.equal(through_op(x, packed, out_f),
-                                                                                       F.linear(x, weight))
+            want = F.linear(x, weight)
+            same = torch.equal(direct(x, packed), want) and torch.equal(through_op(x, packed, out_f), want)
             param_us = per_call_us(lambda: F.linear(x, as_param), args.calls)
             plain_us = per_call_us(lambda: F.linear(x, weight), args.calls)
             direct_us = per_call_us(lambda: direct(x, packed), args.calls)
             op_us = per_call_us(lambda: through_op(x, packed, out_f), args.calls)
             times = per_layer * LAYERS if per_layer else 1
-            token["plain"] += param_us * times
+            token["parameter"] += param_us * times
             token["packed, direct"] += direct_us * times
             token["packed, custom op"] += op_us * times
             rows.append({"shape": label, "out": out_f, "in": in_f, "param_us": param_us, "plain_us": plain_us,
@@ -91,9 +91,9 @@ def main() -> None:
         print(f"| {r['shape']} ({r['out']} x {r['in']}) | {r['param_us']:.0f} | {r['plain_us']:.0f} | "
               f"{r['direct_us']:.0f} ({r['param_us'] / r['direct_us']:.2f}x) | {r['op_us']:.0f} ({r['param_us'] / r['op_us']:.2f}x) | "
               f"{r['equal']} |")
-    print(f"| one token of the model (ms) | {token['plain'] / 1e3:.1f} | | {token['packed, direct'] / 1e3:.1f} "
-          f"({token['plain'] / token['packed, direct']:.2f}x) | {token['packed, custom op'] / 1e3:.1f} "
-          f"({token['plain'] / token['packed, custom op']:.2f}x) | |")
+    print(f"| one token of the model (ms) | {token['parameter'] / 1e3:.1f} | | {token['packed, direct'] / 1e3:.1f} "
+          f"({token['parameter'] / token['packed, direct']:.2f}x) | {token['packed, custom op'] / 1e3:.1f} "
+          f"({token['parameter'] / token['packed, custom op']:.2f}x) | |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": args.rows, "calls": args.calls, "command": " ".join(["python"] + sys.argv),
                                      "shapes": rows, "token_ms": {k: v / 1e3 for k, v in token.items()}}, indent=1) + "\n")
