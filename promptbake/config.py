@@ -74,6 +74,14 @@ class BakeConfig(BaseModel):
                     "(support prompt) 0.5 passed the prompt's checks at 0.98x the teacher's rate against 0.82x for reverse "
                     "KL alone, for slightly less of the reverse-KL gap; on pirate and safety neither KL moved.",
     )
+    future_kl_weight: float = Field(
+        0.0, ge=0,
+        description="Weight of the sequence-level term of on-policy training (opcd only; 0: off, the per-token loss "
+                    "alone, as the OPCD paper trains): each sampled token is also pushed up or down by how far the "
+                    "student then stays from the teacher over the rest of its answer (the mean per-token loss after it, "
+                    "less the previous step's mean), the score-function part of the sequence-level gradient that the "
+                    "per-token loss leaves out (MiniLLM's long-term term, length-normalised).",
+    )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
     # Sampling.
@@ -218,6 +226,8 @@ class BakeConfig(BaseModel):
         elif self.forward_kl_weight and not applies:
             raise ValueError(f"forward_kl_weight mixes forward KL into opcd's full-vocabulary loss; it needs method opcd "
                              f"with kl full, not method {self.method} with kl {self.kl}")
+        if self.future_kl_weight and self.method != "opcd":
+            raise ValueError(f"future_kl_weight trains on the student's own samples; it needs method opcd, not {self.method}")
         if self.teacher_url:
             if self.teacher:
                 raise ValueError("teacher and teacher_url both name the teacher; give one")

@@ -220,6 +220,30 @@ def _distill_loss(method, kl, student_logits_BTV, teacher, ids_BT, temperature, 
     return loss.per_token(student_logp_BTV, teacher, ids_BT, topk)
 
 
+def future_divergence_surrogate(student_logits_BTV: torch.Tensor, ids_BT: torch.Tensor, cost_BT: torch.Tensor,
+                                mask_BT: torch.Tensor, baseline: float, temperature: float) -> torch.Tensor:
+    """Per-token surrogate (surrogate_BT) whose gradient is the part of a sequence-level divergence's gradient that
+    the per-token loss leaves out: how the token sampled at t steers the divergences at the positions after it.
+
+    The per-token loss sum_t D_t (D_t the divergence of the two next-token distributions after y_<t) is
+    differentiated as if the prefixes were fixed. Through the student's sampling they are not: the exact gradient of
+    E_y~s[sum_t D_t] adds sum_t grad log p_s(y_t) * sum_{t'>t} D_t' (the score-function term). As MiniLLM does, the
+    future divergences here are averaged over the rest of the answer rather than summed (length normalisation,
+    which keeps the term on the per-token loss's scale), less a `baseline` that does not depend on this sample (the
+    previous step's mean per-token loss), which leaves the expectation unchanged and lowers its variance. Positions
+    with nothing after them get no term. `cost_BT` is the per-token loss, detached here."""
+    cost_BT = (cost_BT.detach() * mask_BT).float()
+    mask_BT = mask_BT.float()
+    after_sum_BT = cost_BT.flip(-1).cumsum(-1).flip(-1) - cost_BT
+    after_count_BT = mask_BT.flip(-1).cumsum(-1).flip(-1) - mask_BT
+    advantage_BT = torch.where(after_count_BT > 0, after_sum_BT / after_count_BT.clamp(min=1) - baseline, 0.0)
+    logits_BTV = student_logits_BTV.float()
+    if temperature != 1.0:
+        logits_BTV = logits_BTV / temperature
+    logp_BT = logits_BTV.gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits_BTV, dim=-1)
+    return advantage_BT * mask_BT * logp_BT
+
+
 def reverse_kl(kind: str, student_logits_BTV: torch.Tensor, teacher: torch.Tensor, sampled_ids_BT: torch.Tensor,
                temperature: float = 1.0, topk: int = 256) -> torch.Tensor:
     """Per-token reverse KL (kl_BT) with estimator `kind` from raw logits (see distill_loss for `teacher`)."""

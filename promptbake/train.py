@@ -45,7 +45,7 @@ from promptbake.faults import fault_point, fault_requested
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
-from promptbake.losses import compiled_loss, distill_loss, loss_compiles, token_loss
+from promptbake.losses import compiled_loss, distill_loss, future_divergence_surrogate, loss_compiles, token_loss
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import (
@@ -333,9 +333,18 @@ def train_student(
                             micro.response_ids_BT.to(device), temperature=config.temperature, topk=config.topk,
                             forward_weight=config.forward_kl_weight,
                         )
+                        mask_BT = micro.response_mask_BT.to(device)
                         # Sum over this micro-batch / tokens of the whole part: the gradients add up to the part's mean.
-                        micro_loss = (loss_BT * micro.response_mask_BT.to(device)).sum() / total_tokens
-                        accelerator.backward(micro_loss)
+                        micro_loss = (loss_BT * mask_BT).sum() / total_tokens
+                        if config.future_kl_weight:
+                            # The baseline must not depend on this sample: the last step's mean loss (this
+                            # micro-batch's own on the first step of a run).
+                            baseline = result.log[-1].kl if result.log else float((loss_BT.detach() * mask_BT).sum() / mask_BT.sum().clamp(min=1))
+                            surrogate_BT = future_divergence_surrogate(student_logits_BTV, micro.response_ids_BT.to(device),
+                                                                       loss_BT, mask_BT, baseline, config.temperature)
+                            accelerator.backward(micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens)
+                        else:
+                            accelerator.backward(micro_loss)
                     loss_sum += float(micro_loss.detach()) * part_tokens / max(step_tokens, 1) / world
                     del teacher_out, student_logits_BTV, loss_BT
                     if config.release_memory:

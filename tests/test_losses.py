@@ -373,3 +373,67 @@ def test_compiled_loss_has_the_eager_values_and_gradients():
     torch.testing.assert_close(compiled[2][0].double(), brute_kl(s, t, 0.8), atol=1e-5, rtol=1e-5)
     with compiled_loss(False) as on:
         assert not on and promptbake.losses._compiled_distill_loss is None
+
+
+def _two_token_tables(seed: int = 0, V: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(V, generator=g, dtype=torch.float64), torch.randn(V, V, generator=g, dtype=torch.float64))
+    teacher = (torch.randn(V, generator=g, dtype=torch.float64), torch.randn(V, V, generator=g, dtype=torch.float64))
+    return student, teacher
+
+
+@pytest.mark.parametrize("baseline", [0.0, 0.3])
+def test_future_term_completes_the_sequence_level_gradient(baseline):
+    """Over every two-token answer, weighted by its probability, the per-token loss plus the future term has the
+    exact gradient of E_y~s[D_0 + D_1(y_0)], which the per-token loss alone misses; any baseline leaves it exact."""
+    from promptbake.losses import future_divergence_surrogate
+
+    (s0, s1), (t0, t1) = _two_token_tables()
+    s0.requires_grad_(True)
+    s1.requires_grad_(True)
+    V = s0.shape[0]
+
+    def kl(a, b):
+        la, lb = a.log_softmax(-1), b.log_softmax(-1)
+        return (la.exp() * (la - lb)).sum(-1)
+
+    exact = kl(s0, t0) + (s0.softmax(-1) * kl(s1, t1)).sum()
+    exact_grads = torch.autograd.grad(exact, (s0, s1))
+
+    ids_BT = torch.tensor([[a, b] for a in range(V) for b in range(V)])
+    student_BTV = torch.stack([torch.stack([s0, s1[a]]) for a, _ in ids_BT.tolist()])
+    teacher_BTV = torch.stack([torch.stack([t0, t1[a]]) for a, _ in ids_BT.tolist()])
+    mask_BT = torch.ones_like(ids_BT, dtype=torch.float64)
+    logp_BTV = student_BTV.log_softmax(-1)
+    prob_B = logp_BTV.gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1).sum(-1).exp().detach()
+    loss_BT = full_reverse_kl(logp_BTV, teacher_BTV.log_softmax(-1))
+    surrogate_BT = future_divergence_surrogate(student_BTV, ids_BT, loss_BT, mask_BT, baseline, 1.0)
+    expected = (prob_B * (loss_BT + surrogate_BT).sum(-1)).sum()
+    got_grads = torch.autograd.grad(expected, (s0, s1), retain_graph=True)
+    for got, want in zip(got_grads, exact_grads):
+        torch.testing.assert_close(got, want)
+    per_token_only = torch.autograd.grad((prob_B * loss_BT.sum(-1)).sum(), s0)[0]
+    assert (per_token_only - exact_grads[0]).abs().max() > 1e-3  # the term is what makes it exact
+
+
+def test_future_term_averages_the_rest_of_the_answer_and_skips_padding():
+    from promptbake.losses import future_divergence_surrogate
+
+    logits_BTV = torch.zeros(1, 4, 5, requires_grad=True)  # uniform: log p of any token is -log 5
+    cost_BT = torch.tensor([[0.1, 0.2, 0.6, 9.0]])
+    mask_BT = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is padding
+    got = future_divergence_surrogate(logits_BTV, torch.tensor([[0, 1, 2, 3]]), cost_BT, mask_BT, 0.1, 1.0)
+    advantage = torch.tensor([[(0.2 + 0.6) / 2 - 0.1, 0.6 - 0.1, 0.0, 0.0]])  # padding's cost never counts
+    torch.testing.assert_close(got.detach(), advantage * -torch.log(torch.tensor(5.0)))
+    got.sum().backward()
+    assert logits_BTV.grad[0, 2:].abs().max() == 0  # no term where nothing follows
+
+
+def test_future_weight_needs_on_policy_training():
+    from pydantic import ValidationError
+
+    from promptbake.config import BakeConfig
+
+    with pytest.raises(ValidationError, match="future_kl_weight"):
+        BakeConfig(method="sft", future_kl_weight=0.5)
+    assert BakeConfig(future_kl_weight=0.5).future_kl_weight == 0.5
