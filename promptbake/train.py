@@ -262,7 +262,11 @@ def train_student(
             if ckpt.average is None:
                 raise PromptbakeError(f"the checkpoint at step {ckpt.step} has no weight average to resume with ema_decay")
             average.load_state(ckpt.average, ckpt.step)
-    tokens_trained = int(checkpointing.resume_from.extra.get("tokens_trained", 0)) if checkpointing and checkpointing.resume_from else 0
+    resumed_extra = checkpointing.resume_from.extra if checkpointing and checkpointing.resume_from else {}
+    tokens_trained = int(resumed_extra.get("tokens_trained", 0))
+    # future_kl_weight's baseline must not depend on the step's own samples: the previous step's mean loss (0 at
+    # step 1), kept in checkpoints so that a resumed run trains as an uninterrupted one.
+    future_baseline = float(resumed_extra.get("last_step_loss", 0.0))
     engine = engine or HFRolloutEngine(policy, bf16=bf16)
     engine.sync()
     eos_ids = eos_token_ids(tokenizer)
@@ -337,11 +341,8 @@ def train_student(
                         # Sum over this micro-batch / tokens of the whole part: the gradients add up to the part's mean.
                         micro_loss = (loss_BT * mask_BT).sum() / total_tokens
                         if config.future_kl_weight:
-                            # The baseline must not depend on this sample: the last step's mean loss (this
-                            # micro-batch's own on the first step of a run).
-                            baseline = result.log[-1].kl if result.log else float((loss_BT.detach() * mask_BT).sum() / mask_BT.sum().clamp(min=1))
                             surrogate_BT = future_divergence_surrogate(student_logits_BTV, micro.response_ids_BT.to(device),
-                                                                       loss_BT, mask_BT, baseline, config.temperature)
+                                                                       loss_BT, mask_BT, future_baseline, config.temperature)
                             accelerator.backward(micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens)
                         else:
                             accelerator.backward(micro_loss)
@@ -409,9 +410,11 @@ def train_student(
             if on_step:
                 on_step(entry)
             tokens_trained += step_tokens  # counted over all processes: every process stops on the same step
+            future_baseline = entry.kl
             budget_spent = config.token_budget is not None and tokens_trained >= config.token_budget
             if checkpointing:
                 checkpointing.extra["tokens_trained"] = tokens_trained
+                checkpointing.extra["last_step_loss"] = future_baseline
                 # Any process asked to stop stops them all, after the same step.
                 stop = bool(accelerator.reduce(torch.tensor(int(checkpointing.stop_requested()),
                                                             device=accelerator.device), "sum"))

@@ -79,7 +79,8 @@ def test_killed_compiles_resume_to_the_same_adapter(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_sigint_checkpoints_and_exits_then_resumes(tmp_path, tiny_model_dir):
-    prompt = write_prompt(tmp_path / "p", front="name: sig\nqueries: queries.txt\ntrain: {checkpoint_every: 100}\n")
+    # With the sequence-level term on: its baseline (the last step's loss) must come back from the checkpoint.
+    prompt = write_prompt(tmp_path / "p", front="name: sig\nqueries: queries.txt\ntrain: {checkpoint_every: 100, future_kl_weight: 1.0}\n")
     reference = tmp_path / "reference"
     run_ok(compile_cmd(prompt, tiny_model_dir, reference))
     out = tmp_path / "out"

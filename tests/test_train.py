@@ -210,6 +210,25 @@ def test_forward_kl_weight_reaches_the_training_loss(tmp_path, tiny_model_dir):
     assert logs[1.0].grad_norm != logs[0.0].grad_norm
 
 
+def test_future_kl_term_changes_the_gradient_not_the_logged_loss_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
+    """Same seed, so the same step-1 samples: the logged loss is the per-token loss either way, the sequence-level
+    term moves the gradient, and splitting the batch into micro-batches does not change it (its baseline is the
+    previous step's loss, not the micro-batch's)."""
+    prompt = write_prompt(tmp_path / "p")
+    logs = {}
+    for w, micro in ((0.0, 8), (1.0, 1), (1.0, 8)):
+        result = compile_prompt(prompt, out=tmp_path / f"out{w}-{micro}", model=str(tiny_model_dir),
+                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0,
+                                               max_new_tokens=8, precision="fp32", future_kl_weight=w))
+        logs[w, micro] = result.train.log
+        assert result.manifest.config["future_kl_weight"] == w
+    plain, split, whole = logs[0.0, 8][0], logs[1.0, 1][0], logs[1.0, 8][0]
+    assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
+    assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
+    assert split.kl == pytest.approx(whole.kl, rel=1e-4) and split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
+    assert logs[1.0, 1][1].grad_norm == pytest.approx(logs[1.0, 8][1].grad_norm, rel=1e-3)  # step 2: baseline = step 1's loss
+
+
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_three_in_a_row_stop(tmp_path, tiny_model_dir, monkeypatch):
     """Seen on an H200: a finite loss whose backward returned NaN. That step must leave the adapter (and Adam) as
     they were: two steps with the second skipped end where one step ends. Three in a row stop the compile."""
