@@ -78,6 +78,7 @@ VARIANTS: dict[str, dict] = {
     # The sequence-level (score-function) term beside the per-token loss, MiniLLM-style (config future_kl_weight).
     "fut0.5": {"future_kl_weight": 0.5},
     "fut1": {"future_kl_weight": 1.0},
+    "fut4": {"future_kl_weight": 4.0},
     "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
     "steps80": {"steps": 80},  # with --token-budget 0: the faithful default's steps (was twice them when first run)
     "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?

@@ -80,7 +80,8 @@ class BakeConfig(BaseModel):
                     "alone, as the OPCD paper trains): each sampled token is also pushed up or down by how far the "
                     "student then stays from the teacher over the rest of its answer (the mean per-token loss after it, "
                     "less the previous step's mean), the score-function part of the sequence-level gradient that the "
-                    "per-token loss leaves out (MiniLLM's long-term term, length-normalised).",
+                    "per-token loss leaves out (MiniLLM's long-term term, length-normalised). In the quality study "
+                    "(pirate, 40 steps) weight 1 changed neither KL gap, weight 4 lost 0.02 of the forward gap.",
     )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
