@@ -76,7 +76,6 @@ VARIANTS: dict[str, dict] = {
     "fwd0.5": {"forward_kl_weight": 0.5},
     "fwd1": {"forward_kl_weight": 1.0},
     # The sequence-level (score-function) term beside the per-token loss, MiniLLM-style (config future_kl_weight).
-    "fut0.5": {"future_kl_weight": 0.5},
     "fut1": {"future_kl_weight": 1.0},
     "fut4": {"future_kl_weight": 4.0},
     "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
