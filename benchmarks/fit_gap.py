@@ -24,24 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from quality import BUCKETS, Measurer, gaps, reference_path, run_path, write_json  # noqa: E402
-
-
-def train_sample(prompt: str, n: int, build: Path) -> Path:
-    """N lines spread evenly over the prompt's training query file, as a query file of their own."""
-    from promptbake.atomic import write_text_atomic
-    from promptbake.spec import load_spec
-
-    spec = load_spec(REPO / "prompts" / f"{prompt}.md")
-    if spec.queries_path.suffix != ".jsonl":
-        raise SystemExit(f"{spec.queries_path}: this study samples lines of a .jsonl query file")
-    lines = [line for line in spec.queries_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if n > len(lines):
-        raise SystemExit(f"{spec.queries_path}: {len(lines)} queries, fewer than --queries {n}")
-    picked = [lines[i * len(lines) // n] for i in range(n)]
-    path = build / f"{prompt}-train-sample-{n}.jsonl"
-    write_text_atomic(path, "\n".join(picked) + "\n")
-    return path
+from quality import BUCKETS, Measurer, gaps, reference_path, run_path, train_sample, write_json  # noqa: E402
 
 
 def heldout_result(out: Path, prompt: str, run: str) -> dict:

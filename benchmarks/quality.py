@@ -95,6 +95,8 @@ VARIANTS: dict[str, dict] = {
     # 500 written from the prompt's rules by `promptbake queries`, or both files together.
     "queries-synth": {"queries": "synth"},
     "queries-both": {"queries": "both"},
+    # Only the 40 training lines that benchmarks/fit_gap.py measures: can the student fit a few queries it sees often?
+    "queries-sample40": {"queries": "sample40"},
     # Training rollouts through the eager sampler although torch_compile is on (no user setting; a paired check
     # that the compiled decode step trains what the eager one does).
     "decode-eager": {"eager_decoding": True},
@@ -219,13 +221,34 @@ class Measurer:
 SYNTH_QUERIES = 500
 
 
+def train_sample(prompt: str, n: int, build: Path) -> Path:
+    """N lines spread evenly over the prompt's training query file, as a query file of their own (the same lines
+    every time: benchmarks/fit_gap.py measures a bake on them, and the `queries-sample40` variant trains on them)."""
+    from promptbake.atomic import write_text_atomic
+    from promptbake.spec import load_spec
+
+    spec = load_spec(REPO / "prompts" / f"{prompt}.md")
+    if spec.queries_path.suffix != ".jsonl":
+        raise SystemExit(f"{spec.queries_path}: this study samples lines of a .jsonl query file")
+    lines = [line for line in spec.queries_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if n > len(lines):
+        raise SystemExit(f"{spec.queries_path}: {len(lines)} queries, fewer than --queries {n}")
+    picked = [lines[i * len(lines) // n] for i in range(n)]
+    path = build / f"{prompt}-train-sample-{n}.jsonl"
+    write_text_atomic(path, "\n".join(picked) + "\n")
+    return path
+
+
 def query_file(prompt: str, source: str, build: Path) -> Path:
     """The training query file of a query source: 'synth' (written from the prompt's rules, near-copies of its
-    held-out queries excluded; cached) or 'both' (the hand-written file followed by the synthesised one)."""
+    held-out queries excluded; cached), 'both' (the hand-written file followed by the synthesised one) or
+    'sampleN' (N of the hand-written lines, see train_sample)."""
     from promptbake.queries import load_queries
     from promptbake.spec import load_spec
     from promptbake.synthesis import SynthesisSettings, synthesize_for_prompt
 
+    if source.startswith("sample"):
+        return train_sample(prompt, int(source.removeprefix("sample")), build)
     spec = load_spec(REPO / "prompts" / f"{prompt}.md")
     synth = synthesize_for_prompt(spec.system_prompt, model=spec.model, settings=SynthesisSettings(n=SYNTH_QUERIES),
                                   exclude=load_queries(spec.heldout_path) if spec.heldout_path else None).path
