@@ -243,12 +243,12 @@ def query_file(prompt: str, source: str, build: Path) -> Path:
     """The training query file of a query source: 'synth' (written from the prompt's rules, near-copies of its
     held-out queries excluded; cached), 'both' (the hand-written file followed by the synthesised one) or
     'sampleN' (N of the hand-written lines, see train_sample)."""
+    if source.startswith("sample"):
+        return train_sample(prompt, int(source.removeprefix("sample")), build)
     from promptbake.queries import load_queries
     from promptbake.spec import load_spec
     from promptbake.synthesis import SynthesisSettings, synthesize_for_prompt
 
-    if source.startswith("sample"):
-        return train_sample(prompt, int(source.removeprefix("sample")), build)
     spec = load_spec(REPO / "prompts" / f"{prompt}.md")
     synth = synthesize_for_prompt(spec.system_prompt, model=spec.model, settings=SynthesisSettings(n=SYNTH_QUERIES),
                                   exclude=load_queries(spec.heldout_path) if spec.heldout_path else None).path

@@ -237,10 +237,7 @@ def future_divergence_surrogate(student_logits_BTV: torch.Tensor, ids_BT: torch.
     after_sum_BT = cost_BT.flip(-1).cumsum(-1).flip(-1) - cost_BT
     after_count_BT = mask_BT.flip(-1).cumsum(-1).flip(-1) - mask_BT
     advantage_BT = torch.where(after_count_BT > 0, after_sum_BT / after_count_BT.clamp(min=1) - baseline, 0.0)
-    logits_BTV = student_logits_BTV.float()
-    if temperature != 1.0:
-        logits_BTV = logits_BTV / temperature
-    logp_BT = logits_BTV.gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits_BTV, dim=-1)
+    logp_BT = log_probs(student_logits_BTV, temperature).gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1)
     return advantage_BT * mask_BT * logp_BT
 
 

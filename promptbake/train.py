@@ -331,21 +331,21 @@ def train_student(
                         with autocast(accelerator.device, bf16):
                             student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], micro, pad_id)
                         device = student_logits_BTV.device
+                        ids_BT, mask_BT = micro.response_ids_BT.to(device), micro.response_mask_BT.to(device)
                         loss_BT = distill_loss(
                             config.method, config.kl, student_logits_BTV,
                             teacher_out.to(device) if teacher_out is not None else None,
-                            micro.response_ids_BT.to(device), temperature=config.temperature, topk=config.topk,
+                            ids_BT, temperature=config.temperature, topk=config.topk,
                             forward_weight=config.forward_kl_weight,
                         )
-                        mask_BT = micro.response_mask_BT.to(device)
                         # Sum over this micro-batch / tokens of the whole part: the gradients add up to the part's mean.
                         micro_loss = (loss_BT * mask_BT).sum() / total_tokens
+                        objective_loss = micro_loss
                         if config.future_kl_weight:
-                            surrogate_BT = future_divergence_surrogate(student_logits_BTV, micro.response_ids_BT.to(device),
-                                                                       loss_BT, mask_BT, future_baseline, config.temperature)
-                            accelerator.backward(micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens)
-                        else:
-                            accelerator.backward(micro_loss)
+                            surrogate_BT = future_divergence_surrogate(student_logits_BTV, ids_BT, loss_BT, mask_BT,
+                                                                       future_baseline, config.temperature)
+                            objective_loss = micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens
+                        accelerator.backward(objective_loss)
                     loss_sum += float(micro_loss.detach()) * part_tokens / max(step_tokens, 1) / world
                     del teacher_out, student_logits_BTV, loss_BT
                     if config.release_memory:
