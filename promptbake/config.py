@@ -83,6 +83,13 @@ class BakeConfig(BaseModel):
                     "per-token loss leaves out (MiniLLM's long-term term, length-normalised). In the quality study "
                     "(pirate, 40 steps) weight 1 changed neither KL gap, weight 4 lost 0.02 of the forward gap.",
     )
+    hidden_match_weight: float = Field(
+        0.0, ge=0,
+        description="Weight of a second target beside the per-token KL (0: off): at every response token, each decoder "
+                    "layer's output of the student (no prompt) is pulled towards the prompted teacher's at the same token, "
+                    "by their cosine distance (1 - cos) averaged over the layers. Needs a teacher with the student's "
+                    "layers (the default: the base model itself) and its logits (kl full or topk, not a served teacher).",
+    )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
     # Sampling.
@@ -229,6 +236,10 @@ class BakeConfig(BaseModel):
                              f"with kl full, not method {self.method} with kl {self.kl}")
         if self.future_kl_weight and self.method != "opcd":
             raise ValueError(f"future_kl_weight trains on the student's own samples; it needs method opcd, not {self.method}")
+        if self.hidden_match_weight and (self.method == "sft" or self.kl == "sampled" or self.teacher_url):
+            raise ValueError("hidden_match_weight reads the teacher's layers as it scores: it needs a local teacher that "
+                             f"returns logits (kl full or topk, method opcd or offpolicy), not method {self.method} "
+                             f"with kl {self.kl}" + (" and teacher_url" if self.teacher_url else ""))
         if self.teacher_url:
             if self.teacher:
                 raise ValueError("teacher and teacher_url both name the teacher; give one")

@@ -338,6 +338,7 @@ def response_logits(
     past_key_values=None,
     prefix_len: int = 0,
     prefix_attended: bool = False,
+    left_padded: bool = False,
 ) -> torch.Tensor:
     """Logits that predict each response token (logits_BTV), for prompt + response.
 
@@ -346,11 +347,12 @@ def response_logits(
     With `past_key_values` (a cache of `prefix_len` tokens shared by all rows), `prompts` hold only what
     follows that prefix; the result is the same as running the full sequences. `prefix_attended`: the
     prefix is attended to through `fastdecode.shared_prefix` instead (one copy for all rows), so it takes no
-    place in the mask or the cache; positions still start after it.
+    place in the mask or the cache; positions still start after it. `left_padded` keeps the left-padded layout
+    everywhere (every row's response at the same, last positions: where `hidden.response_states` reads the layers).
     """
     device = next(model.parameters()).device
     packed = PACKED_LAYOUT if PACKED_LAYOUT is not None else device.type != "cpu"
-    if packed and past_key_values is None and not prefix_len and all(prompts):
+    if packed and not left_padded and past_key_values is None and not prefix_len and all(prompts):
         return packed_response_logits(model, prompts, rollout, pad_id)
     ids_BP, mask_BP = left_pad(prompts, pad_id)
     ids_BL = torch.cat([ids_BP, rollout.response_ids_BT], dim=1).to(device)

@@ -103,8 +103,9 @@ class PromptedTeacher:
         return teacher_sampled_logprobs(logits_BTV, rollout.response_ids_BT.to(logits_BTV.device), temperature)
 
     @torch.no_grad()
-    def logits(self, queries: list[Query], rollout: Rollout) -> torch.Tensor:
-        """Teacher logits predicting each response token (logits_BTV), on the model's device."""
+    def logits(self, queries: list[Query], rollout: Rollout, left_padded: bool = False) -> torch.Tensor:
+        """Teacher logits predicting each response token (logits_BTV), on the model's device. `left_padded`: see
+        `response_logits` (with the prompt prefix cached, the layout is left-padded anyway)."""
         full = [self.prompt_ids(q) for q in queries]
         P = len(self.prefix_ids)
         usable = P > 0 and all(ids[:P] == self.prefix_ids and len(ids) > P for ids in full)
@@ -120,6 +121,6 @@ class PromptedTeacher:
                 cache = self._prefix_cache(len(queries))
                 logits_BTV = response_logits(self.model, [ids[P:] for ids in full], rollout, self.pad_id, cache, P)
             else:
-                logits_BTV = response_logits(self.model, full, rollout, self.pad_id)
+                logits_BTV = response_logits(self.model, full, rollout, self.pad_id, left_padded=left_padded)
         self.model.train(was_training)
         return logits_BTV

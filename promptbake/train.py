@@ -42,6 +42,7 @@ from promptbake.averaging import WeightAverage
 from promptbake.checkpoint import (Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint,
                                    trainable)
 from promptbake.faults import fault_point, fault_requested
+from promptbake.hidden import hidden_distance, recorded_layer_outputs, response_states
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
@@ -77,6 +78,7 @@ class StepLog:
     loss: str = "reverse_kl_full"  # what `kl` holds: the objective's name (cross_entropy for sft, ...)
     skipped: bool = False  # the gradient was not finite: (one of) this step's update(s) was not applied
     updates: int = 1  # optimizer updates made from this step's rollouts (updates_per_batch)
+    hidden_distance: float | None = None  # hidden_match_weight: the layers' mean cosine distance to the teacher's
 
     def to_json(self) -> str:
         # a non-finite number (the gradient norm of a skipped step) is written as null: the log stays strict JSON
@@ -267,6 +269,15 @@ def train_student(
     # future_kl_weight's baseline must not depend on the step's own samples: the previous step's mean loss (0 at
     # step 1), kept in checkpoints so that a resumed run trains as an uninterrupted one.
     future_baseline = float(resumed_extra.get("last_step_loss", 0.0))
+    # hidden_match_weight: the student's and the teacher's decoder layers, read while each scores the same tokens.
+    match_hidden = config.hidden_match_weight > 0
+    student_blocks = repeated_blocks(policy) if match_hidden else []
+    teacher_blocks = repeated_blocks(teacher.model) if match_hidden else []
+    if match_hidden and (len(student_blocks) != len(teacher_blocks)
+                         or policy.config.hidden_size != teacher.model.config.hidden_size):
+        raise PromptbakeError(f"hidden_match_weight pairs the student's {len(student_blocks)} layers of width "
+                              f"{policy.config.hidden_size} with the teacher's, which has {len(teacher_blocks)} of width "
+                              f"{teacher.model.config.hidden_size}; it needs a teacher of the student's shape")
     engine = engine or HFRolloutEngine(policy, bf16=bf16)
     engine.sync()
     eos_ids = eos_token_ids(tokenizer)
@@ -302,7 +313,7 @@ def train_student(
             if config.release_memory:
                 release_free_memory()  # the sampler's KV cache and logits are freed; keep the heap from growing
             t1 = time.perf_counter()
-            teacher_s, loss_sum, norms, applied = 0.0, 0.0, [], 0
+            teacher_s, loss_sum, hidden_sum, norms, applied = 0.0, 0.0, 0.0, [], 0
             # Each update's loss is a mean over its part's response tokens of all processes; DDP averages gradients
             # over processes, so each one scales its sum by `world` (1 in a single process).
             response_lens = rollout.response_mask_BT.sum(-1).tolist()
@@ -318,18 +329,23 @@ def train_student(
                     rows = [part_rows[i] for i in group]
                     micro, micro_queries = rollout.select(rows), [batch[r] for r in rows]
                     t_teacher = time.perf_counter()
-                    with eager_only(compiling):
+                    T = micro.response_ids_BT.shape[1]
+                    with eager_only(compiling), recorded_layer_outputs(teacher_blocks, match_hidden) as teacher_layers:
                         if objective.teacher_input == "logits":
-                            teacher_out = teacher.logits(micro_queries, micro)  # logits_BTV
+                            teacher_out = teacher.logits(micro_queries, micro, left_padded=match_hidden)  # logits_BTV
                         elif objective.teacher_input == "sampled_logprobs":
                             teacher_out = teacher.sampled_logprobs(micro_queries, micro, config.temperature)  # logp_BT
                         else:
                             teacher_out = None
+                    teacher_states_LBTD = response_states(teacher_layers, len(teacher_blocks), T) if match_hidden else None
+                    del teacher_layers
                     teacher_s += time.perf_counter() - t_teacher
                     last = index == len(groups) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
-                        with autocast(accelerator.device, bf16):
-                            student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], micro, pad_id)
+                        with autocast(accelerator.device, bf16), \
+                                recorded_layer_outputs(student_blocks, match_hidden) as student_layers:
+                            student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], micro, pad_id,
+                                                                 left_padded=match_hidden)
                         device = student_logits_BTV.device
                         ids_BT, mask_BT = micro.response_ids_BT.to(device), micro.response_mask_BT.to(device)
                         loss_BT = distill_loss(
@@ -345,9 +361,15 @@ def train_student(
                             surrogate_BT = future_divergence_surrogate(student_logits_BTV, ids_BT, loss_BT, mask_BT,
                                                                        future_baseline, config.temperature)
                             objective_loss = micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens
+                        if match_hidden:
+                            distance_BT = hidden_distance(response_states(student_layers, len(student_blocks), T), teacher_states_LBTD)
+                            micro_distance = (distance_BT * mask_BT).sum() / total_tokens
+                            objective_loss = objective_loss + config.hidden_match_weight * micro_distance
+                            hidden_sum += float(micro_distance.detach()) * part_tokens / max(step_tokens, 1) / world
+                        del student_layers
                         accelerator.backward(objective_loss)
                     loss_sum += float(micro_loss.detach()) * part_tokens / max(step_tokens, 1) / world
-                    del teacher_out, student_logits_BTV, loss_BT
+                    del teacher_out, student_logits_BTV, loss_BT, teacher_states_LBTD
                     if config.release_memory:
                         release_free_memory()
                 if fault_requested("nan_grad", step):  # test hook: a backward that returned NaN at a finite loss
@@ -400,6 +422,8 @@ def train_student(
                 loss=objective.name,
                 skipped=skipped,
                 updates=len(norms),
+                hidden_distance=float(accelerator.reduce(torch.tensor(hidden_sum, device=accelerator.device), "sum"))
+                if match_hidden else None,
             )
             if not math.isfinite(entry.kl):
                 raise FloatingPointError(f"{objective.name} became {entry.kl} at step {step}; lower the learning rate")
