@@ -226,6 +226,8 @@ def test_generated_options_reach_the_config_typed_and_unset_ones_stay_unset():
         (["--teacher-url", "http://127.0.0.1:9", "--kl", "sampled", "--teacher-mode", "live"], "cannot be a server"),
         (["--teacher-url", "http://127.0.0.1:9", "--kl", "sampled", "--temperature", "0.7"], "scores at temperature 1"),
         (["--rollout-url", "http://127.0.0.1:9", "--rollout", "vllm"], "rollout_url on a server: give one"),
+        (["--hidden-match-weight", "10", "--kl", "sampled"], "hidden_match_weight reads the teacher's layers"),
+        (["--hidden-match-weight", "10", "--method", "sft"], "not method sft with kl full"),
     ],
 )
 def test_conflicting_settings_fail_before_any_model_loads(tmp_path, prompt, extra, fragment):

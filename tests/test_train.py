@@ -73,14 +73,17 @@ def test_cross_size_teacher_sharing_the_tokenizer(tmp_path, tiny_model_dir):
     assert result.manifest.heldout_kl_before > 0
 
 
-def test_torch_compile_gives_the_eager_loss_and_gradient(tmp_path, tiny_model_dir):
-    """Compiling the decoder layers changes speed, not the math: same per-step KL and gradient norm as eager."""
+@pytest.mark.parametrize("hidden_match_weight", [0.0, 30.0])
+def test_torch_compile_gives_the_eager_loss_and_gradient(tmp_path, tiny_model_dir, hidden_match_weight):
+    """Compiling the decoder layers changes speed, not the math: same per-step KL and gradient norm as eager, also
+    when the layers' outputs are read by hooks inside the compiled code (hidden_match_weight)."""
     prompt = write_prompt(tmp_path / "p")
     logs = []
     for compiled in (False, True):
         result = compile_prompt(
             prompt, out=tmp_path / f"out{compiled}", model=str(tiny_model_dir),
-            overrides=dict(steps=2, batch_size=4, heldout=0, max_new_tokens=10, precision="fp32", torch_compile=compiled),
+            overrides=dict(steps=2, batch_size=4, heldout=0, max_new_tokens=10, precision="fp32", torch_compile=compiled,
+                           hidden_match_weight=hidden_match_weight),
         )
         logs.append(result.train.log)
     eager, compiled = logs
@@ -89,6 +92,7 @@ def test_torch_compile_gives_the_eager_loss_and_gradient(tmp_path, tiny_model_di
         # fused kernels reorder fp32 sums: KLs near 1e-3 agree to ~1e-6 absolute, not to 1e-4 relative
         assert a.kl == pytest.approx(b.kl, rel=1e-3, abs=1e-5)
         assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-3)
+        assert a.hidden_distance == (pytest.approx(b.hidden_distance, rel=1e-3) if hidden_match_weight else None)
 
 
 def test_bf16_compile_samples_through_the_compiled_decode_step(tmp_path, tiny_model_dir):
@@ -227,6 +231,46 @@ def test_future_kl_term_changes_the_gradient_not_the_logged_loss_and_micro_batch
     assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
     assert split.kl == pytest.approx(whole.kl, rel=1e-4) and split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
     assert logs[1.0, 1][1].grad_norm == pytest.approx(logs[1.0, 8][1].grad_norm, rel=1e-3)  # step 2: baseline = step 1's loss
+
+
+def test_hidden_match_term_changes_the_gradient_not_the_logged_loss_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
+    """Same seed, so the same step-1 samples: the logged loss is the per-token KL either way, the layers' distance is
+    logged beside it and moves the gradient, and one row per micro-batch gives what eight do."""
+    prompt = write_prompt(tmp_path / "p")
+    logs = {}
+    for w, micro in ((0.0, 8), (30.0, 1), (30.0, 8)):
+        result = compile_prompt(prompt, out=tmp_path / f"out{w}-{micro}", model=str(tiny_model_dir),
+                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0,
+                                               max_new_tokens=8, precision="fp32", hidden_match_weight=w))
+        logs[w, micro] = result.train.log
+        assert result.manifest.config["hidden_match_weight"] == w
+    plain, split, whole = logs[0.0, 8][0], logs[30.0, 1][0], logs[30.0, 8][0]
+    assert plain.hidden_distance is None and whole.hidden_distance > 0
+    assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
+    assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
+    assert split.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-4)
+    assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
+    assert logs[30.0, 1][1].grad_norm == pytest.approx(logs[30.0, 8][1].grad_norm, rel=1e-3)
+
+
+def test_hidden_match_refuses_a_teacher_of_another_shape(tmp_path, tiny_model_dir):
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from promptbake.errors import PromptbakeError
+
+    teacher_dir = tmp_path / "teacher"
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 3
+    AutoModelForCausalLM.from_config(config).save_pretrained(teacher_dir)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, teacher_dir / f.name)
+    prompt = write_prompt(tmp_path / "p")
+    with pytest.raises(PromptbakeError, match="student's 2 layers of width 64 with the teacher's, which has 3"):
+        compile_prompt(prompt, out=tmp_path / "out", model=str(tiny_model_dir), teacher=str(teacher_dir),
+                       overrides=dict(steps=1, batch_size=4, heldout=0, max_new_tokens=8, hidden_match_weight=1.0))
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_three_in_a_row_stop(tmp_path, tiny_model_dir, monkeypatch):

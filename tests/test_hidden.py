@@ -1,0 +1,148 @@
+"""hidden_match_weight: the layers' states are read at the right tokens, their distance is the one defined, and its
+gradient pulls the student's states towards the teacher's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from promptbake.chat import ChatRenderer
+from promptbake.hidden import hidden_distance, recorded_layer_outputs, response_states
+from promptbake.queries import Query
+from promptbake.rollout import Rollout, response_logits
+from promptbake.teacher import PromptedTeacher
+from promptbake.train import repeated_blocks
+
+EOS = 2
+
+
+def test_hidden_distance_is_the_mean_over_layers_of_one_minus_cosine():
+    torch.manual_seed(0)
+    student_LBTD = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    teacher_LBTD = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    got_BT = hidden_distance(student_LBTD, teacher_LBTD)
+    want_BT = torch.zeros(2, 4, dtype=torch.float64)
+    for layer in range(3):
+        for b in range(2):
+            for t in range(4):
+                s, te = student_LBTD[layer, b, t].tolist(), teacher_LBTD[layer, b, t].tolist()
+                dot = sum(x * y for x, y in zip(s, te))
+                norms = sum(x * x for x in s) ** 0.5 * sum(y * y for y in te) ** 0.5
+                want_BT[b, t] += (1 - dot / norms) / 3
+    torch.testing.assert_close(got_BT.double(), want_BT, atol=1e-6, rtol=0)
+    # scale-free, and zero for states that point the same way
+    torch.testing.assert_close(hidden_distance(student_LBTD * 7.0, teacher_LBTD * 0.1), got_BT)
+    assert hidden_distance(teacher_LBTD * 3.0, teacher_LBTD).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="differ in shape"):
+        hidden_distance(student_LBTD[:2], teacher_LBTD)
+
+
+def test_only_the_student_gets_a_gradient():
+    student_LBTD = torch.randn(2, 1, 3, 4, requires_grad=True)
+    teacher_LBTD = torch.randn(2, 1, 3, 4, requires_grad=True)
+    hidden_distance(student_LBTD, teacher_LBTD).sum().backward()
+    assert student_LBTD.grad is not None and student_LBTD.grad.abs().sum() > 0
+    assert teacher_LBTD.grad is None
+
+
+@pytest.fixture
+def peft_tiny(tiny_model_dir):
+    from promptbake.models import load_model
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    return get_peft_model(load_model(tiny_model_dir), lora)
+
+
+def _queries():
+    texts = ["What is two plus two?", "Name a colour.", "Why is the sea salty and the sky blue?"]
+    return [Query(i, [{"role": "user", "content": t}]) for i, t in enumerate(texts)]
+
+
+ROLLOUT = Rollout(torch.tensor([[40, 41, 42, EOS], [50, EOS, 0, 0], [60, 61, 62, 63]]),
+                  torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]))
+
+
+def _reference_states(model, prompt_ids: list[int], response: list[int]) -> torch.Tensor:
+    """Each layer's output at the positions predicting `response`, from one plain forward of prompt + response
+    (transformers' own hidden states: entry i + 1 is layer i's output, for every layer but the last, which it
+    returns after the final norm)."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt_ids + response]), output_hidden_states=True)
+    P, T = len(prompt_ids), len(response)
+    return torch.stack([h[0, P - 1:P - 1 + T] for h in out.hidden_states[1:-1]])  # layers 0 .. L-2: (L-1, T, D)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_teacher_states_are_each_layers_output_at_the_response_tokens(peft_tiny, tiny, prefix_cache):
+    """Read while the teacher scores (prompt prefix cached or not, rows of different lengths left-padded), the states
+    are those of a plain forward of each row's own prompt + response, at the positions that predict the response;
+    the prefix's own forward (run on first use) is left out."""
+    _, tok = tiny
+    renderer = ChatRenderer.for_tokenizer(tok, "You are a careful assistant. " * 20, 8192)
+    queries = _queries()
+    teacher = PromptedTeacher(peft_tiny, renderer, tok.pad_token_id, is_student=True, bf16=False, prefix_cache=prefix_cache)
+    teacher.prepare(queries, 16, "test")
+    blocks = repeated_blocks(peft_tiny)
+    with recorded_layer_outputs(blocks) as outputs:
+        teacher.logits(queries, ROLLOUT, left_padded=True)
+    assert len(outputs) == len(blocks) * (2 if prefix_cache else 1)  # the prefix's forward, then the scoring one
+    T = ROLLOUT.response_ids_BT.shape[1]
+    states_LBTD = response_states(outputs, len(blocks), T)
+    assert states_LBTD.shape == (len(blocks), 3, T, peft_tiny.config.hidden_size)
+    with peft_tiny.disable_adapter():
+        for row, query in enumerate(queries):
+            n = int(ROLLOUT.response_mask_BT[row].sum())
+            want = _reference_states(peft_tiny, renderer.teacher_ids(query.messages),
+                                     ROLLOUT.response_ids_BT[row, :n].tolist())
+            torch.testing.assert_close(states_LBTD[:-1, row, :n], want, atol=1e-4, rtol=1e-4)
+
+
+def test_recording_is_off_unless_asked_and_hooks_go_away(peft_tiny):
+    blocks = repeated_blocks(peft_tiny)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with recorded_layer_outputs(blocks, enabled=False) as outputs, torch.no_grad():
+        peft_tiny(input_ids=ids)
+    assert outputs == []
+    with recorded_layer_outputs(blocks) as outputs, torch.no_grad():
+        peft_tiny(input_ids=ids)
+    assert len(outputs) == len(blocks)
+    with torch.no_grad():
+        peft_tiny(input_ids=ids)
+    assert len(outputs) == len(blocks)  # nothing recorded after the window closed
+    with pytest.raises(RuntimeError, match="fewer than"):
+        response_states(outputs, len(blocks) + 1, 2)
+
+
+def test_a_step_down_the_distance_gradient_brings_the_students_states_towards_the_teachers(peft_tiny, tiny):
+    """The student (adapter on, no prompt) and the teacher (adapter off, prompt) on the same response tokens: a small
+    gradient step on the LoRA weights lowers the distance, so the term pulls the right way."""
+    _, tok = tiny
+    renderer = ChatRenderer.for_tokenizer(tok, "You are a pirate. Say ahoy in every answer.", 8192)
+    queries = _queries()
+    teacher = PromptedTeacher(peft_tiny, renderer, tok.pad_token_id, is_student=True, bf16=False)
+    teacher.prepare(queries, 16, "test")
+    blocks = repeated_blocks(peft_tiny)
+    T = ROLLOUT.response_ids_BT.shape[1]
+    with recorded_layer_outputs(blocks) as outputs:
+        teacher.logits(queries, ROLLOUT, left_padded=True)
+    teacher_LBTD = response_states(outputs, len(blocks), T)
+    prompts = [renderer.student_ids(q.messages) for q in queries]
+    mask_BT = ROLLOUT.response_mask_BT.float()
+    params = [p for p in peft_tiny.parameters() if p.requires_grad]
+
+    def distance() -> torch.Tensor:
+        with recorded_layer_outputs(blocks) as student_outputs:
+            response_logits(peft_tiny, prompts, ROLLOUT, tok.pad_token_id, left_padded=True)
+        distance_BT = hidden_distance(response_states(student_outputs, len(blocks), T), teacher_LBTD)
+        return (distance_BT * mask_BT).sum() / mask_BT.sum()
+
+    before = distance()
+    assert before > 0
+    grads = torch.autograd.grad(before, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(1e-2 * g / max(float(torch.cat([x.flatten() for x in grads]).norm()), 1e-12))
+        after = distance()
+    assert after < before
