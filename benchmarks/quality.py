@@ -148,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paired", nargs="+", metavar="RUN",
                    help="only compare saved runs of --prompts by query: the first run's gaps minus the mean of the "
                         "others', with a 95 %% bootstrap interval over held-out queries (runs by file name, e.g. "
-                        "preset-faithful+fwd0.5+steps80-s3-b0k)")
+                        "preset-faithful+fwd0.5+steps80-s3-b0k; NAME:last-step for an averaged run's last-step weights)")
     args = p.parse_args(argv)
     unknown = [part for v in args.variants.split(",") for part in v.split("+") if part not in VARIANTS]
     if unknown:
@@ -476,6 +476,19 @@ def summarise(out: Path) -> str:
     return md
 
 
+def measured_of(out: Path, prompt: str, name: str) -> dict:
+    """A saved run's per-query measurement; `NAME:last-step` is an averaged run's own last-step weights (`last_step`)."""
+    base, _, part = name.partition(":")
+    run = json.loads(run_path(out, prompt, base).read_text())
+    if part == "last-step":
+        if not run.get("last_step"):
+            sys.exit(f"{base}: no last-step measurement (only runs with ema_decay have one)")
+        return run["last_step"]["measured"]
+    if part:
+        sys.exit(f"{name}: unknown part '{part}' (only ':last-step')")
+    return run["measured"]
+
+
 def paired_difference(out: Path, prompt: str, first: str, others: list[str], cap: int = 256) -> dict:
     """Gap closed by run `first` minus the mean over runs `others`, reverse and forward, each with a 95 % interval
     that resamples held-out queries jointly: every run is measured on the same queries, so what they share (a hard
@@ -485,7 +498,7 @@ def paired_difference(out: Path, prompt: str, first: str, others: list[str], cap
     from promptbake.stats import bootstrap, gap_closed
 
     reference = json.loads(reference_path(out, prompt, cap).read_text())
-    runs = [json.loads(run_path(out, prompt, name).read_text())["measured"] for name in [first, *others]]
+    runs = [measured_of(out, prompt, name) for name in [first, *others]]
     result = {"prompt": prompt, "first": first, "others": others}
     for kind in ("reverse", "forward"):
         base = reference[kind]
