@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from promptbake.chat import ChatRenderer
 from promptbake.hidden import hidden_distance, recorded_layer_outputs, response_states
-from promptbake.queries import Query
 from promptbake.rollout import Rollout, response_logits
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import repeated_blocks
+from test_rollout_teacher import _queries, peft_tiny  # noqa: F401 (the fixture is used by name)
 
 EOS = 2
 
@@ -46,18 +45,6 @@ def test_only_the_student_gets_a_gradient():
     assert teacher_LBTD.grad is None
 
 
-@pytest.fixture
-def peft_tiny(tiny_model_dir):
-    from promptbake.models import load_model
-
-    torch.manual_seed(1)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
-    return get_peft_model(load_model(tiny_model_dir), lora)
-
-
-def _queries():
-    texts = ["What is two plus two?", "Name a colour.", "Why is the sea salty and the sky blue?"]
-    return [Query(i, [{"role": "user", "content": t}]) for i, t in enumerate(texts)]
 
 
 ROLLOUT = Rollout(torch.tensor([[40, 41, 42, EOS], [50, EOS, 0, 0], [60, 61, 62, 63]]),
