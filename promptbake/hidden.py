@@ -20,15 +20,15 @@ import torch
 
 
 @contextlib.contextmanager
-def recorded_layer_outputs(blocks: list[torch.nn.Module], enabled: bool = True) -> Iterator[list[torch.Tensor]]:
+def recorded_layer_outputs(blocks: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
     """While active, every forward of `blocks` appends its output hidden states (hidden_BLD) to the yielded list,
-    in call order: one model forward gives one tensor per layer. Disabled: the list stays empty and nothing is hooked."""
+    in call order: one model forward gives one tensor per layer. No blocks: nothing is hooked, the list stays empty."""
     outputs: list[torch.Tensor] = []
 
     def keep(module, args, output):
         outputs.append(output[0] if isinstance(output, tuple) else output)
 
-    handles = [block.register_forward_hook(keep) for block in blocks] if enabled else []
+    handles = [block.register_forward_hook(keep) for block in blocks]
     try:
         yield outputs
     finally:

@@ -330,7 +330,7 @@ def train_student(
                     micro, micro_queries = rollout.select(rows), [batch[r] for r in rows]
                     t_teacher = time.perf_counter()
                     T = micro.response_ids_BT.shape[1]
-                    with eager_only(compiling), recorded_layer_outputs(teacher_blocks, match_hidden) as teacher_layers:
+                    with eager_only(compiling), recorded_layer_outputs(teacher_blocks) as teacher_layers:
                         if objective.teacher_input == "logits":
                             teacher_out = teacher.logits(micro_queries, micro, left_padded=match_hidden)  # logits_BTV
                         elif objective.teacher_input == "sampled_logprobs":
@@ -343,7 +343,7 @@ def train_student(
                     last = index == len(groups) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
                         with autocast(accelerator.device, bf16), \
-                                recorded_layer_outputs(student_blocks, match_hidden) as student_layers:
+                                recorded_layer_outputs(student_blocks) as student_layers:
                             student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], micro, pad_id,
                                                                  left_padded=match_hidden)
                         device = student_logits_BTV.device

@@ -89,7 +89,7 @@ def test_teacher_states_are_each_layers_output_at_the_response_tokens(peft_tiny,
 def test_recording_is_off_unless_asked_and_hooks_go_away(peft_tiny):
     blocks = repeated_blocks(peft_tiny)
     ids = torch.tensor([[1, 5, 6, 7]])
-    with recorded_layer_outputs(blocks, enabled=False) as outputs, torch.no_grad():
+    with recorded_layer_outputs([]) as outputs, torch.no_grad():
         peft_tiny(input_ids=ids)
     assert outputs == []
     with recorded_layer_outputs(blocks) as outputs, torch.no_grad():

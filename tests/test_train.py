@@ -214,43 +214,43 @@ def test_forward_kl_weight_reaches_the_training_loss(tmp_path, tiny_model_dir):
     assert logs[1.0].grad_norm != logs[0.0].grad_norm
 
 
+def term_off_and_on(tmp_path, model_dir, field: str, weight: float):
+    """Two steps of the tiny model from one seed with the extra loss term `field` off (8 rows per micro-batch), and at
+    `weight` with 1 and with 8 rows per micro-batch: the three runs' step logs (off, split, whole)."""
+    prompt = write_prompt(tmp_path / "p")
+    logs = []
+    for w, micro in ((0.0, 8), (weight, 1), (weight, 8)):
+        result = compile_prompt(prompt, out=tmp_path / f"out{w}-{micro}", model=str(model_dir),
+                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0,
+                                               max_new_tokens=8, precision="fp32", **{field: w}))
+        assert result.manifest.config[field] == w
+        logs.append(result.train.log)
+    return logs
+
+
 def test_future_kl_term_changes_the_gradient_not_the_logged_loss_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
     """Same seed, so the same step-1 samples: the logged loss is the per-token loss either way, the sequence-level
     term moves the gradient, and splitting the batch into micro-batches does not change it (its baseline is the
     previous step's loss, not the micro-batch's)."""
-    prompt = write_prompt(tmp_path / "p")
-    logs = {}
-    for w, micro in ((0.0, 8), (1.0, 1), (1.0, 8)):
-        result = compile_prompt(prompt, out=tmp_path / f"out{w}-{micro}", model=str(tiny_model_dir),
-                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0,
-                                               max_new_tokens=8, precision="fp32", future_kl_weight=w))
-        logs[w, micro] = result.train.log
-        assert result.manifest.config["future_kl_weight"] == w
-    plain, split, whole = logs[0.0, 8][0], logs[1.0, 1][0], logs[1.0, 8][0]
+    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_model_dir, "future_kl_weight", 1.0)
+    plain, split, whole = plain_log[0], split_log[0], whole_log[0]
     assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
     assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
     assert split.kl == pytest.approx(whole.kl, rel=1e-4) and split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
-    assert logs[1.0, 1][1].grad_norm == pytest.approx(logs[1.0, 8][1].grad_norm, rel=1e-3)  # step 2: baseline = step 1's loss
+    assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)  # step 2: baseline = step 1's loss
 
 
 def test_hidden_match_term_changes_the_gradient_not_the_logged_loss_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
     """Same seed, so the same step-1 samples: the logged loss is the per-token KL either way, the layers' distance is
     logged beside it and moves the gradient, and one row per micro-batch gives what eight do."""
-    prompt = write_prompt(tmp_path / "p")
-    logs = {}
-    for w, micro in ((0.0, 8), (30.0, 1), (30.0, 8)):
-        result = compile_prompt(prompt, out=tmp_path / f"out{w}-{micro}", model=str(tiny_model_dir),
-                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0,
-                                               max_new_tokens=8, precision="fp32", hidden_match_weight=w))
-        logs[w, micro] = result.train.log
-        assert result.manifest.config["hidden_match_weight"] == w
-    plain, split, whole = logs[0.0, 8][0], logs[30.0, 1][0], logs[30.0, 8][0]
+    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_model_dir, "hidden_match_weight", 30.0)
+    plain, split, whole = plain_log[0], split_log[0], whole_log[0]
     assert plain.hidden_distance is None and whole.hidden_distance > 0
     assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
     assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
     assert split.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-4)
     assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
-    assert logs[30.0, 1][1].grad_norm == pytest.approx(logs[30.0, 8][1].grad_norm, rel=1e-3)
+    assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
 
 
 def test_hidden_match_refuses_a_teacher_of_another_shape(tmp_path, tiny_model_dir):
