@@ -133,3 +133,28 @@ def test_a_step_down_the_distance_gradient_brings_the_students_states_towards_th
             p.sub_(1e-2 * g / max(float(torch.cat([x.flatten() for x in grads]).norm()), 1e-12))
         after = distance()
     assert after < before
+
+
+def test_hidden_weight_default_applies_only_where_the_teachers_layers_are_the_students():
+    """Unset, the weight is the default where the teacher is the base model itself and returns logits to an on-policy
+    loss, and 0 elsewhere, so a prompt that names another teacher or a served one is not refused for a weight it never
+    set; set, it is the user's and is checked."""
+    from promptbake.config import DEFAULT_HIDDEN_MATCH_WEIGHT, BakeConfig
+
+    assert DEFAULT_HIDDEN_MATCH_WEIGHT > 0
+    assert BakeConfig().hidden_match_weight == DEFAULT_HIDDEN_MATCH_WEIGHT
+    assert BakeConfig.from_layers({"preset": "quick"}, {"kl": "topk"}).hidden_match_weight == DEFAULT_HIDDEN_MATCH_WEIGHT
+    assert BakeConfig(teacher_mode="live").hidden_match_weight == DEFAULT_HIDDEN_MATCH_WEIGHT
+    for other in ({"kl": "sampled"}, {"method": "offpolicy"}, {"method": "sft"}, {"teacher": "bigger-model"},
+                  {"teacher_url": "http://localhost:8000", "kl": "sampled"}):
+        assert BakeConfig.from_layers(other).hidden_match_weight == 0.0, other
+    assert BakeConfig(hidden_match_weight=0).hidden_match_weight == 0.0
+    assert BakeConfig(teacher="bigger-model", hidden_match_weight=5).hidden_match_weight == 5.0  # checked at training
+    config = BakeConfig()
+    config.kl = "sampled"  # derived again on assignment, not carried over
+    assert config.hidden_match_weight == 0.0
+    config.kl = "full"
+    assert config.hidden_match_weight == DEFAULT_HIDDEN_MATCH_WEIGHT
+    with pytest.raises(ValueError, match="hidden_match_weight"):
+        BakeConfig(hidden_match_weight=10).kl = "sampled"
+    assert BakeConfig.model_validate_json(BakeConfig().model_dump_json()) == BakeConfig()
