@@ -86,6 +86,34 @@ def test_teacher_states_are_each_layers_output_at_the_response_tokens(peft_tiny,
             torch.testing.assert_close(states_LBTD[:-1, row, :n], want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_student_states_are_read_in_either_layout(peft_tiny, tiny, monkeypatch, packed):
+    """The student's training pass runs left-padded on CPUs and packed (each row from column 0) on accelerators:
+    either way, over prompts of different lengths, the states read at its response tokens are those of a plain
+    forward of each row's own prompt + response."""
+    import promptbake.rollout as rollout_module
+    from promptbake.rollout import packs_rows
+
+    monkeypatch.setattr(rollout_module, "PACKED_LAYOUT", packed)
+    _, tok = tiny
+    renderer = ChatRenderer.for_tokenizer(tok, "You are a pirate.", 8192)
+    prompts = [renderer.student_ids(q.messages) for q in _queries()]
+    assert len({len(p) for p in prompts}) == 3
+    device = next(peft_tiny.parameters()).device
+    assert packs_rows(device, prompts) == packed
+    blocks = repeated_blocks(peft_tiny)
+    T = ROLLOUT.response_ids_BT.shape[1]
+    with recorded_layer_outputs(blocks) as outputs, torch.no_grad():
+        response_logits(peft_tiny, prompts, ROLLOUT, tok.pad_token_id)
+    lengths = [len(p) for p in prompts] if packed else None
+    states_LBTD = response_states(outputs, len(blocks), T, lengths)
+    assert states_LBTD.shape == (len(blocks), 3, T, peft_tiny.config.hidden_size)
+    for row, prompt in enumerate(prompts):
+        n = int(ROLLOUT.response_mask_BT[row].sum())
+        want = _reference_states(peft_tiny, prompt, ROLLOUT.response_ids_BT[row, :n].tolist())
+        torch.testing.assert_close(states_LBTD[:-1, row, :n], want, atol=1e-4, rtol=1e-4)
+
+
 def test_recording_is_off_unless_asked_and_hooks_go_away(peft_tiny):
     blocks = repeated_blocks(peft_tiny)
     ids = torch.tensor([[1, 5, 6, 7]])
