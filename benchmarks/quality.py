@@ -80,8 +80,10 @@ VARIANTS: dict[str, dict] = {
     "fut4": {"future_kl_weight": 4.0},
     # The residual stream as a second target: each layer's cosine distance to the prompted teacher's (hidden_match_weight;
     # at weight 30 its gradient was about the KL's at step 1 on pirate).
+    "hid0": {"hidden_match_weight": 0.0},  # the per-token loss alone (what every run named without hid* trained before 30 was the default)
     "hid10": {"hidden_match_weight": 10.0},
     "hid30": {"hidden_match_weight": 30.0},
+    "hid100": {"hidden_match_weight": 100.0},
     "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
     "steps80": {"steps": 80},  # with --token-budget 0: the faithful default's steps (was twice them when first run)
     "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?

@@ -74,7 +74,8 @@ def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool
     s = common_settings(steps)
     result = compile_prompt(prompt_copy, out=out, overrides=dict(steps=steps, max_new_tokens=s["max_new_tokens"], heldout=0,
                                                                   checkpoint_every=10_000, seed=SEED, torch_compile=torch_compile,
-                                                                  forward_kl_weight=0.0),  # TRL's SDFT: reverse KL only
+                                                                  # TRL's SDFT: reverse KL only, no layer term
+                                                                  forward_kl_weight=0.0, hidden_match_weight=0.0),
                             force=True)
     log = result.train.log
     return {"step_seconds": [e.seconds for e in log], "step_tokens": [e.response_tokens for e in log],

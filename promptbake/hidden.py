@@ -7,8 +7,10 @@ model's internal state, layer by layer. The loss here is the cosine distance of 
 per layer, averaged over layers: scale-free (a Llama residual stream grows by orders of magnitude from the first
 layer to the last) and zero where the student's state points where the teacher's does.
 
-Layer outputs are read with forward hooks on the decoder layers while the ordinary logits pass runs, in the
-left-padded layout, where each row's response tokens are the last positions of every row (`rollout.response_logits`).
+Layer outputs are read with forward hooks on the decoder layers while the ordinary logits pass runs, in whichever
+layout `rollout.response_logits` chose for it: left-padded (each row's response tokens last; the teacher always) or
+packed (each row from column 0; the student's training pass on accelerators, where the left-padded one gave NaN
+gradients).
 """
 
 from __future__ import annotations
@@ -36,14 +38,20 @@ def recorded_layer_outputs(blocks: list[torch.nn.Module]) -> Iterator[list[torch
             handle.remove()
 
 
-def response_states(outputs: list[torch.Tensor], layers: int, T: int) -> torch.Tensor:
+def response_states(outputs: list[torch.Tensor], layers: int, T: int, prompt_lengths: list[int] | None = None) -> torch.Tensor:
     """The states of the last forward's `layers` layers at the positions that predict the T response tokens
-    (states_LBTD), as `response_logits` keeps the logits: the T positions before the last, of a left-padded forward
-    whose rows end with their responses. (An earlier forward in the same window, such as the teacher computing
-    its prompt cache on first use, is left out.)"""
+    (states_LBTD), as `response_logits` keeps the logits. Left-padded layout (`prompt_lengths` None): every row ends
+    with its response, so the T positions before the last. Packed layout (each row's prompt and response from
+    column 0; `rollout.packs_rows`): row r's T positions from its prompt's last token, `prompt_lengths[r] - 1`.
+    (An earlier forward in the same window, such as the teacher computing its prompt cache on first use, is left out.)"""
     if len(outputs) < layers:
         raise RuntimeError(f"{len(outputs)} layer outputs were recorded, fewer than the model's {layers} layers")
-    return torch.stack([hidden_BLD[:, -(T + 1):-1, :] for hidden_BLD in outputs[-layers:]])
+    if prompt_lengths is None:
+        return torch.stack([hidden_BLD[:, -(T + 1):-1, :] for hidden_BLD in outputs[-layers:]])
+    device = outputs[-1].device
+    rows_B1 = torch.arange(len(prompt_lengths), device=device)[:, None]
+    columns_BT = torch.tensor(prompt_lengths, device=device)[:, None] - 1 + torch.arange(T, device=device)[None, :]
+    return torch.stack([hidden_BLD[rows_B1, columns_BT] for hidden_BLD in outputs[-layers:]])
 
 
 def hidden_distance(student_LBTD: torch.Tensor, teacher_LBTD: torch.Tensor) -> torch.Tensor:

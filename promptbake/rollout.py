@@ -348,11 +348,10 @@ def response_logits(
     follows that prefix; the result is the same as running the full sequences. `prefix_attended`: the
     prefix is attended to through `fastdecode.shared_prefix` instead (one copy for all rows), so it takes no
     place in the mask or the cache; positions still start after it. `left_padded` keeps the left-padded layout
-    everywhere (every row's response at the same, last positions: where `hidden.response_states` reads the layers).
+    everywhere (every row's response at the same, last positions); `packs_rows` says which layout a call uses.
     """
     device = next(model.parameters()).device
-    packed = PACKED_LAYOUT if PACKED_LAYOUT is not None else device.type != "cpu"
-    if packed and not left_padded and past_key_values is None and not prefix_len and all(prompts):
+    if packs_rows(device, prompts, past_key_values, prefix_len, left_padded):
         return packed_response_logits(model, prompts, rollout, pad_id)
     ids_BP, mask_BP = left_pad(prompts, pad_id)
     ids_BL = torch.cat([ids_BP, rollout.response_ids_BT], dim=1).to(device)
@@ -375,6 +374,14 @@ def response_logits(
 # Whole sequences in the packed layout: None = on accelerators (where fully masked rows gave NaN gradients), not on
 # CPUs, whose student pass it made 10-15 % slower (benchmarks/train_step.py, "packed student pass").
 PACKED_LAYOUT: bool | None = None
+
+
+def packs_rows(device: torch.device, prompts: list[list[int]], past_key_values=None, prefix_len: int = 0,
+               left_padded: bool = False) -> bool:
+    """Whether `response_logits` runs these rows in the packed layout (each row from column 0) rather than the
+    left-padded one: what a reader of the layers' outputs (`hidden.response_states`) must know."""
+    packed = PACKED_LAYOUT if PACKED_LAYOUT is not None else device.type != "cpu"
+    return packed and not left_padded and past_key_values is None and not prefix_len and all(prompts)
 
 
 def packed_response_logits(model, prompts: list[list[int]], rollout: Rollout, pad_id: int) -> torch.Tensor:

@@ -54,6 +54,7 @@ from promptbake.rollout import (
     autocast,
     compiled_decoding,
     eos_token_ids,
+    packs_rows,
     response_logits,
     rollout_from_lists,
 )
@@ -344,8 +345,8 @@ def train_student(
                     with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
                         with autocast(accelerator.device, bf16), \
                                 recorded_layer_outputs(student_blocks) as student_layers:
-                            student_logits_BTV = response_logits(wrapped, [prompts[r] for r in rows], micro, pad_id,
-                                                                 left_padded=match_hidden)
+                            row_prompts = [prompts[r] for r in rows]
+                            student_logits_BTV = response_logits(wrapped, row_prompts, micro, pad_id)
                         device = student_logits_BTV.device
                         ids_BT, mask_BT = micro.response_ids_BT.to(device), micro.response_mask_BT.to(device)
                         loss_BT = distill_loss(
@@ -362,7 +363,9 @@ def train_student(
                                                                        future_baseline, config.temperature)
                             objective_loss = micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens
                         if match_hidden:
-                            distance_BT = hidden_distance(response_states(student_layers, len(student_blocks), T), teacher_states_LBTD)
+                            lengths = [len(p) for p in row_prompts] if packs_rows(device, row_prompts) else None
+                            student_LBTD = response_states(student_layers, len(student_blocks), T, lengths)
+                            distance_BT = hidden_distance(student_LBTD, teacher_states_LBTD)
                             micro_distance = (distance_BT * mask_BT).sum() / total_tokens
                             objective_loss = objective_loss + config.hidden_match_weight * micro_distance
                             hidden_sum += float(micro_distance.detach()) * part_tokens / max(step_tokens, 1) / world

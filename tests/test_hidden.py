@@ -86,6 +86,34 @@ def test_teacher_states_are_each_layers_output_at_the_response_tokens(peft_tiny,
             torch.testing.assert_close(states_LBTD[:-1, row, :n], want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_student_states_are_read_in_either_layout(peft_tiny, tiny, monkeypatch, packed):
+    """The student's training pass runs left-padded on CPUs and packed (each row from column 0) on accelerators:
+    either way, over prompts of different lengths, the states read at its response tokens are those of a plain
+    forward of each row's own prompt + response."""
+    import promptbake.rollout as rollout_module
+    from promptbake.rollout import packs_rows
+
+    monkeypatch.setattr(rollout_module, "PACKED_LAYOUT", packed)
+    _, tok = tiny
+    renderer = ChatRenderer.for_tokenizer(tok, "You are a pirate.", 8192)
+    prompts = [renderer.student_ids(q.messages) for q in _queries()]
+    assert len({len(p) for p in prompts}) == 3
+    device = next(peft_tiny.parameters()).device
+    assert packs_rows(device, prompts) == packed
+    blocks = repeated_blocks(peft_tiny)
+    T = ROLLOUT.response_ids_BT.shape[1]
+    with recorded_layer_outputs(blocks) as outputs, torch.no_grad():
+        response_logits(peft_tiny, prompts, ROLLOUT, tok.pad_token_id)
+    lengths = [len(p) for p in prompts] if packed else None
+    states_LBTD = response_states(outputs, len(blocks), T, lengths)
+    assert states_LBTD.shape == (len(blocks), 3, T, peft_tiny.config.hidden_size)
+    for row, prompt in enumerate(prompts):
+        n = int(ROLLOUT.response_mask_BT[row].sum())
+        want = _reference_states(peft_tiny, prompt, ROLLOUT.response_ids_BT[row, :n].tolist())
+        torch.testing.assert_close(states_LBTD[:-1, row, :n], want, atol=1e-4, rtol=1e-4)
+
+
 def test_recording_is_off_unless_asked_and_hooks_go_away(peft_tiny):
     blocks = repeated_blocks(peft_tiny)
     ids = torch.tensor([[1, 5, 6, 7]])
@@ -133,3 +161,28 @@ def test_a_step_down_the_distance_gradient_brings_the_students_states_towards_th
             p.sub_(1e-2 * g / max(float(torch.cat([x.flatten() for x in grads]).norm()), 1e-12))
         after = distance()
     assert after < before
+
+
+def test_hidden_weight_default_applies_only_where_the_teachers_layers_are_the_students():
+    """Unset, the weight is the default where the teacher is the base model itself and returns logits to an on-policy
+    loss, and 0 elsewhere, so a prompt that names another teacher or a served one is not refused for a weight it never
+    set; set, it is the user's and is checked."""
+    from promptbake.config import DEFAULT_HIDDEN_MATCH_WEIGHT, BakeConfig
+
+    assert DEFAULT_HIDDEN_MATCH_WEIGHT > 0
+    assert BakeConfig().hidden_match_weight == DEFAULT_HIDDEN_MATCH_WEIGHT
+    assert BakeConfig.from_layers({"preset": "quick"}, {"kl": "topk"}).hidden_match_weight == DEFAULT_HIDDEN_MATCH_WEIGHT
+    assert BakeConfig(teacher_mode="live").hidden_match_weight == DEFAULT_HIDDEN_MATCH_WEIGHT
+    for other in ({"kl": "sampled"}, {"method": "offpolicy"}, {"method": "sft"}, {"teacher": "bigger-model"},
+                  {"teacher_url": "http://localhost:8000", "kl": "sampled"}):
+        assert BakeConfig.from_layers(other).hidden_match_weight == 0.0, other
+    assert BakeConfig(hidden_match_weight=0).hidden_match_weight == 0.0
+    assert BakeConfig(teacher="bigger-model", hidden_match_weight=5).hidden_match_weight == 5.0  # checked at training
+    config = BakeConfig()
+    config.kl = "sampled"  # derived again on assignment, not carried over
+    assert config.hidden_match_weight == 0.0
+    config.kl = "full"
+    assert config.hidden_match_weight == DEFAULT_HIDDEN_MATCH_WEIGHT
+    with pytest.raises(ValueError, match="hidden_match_weight"):
+        BakeConfig(hidden_match_weight=10).kl = "sampled"
+    assert BakeConfig.model_validate_json(BakeConfig().model_dump_json()) == BakeConfig()

@@ -253,6 +253,26 @@ def test_hidden_match_term_changes_the_gradient_not_the_logged_loss_and_micro_ba
     assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
 
 
+def test_hidden_match_term_does_not_depend_on_the_students_layout(tmp_path, tiny_model_dir, monkeypatch):
+    """On accelerators the student's training pass runs packed (each row from column 0), on CPUs left-padded; the
+    layers are read at each layout's own response positions, so the step's KL, distance and gradient agree."""
+    import promptbake.rollout as rollout_module
+
+    prompt = write_prompt(tmp_path / "p")
+    (tmp_path / "p" / "queries.txt").write_text("".join(f"Question {i}:{' why' * (i % 5)} is {i} odd?\n" for i in range(40)))
+    firsts = []
+    for packed in (False, True):
+        monkeypatch.setattr(rollout_module, "PACKED_LAYOUT", packed)
+        result = compile_prompt(prompt, out=tmp_path / f"out-{packed}", model=str(tiny_model_dir),
+                                overrides=dict(steps=1, batch_size=4, micro_batch_size=4, heldout=0, max_new_tokens=8,
+                                               precision="fp32", hidden_match_weight=30.0))
+        firsts.append(result.train.log[0])
+    left, packed = firsts
+    assert left.response_tokens == packed.response_tokens and left.kl == pytest.approx(packed.kl, rel=1e-5)
+    assert left.hidden_distance > 0 and left.hidden_distance == pytest.approx(packed.hidden_distance, rel=1e-4)
+    assert left.grad_norm == pytest.approx(packed.grad_norm, rel=1e-4)
+
+
 def test_hidden_match_refuses_a_teacher_of_another_shape(tmp_path, tiny_model_dir):
     import shutil
 
