@@ -216,13 +216,15 @@ def test_forward_kl_weight_reaches_the_training_loss(tmp_path, tiny_model_dir):
 
 def term_off_and_on(tmp_path, model_dir, field: str, weight: float):
     """Two steps of the tiny model from one seed with the extra loss term `field` off (8 rows per micro-batch), and at
-    `weight` with 1 and with 8 rows per micro-batch: the three runs' step logs (off, split, whole)."""
+    `weight` with 1 and with 8 rows per micro-batch: the three runs' step logs (off, split, whole). Every other extra
+    term is off (the default layers' term would dominate the gradient)."""
     prompt = write_prompt(tmp_path / "p")
     logs = []
     for w, micro in ((0.0, 8), (weight, 1), (weight, 8)):
+        terms = {"future_kl_weight": 0.0, "hidden_match_weight": 0.0, field: w}
         result = compile_prompt(prompt, out=tmp_path / f"out{w}-{micro}", model=str(model_dir),
                                 overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0,
-                                               max_new_tokens=8, precision="fp32", **{field: w}))
+                                               max_new_tokens=8, precision="fp32", **terms))
         assert result.manifest.config[field] == w
         logs.append(result.train.log)
     return logs
