@@ -20,6 +20,8 @@ from typing import Iterator
 
 import torch
 
+from promptbake.rollout import packed_response_columns
+
 
 @contextlib.contextmanager
 def recorded_layer_outputs(blocks: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
@@ -50,7 +52,7 @@ def response_states(outputs: list[torch.Tensor], layers: int, T: int, prompt_len
         return torch.stack([hidden_BLD[:, -(T + 1):-1, :] for hidden_BLD in outputs[-layers:]])
     device = outputs[-1].device
     rows_B1 = torch.arange(len(prompt_lengths), device=device)[:, None]
-    columns_BT = torch.tensor(prompt_lengths, device=device)[:, None] - 1 + torch.arange(T, device=device)[None, :]
+    columns_BT = packed_response_columns(prompt_lengths, T, device)
     return torch.stack([hidden_BLD[rows_B1, columns_BT] for hidden_BLD in outputs[-layers:]])
 
 

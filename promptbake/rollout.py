@@ -412,8 +412,13 @@ def packed_response_logits(model, prompts: list[list[int]], rollout: Rollout, pa
     logits_BKV = out.logits
     if min(lengths) == max(lengths):
         return logits_BKV
-    columns_BT = torch.tensor(lengths, device=device)[:, None] - 1 - first + torch.arange(T, device=device)[None, :]
-    return logits_BKV[torch.arange(B, device=device)[:, None], columns_BT]
+    return logits_BKV[torch.arange(B, device=device)[:, None], packed_response_columns(lengths, T, device) - first]
+
+
+def packed_response_columns(prompt_lengths: list[int], T: int, device: torch.device) -> torch.Tensor:
+    """In the packed layout, the columns that predict each row's T response tokens (columns_BT): row r's from its
+    prompt's last token, `prompt_lengths[r] - 1`. The logits above and `hidden.response_states` read the same ones."""
+    return torch.tensor(prompt_lengths, device=device)[:, None] - 1 + torch.arange(T, device=device)[None, :]
 
 
 def adapter_enabled(model, enabled: bool):
