@@ -21,6 +21,7 @@ import hashlib
 import json
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -168,15 +169,17 @@ class LocalGenerator:
 class ServedGenerator:
     """Any OpenAI-compatible chat endpoint: the document goes in one user message, the first line comes back."""
 
-    def __init__(self, url: str, option: str = "--generator-url"):
+    def __init__(self, url: str, option: str = "--generator-url", concurrency: int = 32):
         from promptbake.vllm_client import VLLMClient
 
+        self.concurrency = concurrency
         self.client = VLLMClient(url, option, timeout=120.0, retries=2)
         self.identity = f"{self.client.url}#{self.client.model_id}"
 
     def next_lines(self, documents: list[str], *, max_new_tokens: int, temperature: float) -> list[str]:
-        out = []
-        for document in documents:
+        """The requests go out together: the server batches concurrent requests, while one at a time it decodes
+        a single sequence (about 12 tokens/s for the default model on a 2-core CPU)."""
+        def first_line(document: str) -> str:
             answer = self.client.call("POST", "/v1/chat/completions", {
                 "model": self.client.model_id, "max_tokens": max_new_tokens, "temperature": temperature,
                 "messages": [{"role": "user", "content": document.rstrip() + " [write only this one message, "
@@ -184,8 +187,12 @@ class ServedGenerator:
             })
             choices = answer.get("choices") or [{}]
             text = (choices[0].get("message") or {}).get("content") or ""
-            out.append(text.strip().split("\n")[0])
-        return out
+            return text.strip().split("\n")[0]
+
+        if not documents:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(documents))) as pool:
+            return list(pool.map(first_line, documents))  # in the documents' order
 
 
 _LABEL = re.compile(r"^\s*(message|user|customer|query|question)\s*:\s*", re.IGNORECASE)

@@ -107,13 +107,13 @@ def test_real_vllm_server_matches_peft(tmp_path, default_model_dir):
     french_prompt = tmp_path / "french.md"
     french_prompt.write_text(f"---\nname: french\nqueries: {REPO / 'prompts' / 'pirate_queries.jsonl'}\n---\nAlways answer in French.\n")
     french = compile_prompt(french_prompt, out=tmp_path / "french", overrides=fast, measure=False).out_dir
-    queries = [q.messages for q in load_queries(REPO / "prompts" / "pirate_queries.jsonl")[:20]]
+    queries = [q.messages for q in load_queries(REPO / "prompts" / "pirate_queries.jsonl")[:16]]
 
     tok = load_tokenizer(default_model_dir)
     model = load_adapter(load_model(default_model_dir), pirate, "pirate")
     prompts = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for m in queries]
     with torch.no_grad():
-        ro = sample(model, prompts, max_new_tokens=32, temperature=1.0, eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id, greedy=True)
+        ro = sample(model, prompts, max_new_tokens=24, temperature=1.0, eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id, greedy=True)
     hf = [tok.decode(ids[mask.bool()], skip_special_tokens=True) for ids, mask in zip(ro.response_ids_BT, ro.response_mask_BT)]
 
     base, served = plan_serving([pirate, french])
@@ -122,13 +122,13 @@ def test_real_vllm_server_matches_peft(tmp_path, default_model_dir):
     with VLLMServer(cmd, "127.0.0.1", port, tmp_path / "vllm.log") as server:
         server.wait_healthy(timeout=240)
         with ThreadPoolExecutor(max_workers=8) as pool:  # vLLM batches concurrent requests; greedy stays per request
-            answers = {name: list(pool.map(lambda m: chat_completion(server.url, name, m, max_tokens=32)["choices"][0]["message"]["content"], queries))
+            answers = {name: list(pool.map(lambda m: chat_completion(server.url, name, m, max_tokens=24)["choices"][0]["message"]["content"], queries))
                        for name in ("pirate", "french", str(base))}
     assert port_free("127.0.0.1", port)
     same = sum(a.strip() == b.strip() for a, b in zip(answers["pirate"], hf))
-    assert same >= 18, list(zip(answers["pirate"], hf))
-    assert sum(a != b for a, b in zip(answers["pirate"], answers["french"])) >= 10
-    assert sum(a != b for a, b in zip(answers["pirate"], answers[str(base)])) >= 10
+    assert same >= 14, list(zip(answers["pirate"], hf))
+    assert sum(a != b for a, b in zip(answers["pirate"], answers["french"])) >= 8
+    assert sum(a != b for a, b in zip(answers["pirate"], answers[str(base)])) >= 8
 
 
 @pytest.mark.slow
