@@ -94,6 +94,13 @@ class BakeConfig(BaseModel):
                     "as teacher), else 0. In the quality study it closed 0.04-0.05 more of the held-out reverse-KL gap "
                     "at 80 steps (pirate, support) at the same step time, +0.16 GiB peak (docs/quality.md, section 14).",
     )
+    hidden_match_query: bool = Field(
+        False,
+        description="With hidden_match_weight: match the layers at the user turn's tokens too (the query and the chat "
+                    "template around it, which the student's prompt and the teacher's both end with). Only the "
+                    "teacher's states there have read the prompt, so every query gives targets without sampling; each "
+                    "such token counts as much as a response token.",
+    )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
     # Sampling.
@@ -248,6 +255,8 @@ class BakeConfig(BaseModel):
             raise ValueError("hidden_match_weight reads the teacher's layers as it scores: it needs a local teacher that "
                              f"returns logits (kl full or topk, method opcd or offpolicy), not method {self.method} "
                              f"with kl {self.kl}" + (" and teacher_url" if self.teacher_url else ""))
+        if self.hidden_match_query and not self.hidden_match_weight:
+            raise ValueError("hidden_match_query adds positions to the layers' term: it needs hidden_match_weight > 0")
         if self.teacher_url:
             if self.teacher:
                 raise ValueError("teacher and teacher_url both name the teacher; give one")

@@ -11,6 +11,10 @@ Layer outputs are read with forward hooks on the decoder layers while the ordina
 layout `rollout.response_logits` chose for it: left-padded (each row's response tokens last; the teacher always) or
 packed (each row from column 0; the student's training pass on accelerators, where the left-padded one gave NaN
 gradients).
+
+`hidden_match_query` adds the user turn's tokens: the student's prompt and the teacher's end with the same tokens (the
+query and the chat template around it); only the teacher's states there have read the prompt, so they are targets that
+need no sampling. `query_states` reads both sides at those positions.
 """
 
 from __future__ import annotations
@@ -64,3 +68,36 @@ def hidden_distance(student_LBTD: torch.Tensor, teacher_LBTD: torch.Tensor) -> t
                          f"{tuple(teacher_LBTD.shape)} (layers, rows, positions, width)")
     cos_LBT = torch.nn.functional.cosine_similarity(student_LBTD.float(), teacher_LBTD.detach().float(), dim=-1, eps=1e-6)
     return (1 - cos_LBT).mean(0)
+
+
+def common_suffix_length(a: list[int], b: list[int]) -> int:
+    """How many tokens two prompts share at their ends (the user turn the student and the teacher both read)."""
+    n = 0
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def query_states(outputs: list[torch.Tensor], layers: int, T: int, suffix_lengths: list[int],
+                 prompt_lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states of the last forward's `layers` layers at each row's last `suffix_lengths[r]` prompt tokens but the
+    very last (that one predicts the first response token, so `response_states` has it): states_LBQD and mask_BQ,
+    right-aligned (row r's positions in the last suffix_lengths[r] - 1 of the Q columns). Layouts as in
+    `response_states`: left-padded (`prompt_lengths` None; every prompt ends T columns before the end) or packed."""
+    if len(outputs) < layers:
+        raise RuntimeError(f"{len(outputs)} layer outputs were recorded, fewer than the model's {layers} layers")
+    device = outputs[-1].device
+    counts_B = torch.tensor([max(n - 1, 0) for n in suffix_lengths], device=device)
+    Q = int(counts_B.max()) if len(suffix_lengths) else 0
+    if prompt_lengths is None:
+        last_B = torch.full_like(counts_B, outputs[-1].shape[1] - T - 1)
+    else:
+        last_B = torch.tensor(prompt_lengths, device=device) - 1
+    q_Q = torch.arange(Q, device=device)
+    columns_BQ = (last_B[:, None] - Q + q_Q).clamp(min=0)
+    mask_BQ = q_Q[None, :] >= (Q - counts_B)[:, None]
+    rows_B1 = torch.arange(len(suffix_lengths), device=device)[:, None]
+    states_LBQD = torch.stack([hidden_BLD[rows_B1, columns_BQ] for hidden_BLD in outputs[-layers:]])
+    return states_LBQD, mask_BQ

@@ -95,6 +95,18 @@ class PromptedTeacher:
             self._ids[key] = self.renderer.teacher_ids(query.messages)
         return self._ids[key]
 
+    def _cached_prefix_length(self, full: list[list[int]]) -> int:
+        """How many leading tokens of these prompts come from the prefix cache (0: it is not used for them)."""
+        P = len(self.prefix_ids)
+        return P if P > 0 and all(ids[:P] == self.prefix_ids and len(ids) > P for ids in full) else 0
+
+    def scored_prompt_lengths(self, queries: list[Query]) -> list[int]:
+        """How many of each row's prompt tokens `logits` runs through the layers (those after the cached prefix when
+        it is used): how far back its recorded states reach."""
+        full = [self.prompt_ids(q) for q in queries]
+        P = self._cached_prefix_length(full)
+        return [len(ids) - P for ids in full]
+
     @torch.no_grad()
     def sampled_logprobs(self, queries: list[Query], rollout: Rollout, temperature: float) -> torch.Tensor:
         """Log-probs of the response tokens only (logp_BT) at `temperature`: what a teacher behind a server returns
@@ -107,17 +119,16 @@ class PromptedTeacher:
         """Teacher logits predicting each response token (logits_BTV), on the model's device. `left_padded`: see
         `response_logits` (with the prompt prefix cached, the layout is left-padded anyway)."""
         full = [self.prompt_ids(q) for q in queries]
-        P = len(self.prefix_ids)
-        usable = P > 0 and all(ids[:P] == self.prefix_ids and len(ids) > P for ids in full)
+        P = self._cached_prefix_length(full)
         was_training = self.model.training
         self.model.eval()
         with self._adapter_off(), autocast(self._device(), self.bf16):
-            if usable and can_share_prefix(self.model):
+            if P and can_share_prefix(self.model):
                 # One copy of the prompt's keys and values for all rows (no per-row expansion).
                 with shared_prefix(self.model, self._prefix()):
                     logits_BTV = response_logits(self.model, [ids[P:] for ids in full], rollout, self.pad_id,
                                                  prefix_len=P, prefix_attended=True)
-            elif usable:
+            elif P:
                 cache = self._prefix_cache(len(queries))
                 logits_BTV = response_logits(self.model, [ids[P:] for ids in full], rollout, self.pad_id, cache, P)
             else:

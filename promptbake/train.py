@@ -42,7 +42,7 @@ from promptbake.averaging import WeightAverage
 from promptbake.checkpoint import (Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint,
                                    trainable)
 from promptbake.faults import fault_point, fault_requested
-from promptbake.hidden import hidden_distance, recorded_layer_outputs, response_states
+from promptbake.hidden import common_suffix_length, hidden_distance, query_states, recorded_layer_outputs, response_states
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
@@ -339,6 +339,10 @@ def train_student(
                         else:
                             teacher_out = None
                     teacher_states_LBTD = response_states(teacher_layers, len(teacher_blocks), T) if match_hidden else None
+                    if config.hidden_match_query:  # the user turn both prompts end with, as far as the teacher's pass reads
+                        suffix = [min(common_suffix_length(prompts[r], teacher.prompt_ids(q)), n)
+                                  for r, q, n in zip(rows, micro_queries, teacher.scored_prompt_lengths(micro_queries))]
+                        teacher_query_LBQD, query_mask_BQ = query_states(teacher_layers, len(teacher_blocks), T, suffix)
                     del teacher_layers
                     teacher_s += time.perf_counter() - t_teacher
                     last = index == len(groups) - 1
@@ -367,12 +371,19 @@ def train_student(
                             student_LBTD = response_states(student_layers, len(student_blocks), T, lengths)
                             distance_BT = hidden_distance(student_LBTD, teacher_states_LBTD)
                             micro_distance = (distance_BT * mask_BT).sum() / total_tokens
+                            if config.hidden_match_query:  # logged: the response tokens' distance alone, as without it
+                                student_query_LBQD, _ = query_states(student_layers, len(student_blocks), T, suffix, lengths)
+                                distance_BQ = hidden_distance(student_query_LBQD, teacher_query_LBQD)
+                                objective_loss = objective_loss + config.hidden_match_weight * (
+                                    distance_BQ * query_mask_BQ.to(device)).sum() / total_tokens
                             objective_loss = objective_loss + config.hidden_match_weight * micro_distance
                             hidden_sum += float(micro_distance.detach()) * part_tokens / max(step_tokens, 1) / world
                         del student_layers
                         accelerator.backward(objective_loss)
                     loss_sum += float(micro_loss.detach()) * part_tokens / max(step_tokens, 1) / world
                     del teacher_out, student_logits_BTV, loss_BT, teacher_states_LBTD
+                    if config.hidden_match_query:
+                        del teacher_query_LBQD
                     if config.release_memory:
                         release_free_memory()
                 if fault_requested("nan_grad", step):  # test hook: a backward that returned NaN at a finite loss

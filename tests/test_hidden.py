@@ -3,11 +3,13 @@ gradient pulls the student's states towards the teacher's."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from promptbake.chat import ChatRenderer
-from promptbake.hidden import hidden_distance, recorded_layer_outputs, response_states
+from promptbake.hidden import common_suffix_length, hidden_distance, query_states, recorded_layer_outputs, response_states
 from promptbake.rollout import Rollout, response_logits
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import repeated_blocks
@@ -112,6 +114,64 @@ def test_student_states_are_read_in_either_layout(peft_tiny, tiny, monkeypatch, 
         n = int(ROLLOUT.response_mask_BT[row].sum())
         want = _reference_states(peft_tiny, prompt, ROLLOUT.response_ids_BT[row, :n].tolist())
         torch.testing.assert_close(states_LBTD[:-1, row, :n], want, atol=1e-4, rtol=1e-4)
+
+
+def _reference_prompt_states(model, prompt_ids: list[int], start: int, end: int) -> torch.Tensor:
+    """Each layer but the last's output at prompt positions start .. end - 1, from one plain forward of the prompt."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt_ids]), output_hidden_states=True)
+    return torch.stack([h[0, start:end] for h in out.hidden_states[1:-1]])
+
+
+def test_common_suffix_length():
+    assert common_suffix_length([1, 2, 3, 4], [9, 3, 4]) == 2
+    assert common_suffix_length([1, 2], [3]) == 0
+    assert common_suffix_length([5, 6], [5, 6]) == 2 and common_suffix_length([], [1]) == 0
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+def test_query_states_are_each_layers_output_at_the_user_turn_on_both_sides(peft_tiny, tiny, monkeypatch, prefix_cache,
+                                                                          packed):
+    """hidden_match_query: the teacher (prompt prefix cached or not) and the student (either layout) are read at the
+    tokens their prompts end with, all but the last; each equals a plain forward of that side's own prompt, and the
+    two sides are read at the same tokens."""
+    import promptbake.rollout as rollout_module
+
+    monkeypatch.setattr(rollout_module, "PACKED_LAYOUT", packed)
+    _, tok = tiny
+    renderer = ChatRenderer.for_tokenizer(tok, "You are a careful assistant. " * 20, 8192)
+    queries = _queries()
+    teacher = PromptedTeacher(peft_tiny, renderer, tok.pad_token_id, is_student=True, bf16=False, prefix_cache=prefix_cache)
+    teacher.prepare(queries, 16, "test")
+    blocks, T = repeated_blocks(peft_tiny), ROLLOUT.response_ids_BT.shape[1]
+    student_prompts = [renderer.student_ids(q.messages) for q in queries]
+    teacher_prompts = [teacher.prompt_ids(q) for q in queries]
+    seen = teacher.scored_prompt_lengths(queries)
+    assert seen == [len(p) - (len(teacher.prefix_ids) if prefix_cache else 0) for p in teacher_prompts]
+    suffix = [min(common_suffix_length(s, t), n) for s, t, n in zip(student_prompts, teacher_prompts, seen)]
+    assert len(set(suffix)) == 3 and min(suffix) > 3  # three lengths, so the rows' positions are right-aligned
+
+    with recorded_layer_outputs(blocks) as outputs:
+        teacher.logits(queries, ROLLOUT, left_padded=True)
+    teacher_LBQD, mask_BQ = query_states(outputs, len(blocks), T, suffix)
+    with recorded_layer_outputs(blocks) as outputs, torch.no_grad():
+        response_logits(peft_tiny, student_prompts, ROLLOUT, tok.pad_token_id)
+    student_LBQD, student_mask_BQ = query_states(outputs, len(blocks), T, suffix,
+                                                 [len(p) for p in student_prompts] if packed else None)
+    Q = max(suffix) - 1
+    assert teacher_LBQD.shape == student_LBQD.shape == (len(blocks), 3, Q, peft_tiny.config.hidden_size)
+    assert torch.equal(mask_BQ, student_mask_BQ) and mask_BQ.sum(-1).tolist() == [n - 1 for n in suffix]
+    for row in range(3):
+        n = suffix[row] - 1
+        assert mask_BQ[row, Q - n:].all() and not mask_BQ[row, :Q - n].any()
+        for prompt, got_LBQD, adapter in ((teacher_prompts[row], teacher_LBQD, False),
+                                         (student_prompts[row], student_LBQD, True)):
+            L = len(prompt)
+            with contextlib.nullcontext() if adapter else peft_tiny.disable_adapter():
+                want = _reference_prompt_states(peft_tiny, prompt, L - n - 1, L - 1)
+            torch.testing.assert_close(got_LBQD[:-1, row, Q - n:], want, atol=1e-4, rtol=1e-4)
+    assert student_prompts[0][-suffix[0]:] == teacher_prompts[0][-suffix[0]:]
 
 
 def test_recording_is_off_unless_asked_and_hooks_go_away(peft_tiny):

@@ -255,9 +255,35 @@ def test_hidden_match_term_changes_the_gradient_not_the_logged_loss_and_micro_ba
     assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
 
 
-def test_hidden_match_term_does_not_depend_on_the_students_layout(tmp_path, tiny_model_dir, monkeypatch):
+def test_hidden_match_query_adds_the_user_turn_to_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
+    """hidden_match_query: the same samples, KL and logged (response tokens') distance as the layers' term alone, another
+    gradient; one row per micro-batch gives what four do (its tokens are scaled by the part's response tokens)."""
+    prompt = write_prompt(tmp_path / "p")
+    logs = {}
+    for query, micro in ((False, 4), (True, 4), (True, 1)):
+        result = compile_prompt(prompt, out=tmp_path / f"out-{query}-{micro}", model=str(tiny_model_dir),
+                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0, max_new_tokens=8,
+                                               precision="fp32", future_kl_weight=0.0, hidden_match_weight=30.0,
+                                               hidden_match_query=query))
+        assert result.manifest.config["hidden_match_query"] == query
+        logs[query, micro] = result.train.log
+    plain, whole, split = logs[False, 4][0], logs[True, 4][0], logs[True, 1][0]
+    assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
+    assert plain.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-6)
+    assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
+    assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
+    assert logs[True, 1][1].grad_norm == pytest.approx(logs[True, 4][1].grad_norm, rel=1e-3)
+    from promptbake.config import BakeConfig
+
+    with pytest.raises(ValueError, match="hidden_match_query"):
+        BakeConfig(hidden_match_weight=0, hidden_match_query=True)
+
+
+@pytest.mark.parametrize("query", [False, True])
+def test_hidden_match_term_does_not_depend_on_the_students_layout(tmp_path, tiny_model_dir, monkeypatch, query):
     """On accelerators the student's training pass runs packed (each row from column 0), on CPUs left-padded; the
-    layers are read at each layout's own response positions, so the step's KL, distance and gradient agree."""
+    layers are read at each layout's own response (and, with hidden_match_query, user-turn) positions, so the step's
+    KL, distance and gradient agree."""
     import promptbake.rollout as rollout_module
 
     prompt = write_prompt(tmp_path / "p")
@@ -267,7 +293,7 @@ def test_hidden_match_term_does_not_depend_on_the_students_layout(tmp_path, tiny
         monkeypatch.setattr(rollout_module, "PACKED_LAYOUT", packed)
         result = compile_prompt(prompt, out=tmp_path / f"out-{packed}", model=str(tiny_model_dir),
                                 overrides=dict(steps=1, batch_size=4, micro_batch_size=4, heldout=0, max_new_tokens=8,
-                                               precision="fp32", hidden_match_weight=30.0))
+                                               precision="fp32", hidden_match_weight=30.0, hidden_match_query=query))
         firsts.append(result.train.log[0])
     left, packed = firsts
     assert left.response_tokens == packed.response_tokens and left.kl == pytest.approx(packed.kl, rel=1e-5)
