@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import write_prompt
+from conftest import one_line_error, run_cli, write_prompt
 from promptbake.artifact import read_manifest
 
 EXE = str(Path(sys.executable).with_name("promptbake"))
@@ -187,12 +187,10 @@ def test_a_longer_compile_continues_from_a_shorter_one(tmp_path, tiny_model_dir)
     assert all((got[k] == want[k]).all() for k in want) and _log_kls(tmp_path / "long") == _log_kls(reference)
     assert (tmp_path / ".short.work" / "checkpoint" / "state.json").read_text() == kept_before
 
-    def refused(fragment, *extra):
-        proc = subprocess.run([EXE, "compile", str(prompt), "--model", str(tiny_model_dir), "--out", str(tmp_path / "bad"),
-                               *args, *extra], capture_output=True, text=True, timeout=300)
-        lines = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if line.startswith("error:")]
-        assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stdout + proc.stderr
-        assert "Traceback" not in proc.stderr and not (tmp_path / "bad").exists() and not (tmp_path / ".bad.work").exists()
+    def refused(fragment, *extra):  # in-process: the refusals come before any training
+        result = run_cli("compile", prompt, "--model", tiny_model_dir, "--out", tmp_path / "bad", *args, *extra)
+        one_line_error(result, fragment)
+        assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.work").exists()
 
     refused("no checkpoint kept beside it", "--steps", "6", "--continue-from", str(tmp_path / "nowhere"))
     refused("only steps may differ", "--steps", "6", "--lr", "2e-3", "--continue-from", str(short))
