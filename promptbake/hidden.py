@@ -24,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from promptbake.chat import common_prefix_length
 from promptbake.rollout import packed_response_columns
 
 
@@ -44,20 +45,27 @@ def recorded_layer_outputs(blocks: list[torch.nn.Module]) -> Iterator[list[torch
             handle.remove()
 
 
+def last_forward_layers(outputs: list[torch.Tensor], layers: int) -> list[torch.Tensor]:
+    """The last forward's `layers` recorded layer outputs (hidden_BLD each): earlier forwards in the same window,
+    such as the teacher computing its prompt cache on first use, come before them."""
+    if len(outputs) < layers:
+        raise RuntimeError(f"{len(outputs)} layer outputs were recorded, fewer than the model's {layers} layers")
+    return outputs[-layers:]
+
+
 def response_states(outputs: list[torch.Tensor], layers: int, T: int, prompt_lengths: list[int] | None = None) -> torch.Tensor:
     """The states of the last forward's `layers` layers at the positions that predict the T response tokens
     (states_LBTD), as `response_logits` keeps the logits. Left-padded layout (`prompt_lengths` None): every row ends
     with its response, so the T positions before the last. Packed layout (each row's prompt and response from
     column 0; `rollout.packs_rows`): row r's T positions from its prompt's last token, `prompt_lengths[r] - 1`.
     (An earlier forward in the same window, such as the teacher computing its prompt cache on first use, is left out.)"""
-    if len(outputs) < layers:
-        raise RuntimeError(f"{len(outputs)} layer outputs were recorded, fewer than the model's {layers} layers")
+    last_forward = last_forward_layers(outputs, layers)
     if prompt_lengths is None:
-        return torch.stack([hidden_BLD[:, -(T + 1):-1, :] for hidden_BLD in outputs[-layers:]])
+        return torch.stack([hidden_BLD[:, -(T + 1):-1, :] for hidden_BLD in last_forward])
     device = outputs[-1].device
     rows_B1 = torch.arange(len(prompt_lengths), device=device)[:, None]
     columns_BT = packed_response_columns(prompt_lengths, T, device)
-    return torch.stack([hidden_BLD[rows_B1, columns_BT] for hidden_BLD in outputs[-layers:]])
+    return torch.stack([hidden_BLD[rows_B1, columns_BT] for hidden_BLD in last_forward])
 
 
 def hidden_distance(student_LBTD: torch.Tensor, teacher_LBTD: torch.Tensor) -> torch.Tensor:
@@ -72,12 +80,7 @@ def hidden_distance(student_LBTD: torch.Tensor, teacher_LBTD: torch.Tensor) -> t
 
 def common_suffix_length(a: list[int], b: list[int]) -> int:
     """How many tokens two prompts share at their ends (the user turn the student and the teacher both read)."""
-    n = 0
-    for x, y in zip(reversed(a), reversed(b)):
-        if x != y:
-            break
-        n += 1
-    return n
+    return common_prefix_length([a[::-1], b[::-1]])
 
 
 def query_states(outputs: list[torch.Tensor], layers: int, T: int, suffix_lengths: list[int],
@@ -86,8 +89,7 @@ def query_states(outputs: list[torch.Tensor], layers: int, T: int, suffix_length
     very last (that one predicts the first response token, so `response_states` has it): states_LBQD and mask_BQ,
     right-aligned (row r's positions in the last suffix_lengths[r] - 1 of the Q columns). Layouts as in
     `response_states`: left-padded (`prompt_lengths` None; every prompt ends T columns before the end) or packed."""
-    if len(outputs) < layers:
-        raise RuntimeError(f"{len(outputs)} layer outputs were recorded, fewer than the model's {layers} layers")
+    last_forward = last_forward_layers(outputs, layers)
     device = outputs[-1].device
     counts_B = torch.tensor([max(n - 1, 0) for n in suffix_lengths], device=device)
     Q = int(counts_B.max()) if len(suffix_lengths) else 0
@@ -99,5 +101,5 @@ def query_states(outputs: list[torch.Tensor], layers: int, T: int, suffix_length
     columns_BQ = (last_B[:, None] - Q + q_Q).clamp(min=0)
     mask_BQ = q_Q[None, :] >= (Q - counts_B)[:, None]
     rows_B1 = torch.arange(len(suffix_lengths), device=device)[:, None]
-    states_LBQD = torch.stack([hidden_BLD[rows_B1, columns_BQ] for hidden_BLD in outputs[-layers:]])
+    states_LBQD = torch.stack([hidden_BLD[rows_B1, columns_BQ] for hidden_BLD in last_forward])
     return states_LBQD, mask_BQ
