@@ -11,6 +11,7 @@ exists is skipped, so the sequence continues where it stopped (these runs take h
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import subprocess
@@ -97,8 +98,15 @@ def main(argv=None) -> None:
                 for path in (RESULTS / group).glob("*.json"):
                     if path.name.startswith(("verify", "eval-")):
                         shutil.copyfile(path, reports / path.name)
+                baked = json.loads((adapter / "bake.json").read_text()).get("adapter_sha256")
                 for path in (RESULTS / "retention").glob("eval-*.json"):
-                    shutil.copyfile(path, reports / path.name.replace("eval-", "eval-retention-"))
+                    name = reports / path.name.replace("eval-", "eval-retention-")
+                    measured = json.loads(path.read_text()).get("adapter_sha256", {})
+                    if baked and measured.get(group) == baked:
+                        shutil.copyfile(path, name)
+                    else:  # an earlier bake's retention: leave it out of this bake's report
+                        name.unlink(missing_ok=True)
+                        print(f"left out of {group}'s report: {path} measured another bake of {group}", flush=True)
                 subprocess.run([str(bin_dir / "promptbake"), "report", str(adapter)], check=True, cwd=REPO)
                 for name in ("report.html", "report.md"):
                     shutil.copyfile(adapter / name, RESULTS / group / name)

@@ -91,6 +91,15 @@ def _ci(estimate: dict, spec: str) -> str:
     return f"{estimate['value']:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
 
+def measured_another_bake(result: dict, adapter_sha256: str) -> bool:
+    """True when a saved verify or eval result names the bakes it measured and this one is not among them: a
+    results file left from an earlier bake of the same name. Results saved before they named their bakes pass."""
+    measured = result.get("adapter_sha256")
+    if isinstance(measured, dict):  # eval: adapter name -> sha256; empty when only base and prompted were run
+        return bool(measured) and adapter_sha256 not in measured.values()
+    return bool(measured) and measured != adapter_sha256
+
+
 def build_report(adapter_dir: str | Path) -> tuple[Path, Path]:
     adapter_dir = Path(adapter_dir)
     m = read_manifest(adapter_dir)
@@ -107,10 +116,13 @@ def build_report(adapter_dir: str | Path) -> tuple[Path, Path]:
     if check_rows:
         md += ["## Checks", _md_table(check_header, check_rows), ""]
 
-    verify = None
+    left_out: list[str] = []  # results files in reports/ that measured another bake of this name
     verify_table = rules_table = ""
-    if (reports / "verify.json").is_file():
-        verify = json.loads((reports / "verify.json").read_text())
+    verify = json.loads((reports / "verify.json").read_text()) if (reports / "verify.json").is_file() else None
+    if verify is not None and measured_another_bake(verify, m.adapter_sha256):
+        left_out.append("verify.json")
+        verify = None
+    if verify is not None:
         rows = [[k, f"{v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"] for k, v in verify["metrics"].items()]
         verify_table = _table(["metric", "value [95% CI]"], rows)
         md += ["## Verify", _md_table(["metric", "value [95% CI]"], rows), ""]
@@ -124,6 +136,9 @@ def build_report(adapter_dir: str | Path) -> tuple[Path, Path]:
     evals = []
     for path in sorted(reports.glob("eval-*.json")) if reports.is_dir() else []:
         data = json.loads(path.read_text())
+        if measured_another_bake(data, m.adapter_sha256):
+            left_out.append(path.name)
+            continue
         groups: dict[str, dict[str, tuple[float, float, float]]] = {}
         for cond, res in data["results"].items():
             for metric, est in res["metrics"].items():
@@ -139,6 +154,10 @@ def build_report(adapter_dir: str | Path) -> tuple[Path, Path]:
         serving = f"<pre>{html.escape(s.get('markdown', json.dumps(s, indent=2)))}</pre>"
         md += ["## Serving", s.get("markdown", ""), ""]
 
+    if left_out:
+        md += ["## Left out", f"Measured another bake than this one (adapter sha256 {m.adapter_sha256[:12]}): "
+               + ", ".join(left_out), ""]
+
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html", "j2"]))
     from markupsafe import Markup
 
@@ -149,7 +168,7 @@ def build_report(adapter_dir: str | Path) -> tuple[Path, Path]:
         check_table=Markup(_table(check_header, check_rows)) if check_rows else "",
         verify=verify, verify_table=Markup(verify_table), rules_table=Markup(rules_table),
         evals=[{**e, "svg": Markup(e["svg"]), "table": Markup(e["table"])} for e in evals],
-        serving=Markup(serving),
+        serving=Markup(serving), left_out=left_out,
         config=json.dumps(m.config), versions=", ".join(f"{k} {v}" for k, v in m.versions.items()),
     )
     html_path, md_path = adapter_dir / "report.html", adapter_dir / "report.md"

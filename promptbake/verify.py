@@ -79,6 +79,7 @@ def per_rule_results(queries: list, rule_texts: dict[str, str], baked, base,
 class VerifyReport:
     adapter: str
     num_queries: int
+    adapter_sha256: str = ""  # the bake measured, so a report never shows another bake's numbers
     metrics: dict[str, Estimate] = field(default_factory=dict)
     checks: dict[str, dict[str, Estimate]] = field(default_factory=dict)
     check_ratios: dict[str, Estimate] = field(default_factory=dict)
@@ -96,6 +97,7 @@ class VerifyReport:
     def to_json(self) -> str:
         return json.dumps({
             "adapter": self.adapter,
+            "adapter_sha256": self.adapter_sha256,
             "num_queries": self.num_queries,
             "passed": self.passed,
             "failures": self.failures,
@@ -229,9 +231,9 @@ def verify_adapters(
     merged = spec.verify.model_copy(update={k: v for k, v in (thresholds or {}).items() if v is not None})
 
     reports = []
-    for d, name in zip(dirs, names):
+    for d, name, m in zip(dirs, names, manifests):
         model.set_adapter(name)
-        report = VerifyReport(str(d), len(query_list), response_cap=new_tokens)
+        report = VerifyReport(str(d), len(query_list), m.adapter_sha256, response_cap=new_tokens)
         for key, on_teacher in [("reverse_kl_baked", False), ("forward_kl_baked", True)]:
             kl[key] = kl_to_teacher(model, engine, teacher, renderer, tokenizer, query_list, adapter=True,
                                     on_teacher_samples=on_teacher, **kw)

@@ -48,3 +48,21 @@ def test_report_has_plots_and_aligned_tables(tmp_path, tiny_model_dir):
     assert cells[header.index("r") - 1].startswith(f"{want:.1%}")
     md = (out / "report.md").read_text()
     assert "## Verify" in md and "## Eval: mmlu (n=3)" in md
+
+    # Both results name the bake they measured; a second bake of the same prompt leaves them out of its report
+    # and says so, instead of showing the first bake's numbers as its own.
+    sha = json.loads((out / "bake.json").read_text())["adapter_sha256"]
+    assert verify["adapter_sha256"] == sha
+    assert json.loads((reports / "eval-mmlu.json").read_text())["adapter_sha256"] == {"r": sha}
+    again = tmp_path / "again"
+    assert runner.invoke(app, ["compile", str(prompt), "--model", str(tiny_model_dir), "--out", str(again), *fast,
+                               "--seed", "1"]).exit_code == 0
+    assert json.loads((again / "bake.json").read_text())["adapter_sha256"] != sha
+    (again / "reports").mkdir()
+    for name in ("verify.json", "eval-mmlu.json"):
+        (again / "reports" / name).write_text((reports / name).read_text())
+    assert runner.invoke(app, ["report", str(again)]).exit_code == 0
+    md = (again / "report.md").read_text()
+    assert "## Verify" not in md and "## Eval: mmlu" not in md
+    assert "## Left out" in md and "verify.json, eval-mmlu.json" in md
+    assert "Left out" in (again / "report.html").read_text()

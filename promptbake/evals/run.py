@@ -135,6 +135,7 @@ def run_eval(
         "prompt_file": prompt_of.get("prompted"),
         "prompt_files": prompt_of,
         "adapters": {n: str(a) for n, a in zip(names, adapters)},
+        "adapter_sha256": {n: m.adapter_sha256 for n, m in zip(names, manifests)},  # which bakes were measured
         "references": references,  # condition -> the prompted condition its answers are compared with
         "results": results,
         "markdown": markdown_table(suite, results),
