@@ -87,6 +87,7 @@ VARIANTS: dict[str, dict] = {
     "hid300": {"hidden_match_weight": 300.0},
     # the layers matched at the user turn's tokens too (hidden_match_query): targets from every query without sampling
     "hidq": {"hidden_match_query": True},
+    "hidstd": {"hidden_match_scale": "dims"},  # the layers compared per dimension scaled by the teacher's RMS (section 17)
     "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
     "steps80": {"steps": 80},  # with --token-budget 0: the faithful default's steps (was twice them when first run)
     "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?

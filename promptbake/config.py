@@ -101,6 +101,13 @@ class BakeConfig(BaseModel):
                     "teacher's states there have read the prompt, so every query gives targets without sampling; each "
                     "such token counts as much as a response token.",
     )
+    hidden_match_scale: Literal["none", "dims"] = Field(
+        "none",
+        description="With hidden_match_weight: none compares the raw layer outputs; dims divides the student's and the "
+                    "teacher's by the teacher's root-mean-square per dimension (over each row's response tokens, "
+                    "per layer) first, so the few dimensions that hold most of a residual stream's energy do "
+                    "not set the cosine alone (docs/quality.md, section 17).",
+    )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
     # Sampling.
@@ -257,6 +264,9 @@ class BakeConfig(BaseModel):
                              f"with kl {self.kl}" + (" and teacher_url" if self.teacher_url else ""))
         if self.hidden_match_query and not self.hidden_match_weight:
             raise ValueError("hidden_match_query adds positions to the layers' term: it needs hidden_match_weight > 0")
+        if self.hidden_match_scale != "none" and not self.hidden_match_weight:
+            raise ValueError(f"hidden_match_scale {self.hidden_match_scale} shapes the layers' term: it needs "
+                             "hidden_match_weight > 0")
         if self.teacher_url:
             if self.teacher:
                 raise ValueError("teacher and teacher_url both name the teacher; give one")

@@ -27,6 +27,15 @@ NOT_IN_KEY = {"checkpoint_every", "threads", "release_memory", "torch_compile", 
 # Settings that only say how far a compile goes: at a constant learning rate, the first N steps of a longer compile
 # are a shorter compile's N steps exactly, so a compile may continue from the checkpoint of one that differs only here.
 HOW_FAR = {"steps"}
+# Settings added after bakes were made, at the value that reproduces those bakes: left out of the key there, so
+# adding a knob does not make every earlier bake look out of date.
+NEUTRAL_WHEN = {"hidden_match_scale": "none"}
+
+
+def key_config(config: BakeConfig, exclude: set[str]) -> dict:
+    """The config as the build key hashes it."""
+    dumped = config.model_dump(exclude=exclude)
+    return {k: v for k, v in dumped.items() if not (k in NEUTRAL_WHEN and v == NEUTRAL_WHEN[k])}
 
 
 @dataclass
@@ -80,12 +89,12 @@ class CompilePlan:
             "heldout_sha256": sha256_file(self.heldout_path) if self.heldout_path else None,
             "base_weights_sha256": weights_sha256(self.model_dir),
             "teacher_weights_sha256": teacher_hash,
-            "config": self.config.model_dump(exclude=NOT_IN_KEY),
+            "config": key_config(self.config, NOT_IN_KEY),
         }
         self.build_key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         self.continue_key = None
         if self.config.lr_schedule == "constant":  # cosine and wsd decay over `steps`: a longer run differs from step 1
-            payload["config"] = self.config.model_dump(exclude=NOT_IN_KEY | HOW_FAR)
+            payload["config"] = key_config(self.config, NOT_IN_KEY | HOW_FAR)
             self.continue_key = hashlib.sha256(json.dumps({**payload, "kind": "continue"}, sort_keys=True).encode()).hexdigest()
 
     def _synthesize_queries(self, emit: Callable[[object], None]) -> None:

@@ -42,7 +42,8 @@ from promptbake.averaging import WeightAverage
 from promptbake.checkpoint import (Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint,
                                    trainable)
 from promptbake.faults import fault_point, fault_requested
-from promptbake.hidden import common_suffix_length, hidden_distance, query_states, recorded_layer_outputs, response_states
+from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_distance, query_states, recorded_layer_outputs,
+                               response_states)
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
@@ -369,11 +370,13 @@ def train_student(
                         if match_hidden:
                             lengths = [len(p) for p in row_prompts] if packs_rows(device, row_prompts) else None
                             student_LBTD = response_states(student_layers, len(student_blocks), T, lengths)
-                            distance_BT = hidden_distance(student_LBTD, teacher_states_LBTD)
+                            scale_LBD = (dimension_scales(teacher_states_LBTD, mask_BT.to(teacher_states_LBTD.device))
+                                         if config.hidden_match_scale == "dims" else None)
+                            distance_BT = hidden_distance(student_LBTD, teacher_states_LBTD, scale_LBD)
                             micro_distance = (distance_BT * mask_BT).sum() / total_tokens
                             if config.hidden_match_query:  # logged: the response tokens' distance alone, as without it
                                 student_query_LBQD, _ = query_states(student_layers, len(student_blocks), T, suffix, lengths)
-                                distance_BQ = hidden_distance(student_query_LBQD, teacher_query_LBQD)
+                                distance_BQ = hidden_distance(student_query_LBQD, teacher_query_LBQD, scale_LBD)
                                 objective_loss = objective_loss + config.hidden_match_weight * (
                                     distance_BQ * query_mask_BQ.to(device)).sum() / total_tokens
                             objective_loss = objective_loss + config.hidden_match_weight * micro_distance

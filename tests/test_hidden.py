@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from promptbake.chat import ChatRenderer
-from promptbake.hidden import common_suffix_length, hidden_distance, query_states, recorded_layer_outputs, response_states
+from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_distance, query_states, recorded_layer_outputs,
+                               response_states)
 from promptbake.rollout import Rollout, response_logits
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import repeated_blocks
@@ -37,6 +38,57 @@ def test_hidden_distance_is_the_mean_over_layers_of_one_minus_cosine():
     assert hidden_distance(teacher_LBTD * 3.0, teacher_LBTD).abs().max() < 1e-6
     with pytest.raises(ValueError, match="differ in shape"):
         hidden_distance(student_LBTD[:2], teacher_LBTD)
+
+
+def test_dimension_scaled_distance_is_the_cosine_of_states_divided_by_the_teachers_rms_per_row_and_dimension():
+    """hidden_match_scale dims: per layer, row and dimension the teacher's root-mean-square over the row's valid
+    positions divides both states before the cosine; padded positions never enter it; rows are independent (so the
+    micro-batching cannot change it); and a change in a low-energy dimension counts as much as in a loud one."""
+    torch.manual_seed(1)
+    L, B, T, D = 2, 3, 4, 5
+    teacher_LBTD = torch.randn(L, B, T, D, dtype=torch.float64)
+    teacher_LBTD[..., 0] *= 50  # a dimension that holds most of the energy, as in a Llama residual stream
+    student_LBTD = teacher_LBTD + 0.3 * torch.randn(L, B, T, D, dtype=torch.float64)
+    mask_BT = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    scale_LBD = dimension_scales(teacher_LBTD, mask_BT)
+    got_BT = hidden_distance(student_LBTD, teacher_LBTD, scale_LBD)
+    want_BT = torch.zeros(B, T, dtype=torch.float64)
+    for layer in range(L):
+        for b in range(B):
+            valid = [t for t in range(T) if mask_BT[b, t]]
+            rms = [(sum(float(teacher_LBTD[layer, b, t, d]) ** 2 for t in valid) / len(valid)) ** 0.5 for d in range(D)]
+            assert scale_LBD[layer, b].tolist() == pytest.approx(rms, rel=1e-6)
+            for t in range(T):
+                s = [float(student_LBTD[layer, b, t, d]) / rms[d] for d in range(D)]
+                te = [float(teacher_LBTD[layer, b, t, d]) / rms[d] for d in range(D)]
+                dot = sum(x * y for x, y in zip(s, te))
+                norms = sum(x * x for x in s) ** 0.5 * sum(y * y for y in te) ** 0.5
+                want_BT[b, t] += (1 - dot / norms) / L
+    torch.testing.assert_close(got_BT.double(), want_BT, atol=1e-6, rtol=0)
+    padded = teacher_LBTD.clone()
+    padded[:, 1, 2:] = 1e3  # values at padded positions
+    torch.testing.assert_close(dimension_scales(padded, mask_BT), scale_LBD)
+    alone = hidden_distance(student_LBTD[:, 1:2], teacher_LBTD[:, 1:2], dimension_scales(teacher_LBTD[:, 1:2], mask_BT[1:2]))
+    torch.testing.assert_close(alone, got_BT[1:2])
+    quiet = teacher_LBTD.clone()
+    quiet[..., 3] += 1.0  # the prompt's effect in a quiet dimension
+    raw, scaled = hidden_distance(quiet, teacher_LBTD), hidden_distance(quiet, teacher_LBTD, scale_LBD)
+    assert float(scaled.mean()) > 10 * float(raw.mean())
+
+
+def test_dimension_scale_needs_the_layers_term_and_leaves_earlier_build_keys_alone():
+    """hidden_match_scale: an error without the layers' term; at none it is not in the build key (bakes made before
+    the setting existed keep their keys), at dims it is."""
+    from promptbake.config import BakeConfig
+    from promptbake.plan import NOT_IN_KEY, key_config
+
+    with pytest.raises(ValueError, match="hidden_match_scale dims"):
+        BakeConfig(hidden_match_weight=0, hidden_match_scale="dims")
+    with pytest.raises(ValueError):
+        BakeConfig(hidden_match_scale="layers")
+    assert "hidden_match_scale" not in key_config(BakeConfig(), NOT_IN_KEY)
+    assert key_config(BakeConfig(hidden_match_scale="dims"), NOT_IN_KEY)["hidden_match_scale"] == "dims"
+    assert "steps" in key_config(BakeConfig(), NOT_IN_KEY) and "threads" not in key_config(BakeConfig(), NOT_IN_KEY)
 
 
 def test_only_the_student_gets_a_gradient():

@@ -255,6 +255,27 @@ def test_hidden_match_term_changes_the_gradient_not_the_logged_loss_and_micro_ba
     assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
 
 
+def test_dimension_scaled_layers_term_moves_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
+    """hidden_match_scale dims: the same samples and KL as the plain layers' term, another distance and gradient;
+    one row per micro-batch gives what four do (the scales are per row)."""
+    prompt = write_prompt(tmp_path / "p")
+    logs = {}
+    for scale, micro in (("none", 4), ("dims", 4), ("dims", 1)):
+        result = compile_prompt(prompt, out=tmp_path / f"out-{scale}-{micro}", model=str(tiny_model_dir),
+                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0, max_new_tokens=8,
+                                               precision="fp32", future_kl_weight=0.0, hidden_match_weight=30.0,
+                                               hidden_match_scale=scale))
+        assert result.manifest.config["hidden_match_scale"] == scale
+        logs[scale, micro] = result.train.log
+    plain, whole, split = logs["none", 4][0], logs["dims", 4][0], logs["dims", 1][0]
+    assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
+    assert whole.hidden_distance > 0 and whole.hidden_distance != pytest.approx(plain.hidden_distance, rel=1e-3)
+    assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
+    assert split.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-4)
+    assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
+    assert logs["dims", 1][1].grad_norm == pytest.approx(logs["dims", 4][1].grad_norm, rel=1e-3)
+
+
 def test_hidden_match_query_adds_the_user_turn_to_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
     """hidden_match_query: the same samples, KL and logged (response tokens') distance as the layers' term alone, another
     gradient; one row per micro-batch gives what four do (its tokens are scaled by the part's response tokens)."""
