@@ -90,24 +90,13 @@ def kl_between_precisions(n_queries: int, max_new_tokens: int, rows: int = 4) ->
     """Per-token KL between bf16-autocast and fp32 logits of one model on the same tokens, beside the base gap."""
     import torch
 
+    from benchmarks.heldout_samples import sample_heldout
     from promptbake.losses import reverse_kl
-    from promptbake.models import resolve_model
-    from promptbake.queries import load_queries
-    from promptbake.rollout import autocast, eos_token_ids, response_logits
-    from promptbake.runtime import load_runtime
-    from promptbake.spec import load_spec
+    from promptbake.rollout import autocast, response_logits
 
-    torch.manual_seed(0)
-    spec = load_spec(REPO / "prompts" / "support.md")
-    queries = load_queries(spec.heldout_path)[:n_queries]
-    runtime = load_runtime(resolve_model(spec.model), precision="fp32")
-    renderer = runtime.renderer(spec.system_prompt)
-    teacher = runtime.teacher(renderer)
-    teacher.prepare(queries, max_new_tokens, str(spec.heldout_path))
+    held = sample_heldout(REPO / "prompts" / "support.md", n_queries, max_new_tokens)
+    runtime, teacher, queries, prompts, rollout = held.runtime, held.teacher, held.queries, held.prompts, held.rollout
     tok = runtime.tokenizer
-    prompts = [renderer.student_ids(q.messages) for q in queries]
-    rollout = runtime.engine().sample(prompts, max_new_tokens=max_new_tokens, temperature=1.0,
-                                      eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id)
     sums: dict[str, float] = {}
     tokens = 0.0
     for start in range(0, len(queries), rows):

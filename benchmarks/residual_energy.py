@@ -23,50 +23,38 @@ sys.path.insert(0, str(REPO))
 def measure(prompt: str, n_queries: int, max_new_tokens: int) -> list[dict]:
     import torch
 
+    from benchmarks.heldout_samples import sample_heldout
     from promptbake.hidden import dimension_scales, hidden_distance, recorded_layer_outputs, response_states
-    from promptbake.models import resolve_model
-    from promptbake.queries import load_queries
-    from promptbake.rollout import eos_token_ids, response_logits
-    from promptbake.runtime import load_runtime
-    from promptbake.spec import load_spec
+    from promptbake.rollout import response_logits
     from promptbake.train import repeated_blocks
 
-    torch.manual_seed(0)
-    spec = load_spec(REPO / "prompts" / f"{prompt}.md")
-    queries = load_queries(spec.heldout_path)[:n_queries]
-    runtime = load_runtime(resolve_model(spec.model), precision="fp32")
-    renderer = runtime.renderer(spec.system_prompt)
-    teacher = runtime.teacher(renderer)
-    teacher.prepare(queries, max_new_tokens, str(spec.heldout_path))
-    tok = runtime.tokenizer
-    prompts = [renderer.student_ids(q.messages) for q in queries]
-    rollout = runtime.engine().sample(prompts, max_new_tokens=max_new_tokens, temperature=1.0,
-                                      eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id)
+    held = sample_heldout(REPO / "prompts" / f"{prompt}.md", n_queries, max_new_tokens)
+    runtime, rollout = held.runtime, held.rollout
     blocks = repeated_blocks(runtime.model)
     T = rollout.response_ids_BT.shape[1]
     with torch.no_grad():
         with recorded_layer_outputs(blocks) as outputs:
-            response_logits(runtime.model, prompts, rollout, tok.pad_token_id)
+            response_logits(runtime.model, held.prompts, rollout, runtime.tokenizer.pad_token_id)
         student_LBTD = response_states(outputs, len(blocks), T).float()
         with recorded_layer_outputs(blocks) as outputs:
-            teacher.logits(queries, rollout, left_padded=True)
+            held.teacher.logits(held.queries, rollout, left_padded=True)
         teacher_LBTD = response_states(outputs, len(blocks), T).float()
     mask_BT = rollout.response_mask_BT
     weights_BT = mask_BT.float()
     scale_LBD = dimension_scales(teacher_LBTD, mask_BT)
-    one = lambda i: slice(i, i + 1)  # noqa: E731  layer i alone: hidden_distance averages over the layers it is given
-    plain_LBT = torch.stack([hidden_distance(student_LBTD[one(i)], teacher_LBTD[one(i)]) for i in range(len(blocks))])
-    scaled_LBT = torch.stack([hidden_distance(student_LBTD[one(i)], teacher_LBTD[one(i)], scale_LBD[one(i)])
-                              for i in range(len(blocks))])
+    tokens = weights_BT.sum()
     rows = []
     for layer in range(len(blocks)):
+        alone = slice(layer, layer + 1)  # hidden_distance averages over the layers it is given
+        plain_BT = hidden_distance(student_LBTD[alone], teacher_LBTD[alone])
+        scaled_BT = hidden_distance(student_LBTD[alone], teacher_LBTD[alone], scale_LBD[alone])
         energy_D = (teacher_LBTD[layer].pow(2) * weights_BT[..., None]).sum(dim=(0, 1))
         rows.append({
             "prompt": prompt, "layer": layer + 1,
             "top5_energy_share": float(energy_D.topk(5).values.sum() / energy_D.sum()),
-            "distance_plain": float((plain_LBT[layer] * weights_BT).sum() / weights_BT.sum()),
-            "distance_per_dimension": float((scaled_LBT[layer] * weights_BT).sum() / weights_BT.sum()),
-            "tokens": int(weights_BT.sum()), "queries": len(queries),
+            "distance_plain": float((plain_BT * weights_BT).sum() / tokens),
+            "distance_per_dimension": float((scaled_BT * weights_BT).sum() / tokens),
+            "tokens": int(tokens), "queries": len(held.queries),
         })
     return rows
 

@@ -96,7 +96,7 @@ def hidden_distance(student_LBTD: torch.Tensor, teacher_LBTD: torch.Tensor,
     student, teacher = student_LBTD.float(), teacher_LBTD.detach().float()
     if scale_LBD is not None:
         scale_LB1D = scale_LBD.detach().to(student.device)[:, :, None, :]
-        student, teacher = student / scale_LB1D, teacher / scale_LB1D.to(teacher.device)
+        student, teacher = student / scale_LB1D, teacher / scale_LB1D
     cos_LBT = torch.nn.functional.cosine_similarity(student, teacher, dim=-1, eps=1e-6)
     return (1 - cos_LBT).mean(0)
 

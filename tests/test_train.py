@@ -215,18 +215,18 @@ def test_forward_kl_weight_reaches_the_training_loss(tmp_path, tiny_model_dir):
     assert logs[1.0].grad_norm != logs[0.0].grad_norm
 
 
-def term_off_and_on(tmp_path, model_dir, field: str, weight: float):
-    """Two steps of the tiny model from one seed with the extra loss term `field` off (8 rows per micro-batch), and at
-    `weight` with 1 and with 8 rows per micro-batch: the three runs' step logs (off, split, whole). Every other extra
-    term is off (the default layers' term would dominate the gradient)."""
+def term_off_and_on(tmp_path, model_dir, field: str, on, off=0.0, **fixed):
+    """Two steps of the tiny model from one seed with the setting `field` at `off` (8 rows per micro-batch), and at `on`
+    with 1 and with 8 rows per micro-batch: the three runs' step logs (off, split, whole). Every extra loss term not
+    named in `fixed` is off (the default layers' term would dominate the gradient)."""
     prompt = write_prompt(tmp_path / "p")
     logs = []
-    for w, micro in ((0.0, 8), (weight, 1), (weight, 8)):
-        terms = {"future_kl_weight": 0.0, "hidden_match_weight": 0.0, field: w}
-        result = compile_prompt(prompt, out=tmp_path / f"out{w}-{micro}", model=str(model_dir),
+    for value, micro in ((off, 8), (on, 1), (on, 8)):
+        settings = {"future_kl_weight": 0.0, "hidden_match_weight": 0.0, **fixed, field: value}
+        result = compile_prompt(prompt, out=tmp_path / f"out{value}-{micro}", model=str(model_dir),
                                 overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0,
-                                               max_new_tokens=8, precision="fp32", **terms))
-        assert result.manifest.config[field] == w
+                                               max_new_tokens=8, precision="fp32", **settings))
+        assert result.manifest.config[field] == value
         logs.append(result.train.log)
     return logs
 
@@ -259,42 +259,28 @@ def test_hidden_match_term_changes_the_gradient_not_the_logged_loss_and_micro_ba
 def test_dimension_scaled_layers_term_moves_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
     """hidden_match_scale dims: the same samples and KL as the plain layers' term, another distance and gradient;
     one row per micro-batch gives what four do (the scales are per row)."""
-    prompt = write_prompt(tmp_path / "p")
-    logs = {}
-    for scale, micro in (("none", 4), ("dims", 4), ("dims", 1)):
-        result = compile_prompt(prompt, out=tmp_path / f"out-{scale}-{micro}", model=str(tiny_model_dir),
-                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0, max_new_tokens=8,
-                                               precision="fp32", future_kl_weight=0.0, hidden_match_weight=30.0,
-                                               hidden_match_scale=scale))
-        assert result.manifest.config["hidden_match_scale"] == scale
-        logs[scale, micro] = result.train.log
-    plain, whole, split = logs["none", 4][0], logs["dims", 4][0], logs["dims", 1][0]
+    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_model_dir, "hidden_match_scale", "dims", "none",
+                                                      hidden_match_weight=30.0)
+    plain, split, whole = plain_log[0], split_log[0], whole_log[0]
     assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
     assert whole.hidden_distance > 0 and whole.hidden_distance != pytest.approx(plain.hidden_distance, rel=1e-3)
     assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
     assert split.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-4)
     assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
-    assert logs["dims", 1][1].grad_norm == pytest.approx(logs["dims", 4][1].grad_norm, rel=1e-3)
+    assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
 
 
 def test_hidden_match_query_adds_the_user_turn_to_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
     """hidden_match_query: the same samples, KL and logged (response tokens') distance as the layers' term alone, another
     gradient; one row per micro-batch gives what four do (its tokens are scaled by the part's response tokens)."""
-    prompt = write_prompt(tmp_path / "p")
-    logs = {}
-    for query, micro in ((False, 4), (True, 4), (True, 1)):
-        result = compile_prompt(prompt, out=tmp_path / f"out-{query}-{micro}", model=str(tiny_model_dir),
-                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0, max_new_tokens=8,
-                                               precision="fp32", future_kl_weight=0.0, hidden_match_weight=30.0,
-                                               hidden_match_query=query))
-        assert result.manifest.config["hidden_match_query"] == query
-        logs[query, micro] = result.train.log
-    plain, whole, split = logs[False, 4][0], logs[True, 4][0], logs[True, 1][0]
+    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_model_dir, "hidden_match_query", True, False,
+                                                      hidden_match_weight=30.0)
+    plain, split, whole = plain_log[0], split_log[0], whole_log[0]
     assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
     assert plain.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-6)
     assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
     assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
-    assert logs[True, 1][1].grad_norm == pytest.approx(logs[True, 4][1].grad_norm, rel=1e-3)
+    assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
     from promptbake.config import BakeConfig
 
     with pytest.raises(ValueError, match="hidden_match_query"):
