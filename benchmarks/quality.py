@@ -81,10 +81,12 @@ VARIANTS: dict[str, dict] = {
     # The residual stream as a second target: each layer's cosine distance to the prompted teacher's (hidden_match_weight;
     # at weight 30 its gradient was about the KL's at step 1 on pirate).
     "hid0": {"hidden_match_weight": 0.0},  # the per-token loss alone (what every run named without hid* trained before 30 was the default)
-    "hid10": {"hidden_match_weight": 10.0},
-    "hid30": {"hidden_match_weight": 30.0},
-    "hid100": {"hidden_match_weight": 100.0},
-    "hid300": {"hidden_match_weight": 300.0},
+    # hid10-hid300 compare the raw layers (scale none), as they did when they were run; add +hidstd for dims (the
+    # default since 2026-12-04), so a run name keeps its meaning across that change.
+    "hid10": {"hidden_match_weight": 10.0, "hidden_match_scale": "none"},
+    "hid30": {"hidden_match_weight": 30.0, "hidden_match_scale": "none"},
+    "hid100": {"hidden_match_weight": 100.0, "hidden_match_scale": "none"},
+    "hid300": {"hidden_match_weight": 300.0, "hidden_match_scale": "none"},
     # the layers matched at the user turn's tokens too (hidden_match_query): targets from every query without sampling
     "hidq": {"hidden_match_query": True},
     "hidstd": {"hidden_match_scale": "dims"},  # the layers compared per dimension scaled by the teacher's RMS (section 17)

@@ -190,6 +190,8 @@ def test_compile_offers_every_config_field_as_an_option():
     assert result.exit_code == 0
     missing = [name for name in BakeConfig.model_fields if "--" + name.replace("_", "-") not in result.output]
     assert not missing, missing
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "none | dims. With hidden_match_weight" in text  # the choices of an optional Literal are listed too
 
 
 def test_generated_options_reach_the_config_typed_and_unset_ones_stay_unset():
