@@ -101,14 +101,14 @@ class BakeConfig(BaseModel):
                     "teacher's states there have read the prompt, so every query gives targets without sampling; each "
                     "such token counts as much as a response token.",
     )
-    hidden_match_scale: Literal["none", "dims"] | None = Field(
-        None,
+    hidden_match_scale: Literal["none", "dims"] = Field(
+        "none",
         description="With hidden_match_weight: none compares the raw layer outputs; dims divides the student's and the "
                     "teacher's by the teacher's root-mean-square per dimension (over each row's response tokens, "
                     "per layer) first, so the few dimensions that hold most of a residual stream's energy do "
-                    "not set the cosine alone. Unset: dims where the layers' term is on, else none. Against none it "
-                    "closed 0.009-0.032 more of the held-out reverse-KL gap in all five paired runs (pirate and "
-                    "support at 40 and 80 steps, medical at 40) for about 2 % more step time (docs/quality.md, section 17).",
+                    "not set the cosine alone. Paired against none at 80 steps it closed +0.018 and +0.012 more of "
+                    "the held-out reverse-KL gap on pirate and support and -0.010 and -0.026 on safety and medical, "
+                    "so none stays the default (docs/quality.md, section 17).",
     )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
@@ -266,10 +266,7 @@ class BakeConfig(BaseModel):
                              f"with kl {self.kl}" + (" and teacher_url" if self.teacher_url else ""))
         if self.hidden_match_query and not self.hidden_match_weight:
             raise ValueError("hidden_match_query adds positions to the layers' term: it needs hidden_match_weight > 0")
-        if "hidden_match_scale" not in self.model_fields_set or self.hidden_match_scale is None:
-            # Derived from the term it shapes (again on assignment), so `hidden_match_weight: 0` needs nothing else.
-            object.__setattr__(self, "hidden_match_scale", "dims" if self.hidden_match_weight else "none")
-        elif self.hidden_match_scale != "none" and not self.hidden_match_weight:
+        if self.hidden_match_scale != "none" and not self.hidden_match_weight:
             raise ValueError(f"hidden_match_scale {self.hidden_match_scale} shapes the layers' term: it needs "
                              "hidden_match_weight > 0")
         if self.teacher_url:

@@ -17,8 +17,8 @@ query and the chat template around it); only the teacher's states there have rea
 need no sampling. `query_states` reads both sides at those positions.
 
 `hidden_match_scale: dims` divides both sides by the teacher's per-dimension scale first (`dimension_scales`), so the
-few dimensions that carry most of a residual stream's energy do not set the cosine alone (the default wherever the
-term is on; `none` compares the raw states).
+few dimensions that carry most of a residual stream's energy do not set the cosine alone (opt-in: it helped on two
+prompts of four at 80 steps).
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def test_compile_offers_every_config_field_as_an_option():
     missing = [name for name in BakeConfig.model_fields if "--" + name.replace("_", "-") not in result.output]
     assert not missing, missing
     text = " ".join(result.output.replace("│", " ").split())
-    assert "none | dims. With hidden_match_weight" in text  # the choices of an optional Literal are listed too
+    assert "none | dims. With hidden_match_weight" in text  # a Literal's choices are listed
 
 
 def test_generated_options_reach_the_config_typed_and_unset_ones_stay_unset():
