@@ -97,10 +97,8 @@ def _option_for(name: str, field) -> tuple[object, str]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if annotation is bool or args == [bool]:  # bool | None: unset leaves the choice to the config (torch_compile)
         return Annotated[Optional[bool], typer.Option(f"{flag}/--no-{name.replace('_', '-')}", help=help_text, show_default=False)], help_text
-    choices = annotation if typing.get_origin(annotation) is typing.Literal else (
-        args[0] if len(args) == 1 and typing.get_origin(args[0]) is typing.Literal else None)  # Literal or Literal | None
-    if choices is not None:
-        help_text = f"{' | '.join(map(str, typing.get_args(choices)))}. {help_text}"
+    if typing.get_origin(annotation) is typing.Literal:
+        help_text = f"{' | '.join(map(str, typing.get_args(annotation)))}. {help_text}"
         kind: type = str
     elif annotation in (int, float) or (len(args) == 1 and args[0] in (int, float)):
         # read as text so that BakeConfig parses it: `--steps many` gets the same one-line error as `steps: many`
