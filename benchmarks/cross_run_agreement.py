@@ -1,0 +1,69 @@
+"""Answer letters of two saved evals of the same questions, compared condition by condition.
+
+Two bakes made by the same command on two machines differ by bf16 rounding in their samples, so they are two
+draws of one bake. How often they pick the same letter is the noise that a baked-against-prompted agreement is
+measured against. The same holds for the prompted model decoded on two machines. Nothing is decoded here: the
+stored answers of each result are parsed again with the suite's parser (the items are loaded again with the
+first result's suite, limit, seed and groups, and both results must hold answers to them).
+
+    python benchmarks/cross_run_agreement.py results/headline/medical-2026-12-04/eval-medmcqa.json:amd \
+        results/headline/medical/eval-medmcqa.json:intel --data ../shared/datasets \
+        --out results/headline/medical-2026-12-04/cross_run_agreement.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="saved eval results, each FILE or FILE:LABEL")
+    p.add_argument("--data", type=Path, default=Path("../shared/datasets"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    from promptbake.atomic import write_text_atomic
+    from promptbake.evals import load_items, load_suite, parse
+    from promptbake.evals.scoring import answer_agreement
+
+    saved = []
+    for spec in args.results:
+        path, _, label = spec.partition(":")
+        saved.append((label or Path(path).parent.name, json.loads(Path(path).read_text())))
+    first = saved[0][1]
+    for label, result in saved[1:]:
+        same = all(result[k] == first[k] for k in ("suite", "limit", "seed", "groups"))
+        if not same:
+            raise SystemExit(f"{label}: another suite, limit, seed or groups than {saved[0][0]}")
+    suite = load_suite(first["suite"])
+    items = load_items(suite, args.data, first["limit"], first["seed"], first["groups"])
+    answers = {}
+    for label, result in saved:
+        for condition, texts in result["responses"].items():
+            if len(texts) != len(items):
+                raise SystemExit(f"{label}: {len(texts)} answers of {condition} for {len(items)} items")
+            answers[f"{condition} ({label})"] = [parse(suite, item, text) for item, text in zip(items, texts)]
+    rows = []
+    print(f"| answer letters agree ({len(items)} {first['suite']} questions) | share | 95 % interval |")
+    print("|---|---|---|")
+    for a, b in itertools.combinations(answers, 2):
+        est = answer_agreement(answers[a], answers[b])
+        rows.append({"a": a, "b": b, **est.to_dict()})
+        print(f"| {a} vs {b} | {est.value:.1%} | [{est.lo:.1%}, {est.hi:.1%}] |")
+    if args.out:
+        write_text_atomic(args.out, json.dumps({
+            "command": " ".join(["python", "benchmarks/cross_run_agreement.py"] + sys.argv[1:]),
+            "n": len(items), "agreements": rows,
+        }, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
