@@ -328,3 +328,35 @@ def test_eval_precision_is_the_one_asked_for_and_recorded(tmp_path, tiny_model_d
                                    str(tiny_model_dir), "--precision", "fp16", "--json", str(out)])
     assert bad.exit_code == 2 and "--precision must be auto, bf16 or fp32, got 'fp16'" in bad.output
     assert not out.exists()
+
+
+def test_cross_run_agreement_compares_two_saved_evals_letter_by_letter(tmp_path, capsys):
+    """benchmarks/cross_run_agreement.py: every pair of conditions across two saved results of the same questions,
+    against a count by hand; an unparseable answer never agrees, and results of other questions are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "cross_run_agreement", Path(__file__).resolve().parents[1] / "benchmarks" / "cross_run_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    items = load_items(load_suite("medmcqa"), SHARED_DATA, 4, 0, "test")
+    tag = lambda letters: [f"<answer>{x}</answer>" if x else "not sure" for x in letters]
+    first = {"suite": "medmcqa", "limit": 4, "seed": 0, "groups": "test",
+             "responses": {"prompted": tag("ABCD"), "baked": tag(["A", "B", "A", None])}}
+    second = dict(first, responses={"prompted": tag(["A", "C", "C", None]), "baked": tag("ABCD")})
+    (tmp_path / "one.json").write_text(json.dumps(first))
+    (tmp_path / "two.json").write_text(json.dumps(second))
+    out = tmp_path / "agreement.json"
+    module.main([f"{tmp_path / 'one.json'}:one", f"{tmp_path / 'two.json'}:two", "--data", str(SHARED_DATA),
+                 "--out", str(out)])
+    assert len(items) == 4
+    got = {(r["a"], r["b"]): r["value"] for r in json.loads(out.read_text())["agreements"]}
+    assert len(got) == 6  # four conditions, every pair once
+    assert got[("prompted (one)", "baked (one)")] == pytest.approx(2 / 4)
+    assert got[("baked (one)", "prompted (two)")] == pytest.approx(1 / 4)  # both unparseable on the last: no agreement
+    assert got[("prompted (one)", "baked (two)")] == 1.0
+    assert "| prompted (one) vs baked (one) | 50.0% |" in capsys.readouterr().out
+    (tmp_path / "three.json").write_text(json.dumps(dict(first, limit=3)))
+    with pytest.raises(SystemExit, match="another suite, limit, seed or groups"):
+        module.main([str(tmp_path / "one.json"), str(tmp_path / "three.json"), "--data", str(SHARED_DATA)])
