@@ -13,7 +13,6 @@ prompted model against itself in the other precision is the agreement that round
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import sys
@@ -41,7 +40,7 @@ def main(argv=None) -> None:
     from promptbake.artifact import read_manifest
     from promptbake.atomic import write_text_atomic
     from promptbake.evals import load_items, load_suite, run_eval
-    from promptbake.evals.scoring import answer_agreement
+    from cross_run_agreement import agreement_table
 
     saved = json.loads(args.result.read_text())
     manifest = read_manifest(args.adapter)
@@ -63,13 +62,7 @@ def main(argv=None) -> None:
         f"baked {other}": letters(suite, items, fresh["responses"][name]),
         f"base {was}": letters(suite, items, saved["responses"]["base"]),
     }
-    rows = []
-    print(f"| answer letters agree ({len(items)} {saved['suite']} questions) | share | 95 % interval |")
-    print("|---|---|---|")
-    for a, b in itertools.combinations(answers, 2):
-        est = answer_agreement(answers[a], answers[b])
-        rows.append({"a": a, "b": b, **est.to_dict()})
-        print(f"| {a} vs {b} | {est.value:.1%} | [{est.lo:.1%}, {est.hi:.1%}] |")
+    rows = agreement_table(answers, f"{len(items)} {saved['suite']} questions")
     write_text_atomic(args.out, json.dumps({
         "command": " ".join(["python", "benchmarks/agreement_noise.py"] + sys.argv[1:]),
         "result": str(args.result), "adapter": str(args.adapter), "n": len(items), "agreements": rows,

@@ -23,6 +23,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def agreement_table(answers: dict[str, list[str | None]], what: str) -> list[dict]:
+    """Letter agreement of every pair of named answer lists, printed as a table and returned as rows."""
+    from promptbake.evals.scoring import answer_agreement
+
+    rows = []
+    print(f"| answer letters agree ({what}) | share | 95 % interval |")
+    print("|---|---|---|")
+    for a, b in itertools.combinations(answers, 2):
+        est = answer_agreement(answers[a], answers[b])
+        rows.append({"a": a, "b": b, **est.to_dict()})
+        print(f"| {a} vs {b} | {est.value:.1%} | [{est.lo:.1%}, {est.hi:.1%}] |")
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="saved eval results, each FILE or FILE:LABEL")
@@ -32,8 +46,6 @@ def main(argv=None) -> None:
 
     from promptbake.atomic import write_text_atomic
     from promptbake.evals import load_items, load_suite, parse
-    from promptbake.evals.scoring import answer_agreement
-
     saved = []
     for spec in args.results:
         path, _, label = spec.partition(":")
@@ -51,13 +63,7 @@ def main(argv=None) -> None:
             if len(texts) != len(items):
                 raise SystemExit(f"{label}: {len(texts)} answers of {condition} for {len(items)} items")
             answers[f"{condition} ({label})"] = [parse(suite, item, text) for item, text in zip(items, texts)]
-    rows = []
-    print(f"| answer letters agree ({len(items)} {first['suite']} questions) | share | 95 % interval |")
-    print("|---|---|---|")
-    for a, b in itertools.combinations(answers, 2):
-        est = answer_agreement(answers[a], answers[b])
-        rows.append({"a": a, "b": b, **est.to_dict()})
-        print(f"| {a} vs {b} | {est.value:.1%} | [{est.lo:.1%}, {est.hi:.1%}] |")
+    rows = agreement_table(answers, f"{len(items)} {first['suite']} questions")
     if args.out:
         write_text_atomic(args.out, json.dumps({
             "command": " ".join(["python", "benchmarks/cross_run_agreement.py"] + sys.argv[1:]),
