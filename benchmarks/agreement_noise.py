@@ -22,12 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def letters(suite, items, texts: list[str]) -> list[str | None]:
-    from promptbake.evals import parse
-
-    return [parse(suite, item, text) for item, text in zip(items, texts)]
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--result", type=Path, default=Path("results/headline/medical/eval-medmcqa.json"))
@@ -40,7 +34,7 @@ def main(argv=None) -> None:
     from promptbake.artifact import read_manifest
     from promptbake.atomic import write_text_atomic
     from promptbake.evals import load_items, load_suite, run_eval
-    from cross_run_agreement import agreement_table
+    from cross_run_agreement import agreement_table, letters
 
     saved = json.loads(args.result.read_text())
     manifest = read_manifest(args.adapter)

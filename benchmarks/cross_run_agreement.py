@@ -23,6 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def letters(suite, items, texts: list[str]) -> list[str | None]:
+    """Each stored answer parsed with the suite's parser (None where it cannot be read)."""
+    from promptbake.evals import parse
+
+    return [parse(suite, item, text) for item, text in zip(items, texts)]
+
+
 def agreement_table(answers: dict[str, list[str | None]], what: str) -> list[dict]:
     """Letter agreement of every pair of named answer lists, printed as a table and returned as rows."""
     from promptbake.evals.scoring import answer_agreement
@@ -45,7 +52,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from promptbake.atomic import write_text_atomic
-    from promptbake.evals import load_items, load_suite, parse
+    from promptbake.evals import load_items, load_suite
+
     saved = []
     for spec in args.results:
         path, _, label = spec.partition(":")
@@ -62,7 +70,7 @@ def main(argv=None) -> None:
         for condition, texts in result["responses"].items():
             if len(texts) != len(items):
                 raise SystemExit(f"{label}: {len(texts)} answers of {condition} for {len(items)} items")
-            answers[f"{condition} ({label})"] = [parse(suite, item, text) for item, text in zip(items, texts)]
+            answers[f"{condition} ({label})"] = letters(suite, items, texts)
     rows = agreement_table(answers, f"{len(items)} {first['suite']} questions")
     if args.out:
         write_text_atomic(args.out, json.dumps({
