@@ -95,6 +95,8 @@ VARIANTS: dict[str, dict] = {
     "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?
     "steps240": {"steps": 240},  # continues from steps160's kept checkpoint (80 more steps)
     "steps320": {"steps": 320},
+    "steps480": {"steps": 480},  # each continues from the longest kept run of the same settings
+    "steps640": {"steps": 640},
     # The adapter as a moving average of the weights over the last ~10 or ~20 steps; training is unchanged, so the
     # run also measures its own last step's weights (kept in its checkpoint): a paired comparison from one run.
     "ema0.9": {"ema_decay": 0.9},
