@@ -50,6 +50,7 @@ VARIANTS = {
     "micro-batch 1": {"micro_batch_size": 1},
     "micro-batch 2": {"micro_batch_size": 2},
     "micro-batch 8": {"micro_batch_size": 8},
+    "micro-batch 16": {"micro_batch_size": 16},  # the whole default batch in one pass (for accelerators)
     "micro-batch 2 + checkpointing": {"micro_batch_size": 2, "gradient_checkpointing": True},
 }
 
