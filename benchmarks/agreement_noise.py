@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     }
     rows = agreement_table(answers, f"{len(items)} {saved['suite']} questions")
     write_text_atomic(args.out, json.dumps({
-        "command": " ".join(["python", "benchmarks/agreement_noise.py"] + sys.argv[1:]),
+        "command": " ".join(["python", "benchmarks/agreement_noise.py"] + (sys.argv[1:] if argv is None else argv)),
         "result": str(args.result), "adapter": str(args.adapter), "n": len(items), "agreements": rows,
         "unparseable": {k: sum(x is None for x in v) / len(v) for k, v in answers.items()},
         "precisions": {"saved": was, "decoded": other},

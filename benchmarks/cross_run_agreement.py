@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     rows = agreement_table(answers, f"{len(items)} {first['suite']} questions")
     if args.out:
         write_text_atomic(args.out, json.dumps({
-            "command": " ".join(["python", "benchmarks/cross_run_agreement.py"] + sys.argv[1:]),
+            "command": " ".join(["python", "benchmarks/cross_run_agreement.py"] + (sys.argv[1:] if argv is None else argv)),
             "n": len(items), "agreements": rows,
         }, indent=1) + "\n")
 

@@ -351,7 +351,9 @@ def test_cross_run_agreement_compares_two_saved_evals_letter_by_letter(tmp_path,
     module.main([f"{tmp_path / 'one.json'}:one", f"{tmp_path / 'two.json'}:two", "--data", str(SHARED_DATA),
                  "--out", str(out)])
     assert len(items) == 4
-    got = {(r["a"], r["b"]): r["value"] for r in json.loads(out.read_text())["agreements"]}
+    saved = json.loads(out.read_text())
+    assert saved["command"].startswith(f"python benchmarks/cross_run_agreement.py {tmp_path / 'one.json'}:one ")
+    got = {(r["a"], r["b"]): r["value"] for r in saved["agreements"]}
     assert len(got) == 6  # four conditions, every pair once
     assert got[("prompted (one)", "baked (one)")] == pytest.approx(2 / 4)
     assert got[("baked (one)", "prompted (two)")] == pytest.approx(1 / 4)  # both unparseable on the last: no agreement
