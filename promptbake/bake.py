@@ -338,6 +338,8 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
         compiled = ", " + (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") + parts[-1] + " compiled"
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
                              f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher{compiled})"))
+    if config.lora_init == "steer" and resume is None:
+        steer_adapter(run)
     stop_requested, uninstall = _install_stop_handlers()
     run.teacher.live = config.teacher_mode == "live"
     run.teacher.refresh()
@@ -362,6 +364,38 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
     if summary.get("rollouts"):
         run.cap_hit["train_rollouts"] = summary["rollouts_capped"] / summary["rollouts"]
     return result
+
+
+STEER_QUERIES = 48  # training queries whose base-student samples the steering fit reads (~4,000 positions)
+STEER_SHRINK = 0.5  # the share of each layer's fitted shift that is applied (benchmarks/steer_init.py)
+
+
+def steer_adapter(run: CompileRun) -> None:
+    """lora_init steer: fit o_proj and down_proj of every layer to the prompt's shift of the residual stream, on the
+    base student's own samples of some training queries, before the first step (promptbake/steer.py)."""
+    from promptbake.steer import fit_steering_lora
+
+    config, rt = run.config, run.runtime
+    queries = probe_queries(run.train_queries, STEER_QUERIES, config.seed + 3)
+    run.emit(StageStarted("lora_init", f"fitting the adapter to the prompt's shift of the layers on {len(queries)} "
+                                       "training queries (lora_init steer)"))
+    t = time.perf_counter()
+    student = [run.renderer.student_ids(q.messages) for q in queries]
+    teacher = [run.teacher.prompt_ids(q) for q in queries]
+    eos_ids, pad_id = eos_token_ids(rt.tokenizer), rt.tokenizer.pad_token_id
+    with adapter_set(run.engine, False), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 3)
+        rollout = run.engine.sample(student, max_new_tokens=run.cap, temperature=config.temperature, eos_ids=eos_ids,
+                                    pad_id=pad_id)
+    responses = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids_BT, rollout.response_mask_BT)]
+    keep = [i for i, r in enumerate(responses) if r]
+    fit_steering_lora(rt.model, student_seqs=[student[i] + responses[i] for i in keep],
+                      teacher_seqs=[teacher[i] + responses[i] for i in keep],
+                      student_prompt_lengths=[len(student[i]) for i in keep],
+                      teacher_prompt_lengths=[len(teacher[i]) for i in keep],
+                      response_lengths=[len(responses[i]) for i in keep], pad_id=pad_id, bf16=rt.bf16, shrink=STEER_SHRINK)
+    run.engine.sync()
+    run.timings["lora_init_s"] = time.perf_counter() - t
 
 
 def measure_after(run: CompileRun) -> tuple[float, dict[str, list[str]], dict[str, dict[str, float]]]:

@@ -178,6 +178,11 @@ class BakeConfig(BaseModel):
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), description="Modules that get LoRA.")
+    lora_init: Literal["zero", "steer"] = Field(
+        "zero", description="zero: PEFT's LoRA (B = 0, the student starts as the base). steer: before the first step, "
+                            "o_proj and down_proj of each layer are fitted so the student's residual stream moves toward "
+                            "the prompted teacher's on its own samples (promptbake/steer.py); needs the base model as "
+                            "teacher, both projections among lora_targets, one process.")
 
     # Data and run.
     token_budget: int | None = Field(
@@ -270,6 +275,13 @@ class BakeConfig(BaseModel):
         if self.hidden_match_scale != "none" and not self.hidden_match_weight:
             raise ValueError(f"hidden_match_scale {self.hidden_match_scale} shapes the layers' term: it needs "
                              "hidden_match_weight > 0")
+        if self.lora_init == "steer":
+            if self.teacher or self.teacher_url or self.teacher_mode == "live":
+                raise ValueError("lora_init steer reads how the prompt moves the base model's own layers: it needs the "
+                                 "base model as a frozen teacher (no teacher, teacher_url or teacher_mode live)")
+            missing = [m for m in ("o_proj", "down_proj") if m not in self.lora_targets]
+            if missing:
+                raise ValueError(f"lora_init steer fits o_proj and down_proj: add {missing} to lora_targets")
         if self.teacher_url:
             if self.teacher:
                 raise ValueError("teacher and teacher_url both name the teacher; give one")

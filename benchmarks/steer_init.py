@@ -1,0 +1,119 @@
+"""Can the LoRA start where the prompt moves the residual stream? A prototype initialisation, measured before training.
+
+A fresh LoRA starts at zero: the student is the base model, and OPCD spends its first steps finding how the prompt
+shifts each layer. The prompted teacher shows that shift directly: at the same response tokens, every decoder
+layer's output with the prompt in context minus without it. This script fits, layer by layer from the first, the
+two projections that write into the residual stream (`o_proj`, then `down_proj`) so that the student's state
+after each of them moves toward the teacher's: a ridge regression of the remaining difference on the projection's
+input, cut to the adapter's rank (reduced-rank regression, with every residual dimension scaled by the teacher's
+root-mean-square so that the few high-energy dimensions do not decide alone), scaled by `--shrink`. Later layers
+are fitted on the student as the earlier fits left it. Other projections keep PEFT's initialisation (B = 0).
+
+It then measures the reverse KL to the teacher on the prompt's held-out file (the base and each initialisation, no
+training), as the fraction of the base gap closed:
+
+    python benchmarks/steer_init.py --prompt pirate --shrink 0.5,1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default="pirate")
+    p.add_argument("--fit-queries", type=int, default=48)
+    p.add_argument("--fit-cap", type=int, default=96)
+    p.add_argument("--eval-queries", type=int, default=16)
+    p.add_argument("--eval-cap", type=int, default=96)
+    p.add_argument("--shrink", default="0.5,1.0")
+    p.add_argument("--ridge", type=float, default=0.01)
+    p.add_argument("--model", default=None, help="model folder (default: the prompt's)")
+    p.add_argument("--json", type=Path, default=REPO / "results" / "steer_init.json")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from promptbake.config import BakeConfig
+    from promptbake.measure import kl_to_teacher
+    from promptbake.models import resolve_model
+    from promptbake.queries import load_queries
+    from promptbake.rollout import adapter_set, eos_token_ids
+    from promptbake.runtime import load_runtime
+    from promptbake.spec import load_spec
+    from promptbake.steer import fit_steering_lora
+
+    log = lambda msg: print(msg, flush=True)
+    spec = load_spec(REPO / "prompts" / f"{args.prompt}.md")
+    train = load_queries(spec.queries_path)
+    train = [train[i * len(train) // args.fit_queries] for i in range(args.fit_queries)]
+    heldout = load_queries(spec.heldout_path)[:args.eval_queries]
+    rt = load_runtime(Path(args.model) if args.model else resolve_model(spec.model), train=BakeConfig())
+    torch.manual_seed(0)
+    renderer = rt.renderer(spec.system_prompt)
+    teacher = rt.teacher(renderer)
+    teacher.prepare(heldout, args.eval_cap, "held-out")
+    engine = rt.engine()
+    eos, pad = eos_token_ids(rt.tokenizer), rt.tokenizer.pad_token_id
+
+    # What the fit reads: the base student's own samples (on-policy at step 0) on training queries.
+    student_prompts = [renderer.student_ids(q.messages) for q in train]
+    teacher_prompts = [renderer.teacher_ids(q.messages) for q in train]
+    with adapter_set(engine, False), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        rollout = engine.sample(student_prompts, max_new_tokens=args.fit_cap, temperature=1.0, eos_ids=eos, pad_id=pad)
+    responses = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids_BT, rollout.response_mask_BT)]
+    lengths = [len(r) for r in responses]
+    log(f"fit data: {len(train)} queries, {sum(lengths)} response tokens")
+    fit_seqs = dict(student_seqs=[s + r for s, r in zip(student_prompts, responses)],
+                    teacher_seqs=[t + r for t, r in zip(teacher_prompts, responses)],
+                    student_prompt_lengths=[len(s) for s in student_prompts],
+                    teacher_prompt_lengths=[len(t) for t in teacher_prompts], response_lengths=lengths)
+
+    def measure(adapter: bool) -> float:
+        r = kl_to_teacher(rt.model, engine, teacher, renderer, rt.tokenizer, heldout, adapter=adapter,
+                          max_new_tokens=args.eval_cap, temperature=1.0, seed=1234, bf16=rt.bf16)
+        return r.mean
+
+    t0 = time.perf_counter()
+    base = measure(False)
+    log(f"base reverse KL {base:.4f} ({time.perf_counter() - t0:.0f} s)")
+    initial = {n: p.detach().clone() for n, p in rt.model.named_parameters() if "lora_" in n}
+    rows = []
+    for shrink in [float(s) for s in args.shrink.split(",")]:
+        with torch.no_grad():
+            for n, p_ in rt.model.named_parameters():
+                if n in initial:
+                    p_.copy_(initial[n])
+        t = time.perf_counter()
+        stats = fit_steering_lora(rt.model, pad_id=pad, bf16=rt.bf16, shrink=shrink, ridge=args.ridge,
+                                  log=lambda m: log('  ' + m), **fit_seqs)
+        fit_s = time.perf_counter() - t
+        engine.sync()
+        kl = measure(True)
+        rows.append({"shrink": shrink, "ridge": args.ridge, "reverse_kl": kl, "gap_closed": 1 - kl / base,
+                     "fit_s": fit_s, "layers": stats})
+        log(f"shrink {shrink}: reverse KL {kl:.4f}, gap closed {1 - kl / base:.3f} (fit {fit_s:.0f} s)")
+
+    print(f"\n| {args.prompt}, {args.eval_queries} held-out queries, cap {args.eval_cap} | reverse KL | gap closed |")
+    print("|---|---|---|")
+    print(f"| base | {base:.4f} | 0 |")
+    for r in rows:
+        print(f"| init, shrink {r['shrink']} | {r['reverse_kl']:.4f} | {r['gap_closed']:.3f} |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"command": "python benchmarks/steer_init.py " + " ".join(argv or sys.argv[1:]),
+                                     "base_reverse_kl": base, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
