@@ -115,7 +115,8 @@ class BakeConfig(BaseModel):
     # Sampling.
     steps: int = Field(
         80, gt=0, description="Optimizer steps. 80 closed about 0.08 more of the held-out KL gap than 40 on both "
-                              "prompts measured, twice the time; 160 closed 0.025 more than 80, 320 0.016 more than 160 "
+                              "prompts measured, twice the time; 160 closed 0.02-0.04 more than 80; 320 closed 0.016 more than 160 on "
+                              "pirate and nothing more on safety "
                               "(README, quality study). "
                               "A rerun with more steps continues from the finished compile's last step.")
     batch_size: int = Field(
