@@ -111,6 +111,8 @@ VARIANTS: dict[str, dict] = {
     "queries-both": {"queries": "both"},
     # Only the 40 training lines that benchmarks/fit_gap.py measures: can the student fit a few queries it sees often?
     "queries-sample40": {"queries": "sample40"},
+    # The adapter fitted to the prompt's shift of each layer before the first step (lora_init steer, promptbake/steer.py).
+    "steer": {"lora_init": "steer"},
     # Training rollouts through the eager sampler although torch_compile is on (no user setting; a paired check
     # that the compiled decode step trains what the eager one does).
     "decode-eager": {"eager_decoding": True},

@@ -326,6 +326,8 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
     if config.method != "opcd":
         run.emit(StageStarted("teacher_samples", f"sampling the prompted teacher's responses for {config.method}"))
         fixed = teacher_responses(plan, run_config, run.teacher, run.engine, rt.tokenizer, run.train_queries, rt.bf16)
+    if config.lora_init == "steer" and resume is None:  # a resumed or continued compile has its adapter already
+        steer_adapter(run)
     budget = f" or {config.token_budget:,} response tokens, whichever comes first" if config.token_budget else ""
     first = resume.step + 1 if resume else 1
     compiled = ""
@@ -338,8 +340,6 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
         compiled = ", " + (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") + parts[-1] + " compiled"
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
                              f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher{compiled})"))
-    if config.lora_init == "steer" and resume is None:
-        steer_adapter(run)
     stop_requested, uninstall = _install_stop_handlers()
     run.teacher.live = config.teacher_mode == "live"
     run.teacher.refresh()

@@ -183,7 +183,8 @@ class BakeConfig(BaseModel):
         "zero", description="zero: PEFT's LoRA (B = 0, the student starts as the base). steer: before the first step, "
                             "o_proj and down_proj of each layer are fitted so the student's residual stream moves toward "
                             "the prompted teacher's on its own samples (promptbake/steer.py); needs the base model as "
-                            "teacher, both projections among lora_targets, one process.")
+                            "teacher and both projections among lora_targets. On pirate at 40 steps it closed 0.094 "
+                            "less of the held-out reverse gap than zero (docs/quality.md, section 20).")
 
     # Data and run.
     token_budget: int | None = Field(

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # no torch import just to describe progress
 
 @dataclass(frozen=True)
 class StageStarted:
-    """A stage of the compile began: load, length_probe, teacher_samples, measure_before, measure_after, write."""
+    """A stage of the compile began: load, length_probe, teacher_samples, measure_before, lora_init, measure_after, write."""
 
     stage: str
     message: str

@@ -123,3 +123,10 @@ def test_compile_with_steer_measures_the_base_before_and_records_the_init(tmp_pa
 def test_steer_refuses_settings_it_cannot_fit(settings, fragment):
     with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         BakeConfig(lora_init="steer", **settings)
+
+
+def test_lora_init_zero_leaves_earlier_bakes_build_keys_alone():
+    from promptbake.plan import NOT_IN_KEY, key_config
+
+    assert "lora_init" not in key_config(BakeConfig(), NOT_IN_KEY)  # bakes made before the setting keep their key
+    assert key_config(BakeConfig(lora_init="steer"), NOT_IN_KEY)["lora_init"] == "steer"
