@@ -1,18 +1,13 @@
-"""Can the LoRA start where the prompt moves the residual stream? A prototype initialisation, measured before training.
+"""What `lora_init: steer` (promptbake/steer.py) gives before any training.
 
-A fresh LoRA starts at zero: the student is the base model, and OPCD spends its first steps finding how the prompt
-shifts each layer. The prompted teacher shows that shift directly: at the same response tokens, every decoder
-layer's output with the prompt in context minus without it. This script fits, layer by layer from the first, the
-two projections that write into the residual stream (`o_proj`, then `down_proj`) so that the student's state
-after each of them moves toward the teacher's: a ridge regression of the remaining difference on the projection's
-input, cut to the adapter's rank (reduced-rank regression, with every residual dimension scaled by the teacher's
-root-mean-square so that the few high-energy dimensions do not decide alone), scaled by `--shrink`. Later layers
-are fitted on the student as the earlier fits left it. Other projections keep PEFT's initialisation (B = 0).
+Fits the adapter to the prompt's shift of each layer at each `--shrink`, from the same zero start, and measures
+the reverse KL to the prompted teacher on the prompt's held-out file (the base's and the fitted adapter's own
+samples), as the fraction of the base gap closed. Prints a table and writes JSON:
 
-It then measures the reverse KL to the teacher on the prompt's held-out file (the base and each initialisation, no
-training), as the fraction of the base gap closed:
+    python benchmarks/steer_init.py --prompt pirate --shrink 0.25,0.5,1.0
 
-    python benchmarks/steer_init.py --prompt pirate --shrink 0.5,1.0
+On pirate (results/steer_init.json) half a step closed 16 % of the gap and a full step overshot (-0.94); a
+40-step bake from half a step closed less than one from zero (docs/quality.md, section 20).
 """
 
 from __future__ import annotations
