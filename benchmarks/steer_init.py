@@ -39,14 +39,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    from promptbake.atomic import write_text_atomic
     from promptbake.config import BakeConfig
     from promptbake.measure import kl_to_teacher
     from promptbake.models import resolve_model
     from promptbake.queries import load_queries
-    from promptbake.rollout import adapter_set, eos_token_ids
     from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
-    from promptbake.steer import fit_steering_lora
+    from promptbake.steer import fit_steering_lora, sample_fit_data
 
     log = lambda msg: print(msg, flush=True)
     spec = load_spec(REPO / "prompts" / f"{args.prompt}.md")
@@ -59,21 +59,11 @@ def main(argv=None) -> None:
     teacher = rt.teacher(renderer)
     teacher.prepare(heldout, args.eval_cap, "held-out")
     engine = rt.engine()
-    eos, pad = eos_token_ids(rt.tokenizer), rt.tokenizer.pad_token_id
+    pad = rt.tokenizer.pad_token_id
 
     # What the fit reads: the base student's own samples (on-policy at step 0) on training queries.
-    student_prompts = [renderer.student_ids(q.messages) for q in train]
-    teacher_prompts = [renderer.teacher_ids(q.messages) for q in train]
-    with adapter_set(engine, False), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        rollout = engine.sample(student_prompts, max_new_tokens=args.fit_cap, temperature=1.0, eos_ids=eos, pad_id=pad)
-    responses = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids_BT, rollout.response_mask_BT)]
-    lengths = [len(r) for r in responses]
-    log(f"fit data: {len(train)} queries, {sum(lengths)} response tokens")
-    fit_seqs = dict(student_seqs=[s + r for s, r in zip(student_prompts, responses)],
-                    teacher_seqs=[t + r for t, r in zip(teacher_prompts, responses)],
-                    student_prompt_lengths=[len(s) for s in student_prompts],
-                    teacher_prompt_lengths=[len(t) for t in teacher_prompts], response_lengths=lengths)
+    fit_seqs = sample_fit_data(engine, renderer, rt.tokenizer, train, max_new_tokens=args.fit_cap, temperature=1.0, seed=7)
+    log(f"fit data: {len(train)} queries, {sum(fit_seqs['response_lengths'])} response tokens")
 
     def measure(adapter: bool) -> float:
         r = kl_to_teacher(rt.model, engine, teacher, renderer, rt.tokenizer, heldout, adapter=adapter,
@@ -105,9 +95,8 @@ def main(argv=None) -> None:
     print(f"| base | {base:.4f} | 0 |")
     for r in rows:
         print(f"| init, shrink {r['shrink']} | {r['reverse_kl']:.4f} | {r['gap_closed']:.3f} |")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"command": "python benchmarks/steer_init.py " + " ".join(argv or sys.argv[1:]),
-                                     "base_reverse_kl": base, "rows": rows}, indent=1))
+    command = ["python", "benchmarks/steer_init.py"] + (sys.argv[1:] if argv is None else argv)
+    write_text_atomic(args.json, json.dumps({"command": " ".join(command), "base_reverse_kl": base, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

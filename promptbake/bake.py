@@ -373,27 +373,16 @@ STEER_SHRINK = 0.5  # the share of each layer's fitted shift that is applied (be
 def steer_adapter(run: CompileRun) -> None:
     """lora_init steer: fit o_proj and down_proj of every layer to the prompt's shift of the residual stream, on the
     base student's own samples of some training queries, before the first step (promptbake/steer.py)."""
-    from promptbake.steer import fit_steering_lora
+    from promptbake.steer import fit_steering_lora, sample_fit_data
 
     config, rt = run.config, run.runtime
     queries = probe_queries(run.train_queries, STEER_QUERIES, config.seed + 3)
     run.emit(StageStarted("lora_init", f"fitting the adapter to the prompt's shift of the layers on {len(queries)} "
                                        "training queries (lora_init steer)"))
     t = time.perf_counter()
-    student = [run.renderer.student_ids(q.messages) for q in queries]
-    teacher = [run.teacher.prompt_ids(q) for q in queries]
-    eos_ids, pad_id = eos_token_ids(rt.tokenizer), rt.tokenizer.pad_token_id
-    with adapter_set(run.engine, False), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed + 3)
-        rollout = run.engine.sample(student, max_new_tokens=run.cap, temperature=config.temperature, eos_ids=eos_ids,
-                                    pad_id=pad_id)
-    responses = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids_BT, rollout.response_mask_BT)]
-    keep = [i for i, r in enumerate(responses) if r]
-    fit_steering_lora(rt.model, student_seqs=[student[i] + responses[i] for i in keep],
-                      teacher_seqs=[teacher[i] + responses[i] for i in keep],
-                      student_prompt_lengths=[len(student[i]) for i in keep],
-                      teacher_prompt_lengths=[len(teacher[i]) for i in keep],
-                      response_lengths=[len(responses[i]) for i in keep], pad_id=pad_id, bf16=rt.bf16, shrink=STEER_SHRINK)
+    data = sample_fit_data(run.engine, run.renderer, rt.tokenizer, queries, max_new_tokens=run.cap,
+                           temperature=config.temperature, seed=config.seed + 3)
+    fit_steering_lora(rt.model, pad_id=rt.tokenizer.pad_token_id, bf16=rt.bf16, shrink=STEER_SHRINK, **data)
     run.engine.sync()
     run.timings["lora_init_s"] = time.perf_counter() - t
 

@@ -26,7 +26,8 @@ from typing import Callable
 
 import torch
 
-from promptbake.rollout import adapter_enabled, autocast
+from promptbake.rollout import (adapter_enabled, adapter_set, autocast, eos_token_ids, packed_response_columns,
+                                rollout_from_lists)
 
 
 class _Stop(Exception):
@@ -39,39 +40,24 @@ def _decoder(model):
     return inner.model
 
 
-def _right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids_BL = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask_BL = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids_BL[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask_BL[i, :len(s)] = 1
-    return ids_BL, mask_BL
-
-
-def _predicting_positions(prompt_lengths: list[int], response_lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) of every position that predicts a response token: from the prompt's last token on."""
-    rows: list[int] = []
-    cols: list[int] = []
-    for i, (p, n) in enumerate(zip(prompt_lengths, response_lengths)):
-        rows += [i] * n
-        cols += range(p - 1, p - 1 + n)
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-
-
 @torch.no_grad()
 def module_inputs(decoder, seqs: list[list[int]], prompt_lengths: list[int], response_lengths: list[int], pad_id: int,
                   modules: dict[str, torch.nn.Module], *, stop_at: torch.nn.Module | None = None, bf16: bool = False,
                   rows_per_pass: int = 8) -> dict[str, torch.Tensor]:
     """The input of each of `modules` at the positions that predict response tokens (name -> states_ND, fp32, the
     rows of every pass concatenated). `stop_at`: end each forward when it reaches this module (what comes after is
-    not needed). Rows are right-padded, so every row's positions are those of the row alone."""
+    not needed)."""
     device = next(decoder.parameters()).device
     out: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     for start in range(0, len(seqs), rows_per_pass):
         part = range(start, min(start + rows_per_pass, len(seqs)))
-        ids_BL, mask_BL = _right_padded([seqs[i] for i in part], pad_id)
-        rows_N, cols_N = _predicting_positions([prompt_lengths[i] for i in part], [response_lengths[i] for i in part])
+        padded = rollout_from_lists([seqs[i] for i in part], pad_id)  # right-padded: each row's positions are its own
+        ids_BL, mask_BL = padded.response_ids_BT, padded.response_mask_BT
+        lengths = [response_lengths[i] for i in part]
+        columns_BT = packed_response_columns([prompt_lengths[i] for i in part], max(lengths), torch.device("cpu"))
+        valid_BT = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+        rows_N = torch.arange(len(lengths))[:, None].expand_as(columns_BT)[valid_BT]
+        cols_N = columns_BT[valid_BT]
         handles = []
         for name, module in modules.items():
             def keep(mod, args, kwargs, name=name):
@@ -89,6 +75,23 @@ def module_inputs(decoder, seqs: list[list[int]], prompt_lengths: list[int], res
             for handle in handles:
                 handle.remove()
     return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def sample_fit_data(engine, renderer, tokenizer, queries: list, *, max_new_tokens: int, temperature: float,
+                    seed: int) -> dict:
+    """The base student's own answers to `queries` (the adapter off, seeded), as the keyword arguments
+    `fit_steering_lora` reads: each side's prompt + the same answer."""
+    student = [renderer.student_ids(q.messages) for q in queries]
+    teacher = [renderer.teacher_ids(q.messages) for q in queries]
+    with adapter_set(engine, False), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rollout = engine.sample(student, max_new_tokens=max_new_tokens, temperature=temperature,
+                                eos_ids=eos_token_ids(tokenizer), pad_id=tokenizer.pad_token_id)
+    answers = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids_BT, rollout.response_mask_BT)]
+    return dict(student_seqs=[s + a for s, a in zip(student, answers)],
+                teacher_seqs=[t + a for t, a in zip(teacher, answers)],
+                student_prompt_lengths=[len(s) for s in student], teacher_prompt_lengths=[len(t) for t in teacher],
+                response_lengths=[len(a) for a in answers])
 
 
 def reduced_rank_fit(X_ND: torch.Tensor, R_NO: torch.Tensor, scale_O: torch.Tensor, rank: int,
