@@ -9,6 +9,10 @@ first result's suite, limit, seed and groups, and both results must hold answers
     python benchmarks/cross_run_agreement.py results/headline/medical-2026-12-04/eval-medmcqa.json:amd \
         results/headline/medical/eval-medmcqa.json:intel --data ../shared/datasets \
         --out results/headline/medical-2026-12-04/cross_run_agreement.json
+
+`--paired A REF_A B REF_B` (condition labels as printed, e.g. "medical (s160)") also gives how much more often
+A agrees with REF_A than B with REF_B, with a 95 % bootstrap interval that resamples the questions jointly: two
+bakes of one prompt, each against its own run's prompted answers.
 """
 
 from __future__ import annotations
@@ -44,11 +48,26 @@ def agreement_table(answers: dict[str, list[str | None]], what: str) -> list[dic
     return rows
 
 
+def paired_difference(answers: dict[str, list[str | None]], a: str, ref_a: str, b: str, ref_b: str) -> dict:
+    """agreement(a, ref_a) - agreement(b, ref_b), paired by question (an unparseable answer never agrees)."""
+    from promptbake.stats import mean_ci
+
+    missing = [k for k in (a, ref_a, b, ref_b) if k not in answers]
+    if missing:
+        raise SystemExit(f"--paired: no answers labelled {missing[0]!r}; labels are {sorted(answers)}")
+    agree = {k: [float(x is not None and x == y) for x, y in zip(answers[k], answers[r])] for k, r in ((a, ref_a), (b, ref_b))}
+    est = mean_ci([x - y for x, y in zip(agree[a], agree[b])])
+    print(f"| {a} vs {ref_a}, minus {b} vs {ref_b} | {est.value:+.1%} | [{est.lo:+.1%}, {est.hi:+.1%}] |")
+    return {"a": a, "ref_a": ref_a, "b": b, "ref_b": ref_b, **est.to_dict()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="saved eval results, each FILE or FILE:LABEL")
     p.add_argument("--data", type=Path, default=Path("../shared/datasets"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--paired", nargs=4, metavar=("A", "REF_A", "B", "REF_B"), default=None,
+                   help="also: agreement(A, REF_A) minus agreement(B, REF_B), paired by question")
     args = p.parse_args(argv)
 
     from promptbake.atomic import write_text_atomic
@@ -72,10 +91,11 @@ def main(argv=None) -> None:
                 raise SystemExit(f"{label}: {len(texts)} answers of {condition} for {len(items)} items")
             answers[f"{condition} ({label})"] = letters(suite, items, texts)
     rows = agreement_table(answers, f"{len(items)} {first['suite']} questions")
+    paired = paired_difference(answers, *args.paired) if args.paired else None
     if args.out:
         write_text_atomic(args.out, json.dumps({
             "command": " ".join(["python", "benchmarks/cross_run_agreement.py"] + (sys.argv[1:] if argv is None else argv)),
-            "n": len(items), "agreements": rows,
+            "n": len(items), "agreements": rows, **({"paired": paired} if paired else {}),
         }, indent=1) + "\n")
 
 

@@ -362,3 +362,15 @@ def test_cross_run_agreement_compares_two_saved_evals_letter_by_letter(tmp_path,
     (tmp_path / "three.json").write_text(json.dumps(dict(first, limit=3)))
     with pytest.raises(SystemExit, match="another suite, limit, seed or groups"):
         module.main([str(tmp_path / "one.json"), str(tmp_path / "three.json"), "--data", str(SHARED_DATA)])
+    # --paired: baked (two) agrees with prompted (two) on 2 of 4 (A, C), baked (one) with prompted (one) on 2 of 4
+    # (A, B): the same rate, but on other questions, so per question the difference is 0, -1, +1, 0.
+    module.main([f"{tmp_path / 'one.json'}:one", f"{tmp_path / 'two.json'}:two", "--data", str(SHARED_DATA),
+                 "--out", str(out), "--paired", "baked (two)", "prompted (two)", "baked (one)", "prompted (one)"])
+    paired = json.loads(out.read_text())["paired"]
+    assert paired["value"] == pytest.approx(0.0) and paired["ci95"][0] < 0 < paired["ci95"][1]
+    module.main([f"{tmp_path / 'one.json'}:one", f"{tmp_path / 'two.json'}:two", "--data", str(SHARED_DATA),
+                 "--out", str(out), "--paired", "prompted (one)", "baked (two)", "baked (one)", "prompted (two)"])
+    assert json.loads(out.read_text())["paired"]["value"] == pytest.approx(4 / 4 - 1 / 4)
+    with pytest.raises(SystemExit, match="no answers labelled 'baked'"):
+        module.main([f"{tmp_path / 'one.json'}:one", f"{tmp_path / 'two.json'}:two", "--data", str(SHARED_DATA),
+                     "--paired", "baked", "prompted (two)", "baked (one)", "prompted (one)"])
