@@ -113,6 +113,8 @@ VARIANTS: dict[str, dict] = {
     "queries-sample40": {"queries": "sample40"},
     # The adapter fitted to the prompt's shift of each layer before the first step (lora_init steer, promptbake/steer.py).
     "steer": {"lora_init": "steer"},
+    # Muon in place of AdamW, at AdamW's update size (docs/quality.md section 21).
+    "muon": {"optimizer": "muon"},
     # Training rollouts through the eager sampler although torch_compile is on (no user setting; a paired check
     # that the compiled decode step trains what the eager one does).
     "decode-eager": {"eager_decoding": True},

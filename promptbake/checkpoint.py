@@ -73,13 +73,13 @@ def save_checkpoint(work_dir: Path, *, step: int, build_key: str, model, optimiz
         moments: dict[str, torch.Tensor] = {}
         adam_steps: list[float] = []
         for index, p in enumerate(params.values()):
+            # Every per-parameter tensor of the optimizer (AdamW: exp_avg, exp_avg_sq; Muon: momentum_buffer);
+            # AdamW's step count goes to state.json.
             state = optimizer.state.get(p, {})
-            if state:
-                moments[f"{index}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
-                moments[f"{index}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
-                adam_steps.append(float(state["step"]))
-            else:
-                adam_steps.append(0.0)
+            for key, value in state.items():
+                if key != "step":
+                    moments[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            adam_steps.append(float(state["step"]) if "step" in state else 0.0)
         save_file(moments or {"empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
         if average is not None:
             save_file(average, str(tmp / AVERAGE_FILE))
@@ -144,18 +144,19 @@ def mark_finished(work_dir: Path, build_key: str) -> None:
 
 
 def restore(checkpoint: Checkpoint, model, optimizer) -> None:
-    """Put LoRA weights and AdamW state back exactly as they were saved."""
+    """Put LoRA weights and the optimizer's state (AdamW or Muon) back exactly as they were saved."""
     params = trainable(model)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(checkpoint.lora[name])
     for index, p in enumerate(params.values()):
+        prefix = f"{index}."
+        state = {key.removeprefix(prefix): value.to(p.device).clone()
+                 for key, value in checkpoint.optimizer.items() if key.startswith(prefix)}
         if checkpoint.adam_steps[index] > 0:
-            optimizer.state[p] = {
-                "step": torch.tensor(checkpoint.adam_steps[index]),
-                "exp_avg": checkpoint.optimizer[f"{index}.exp_avg"].to(p.device).clone(),
-                "exp_avg_sq": checkpoint.optimizer[f"{index}.exp_avg_sq"].to(p.device).clone(),
-            }
+            state["step"] = torch.tensor(checkpoint.adam_steps[index])
+        if state:
+            optimizer.state[p] = state
 
 
 def python_rng_to_json(state: tuple) -> list:

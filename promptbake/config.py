@@ -158,7 +158,14 @@ class BakeConfig(BaseModel):
         1e-3, gt=0,
         description="AdamW learning rate. LoRA wants far more than full fine-tuning's 5e-6; on the quality study's held-out "
                     "file 1e-3 closed more of the KL gap than 5e-4 at equal tokens, and 2e-3 let late answer positions drift.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw, or muon: torch's Muon, which orthogonalises each LoRA matrix's momentum (Newton-Schulz) "
+                    "so that every direction of the update moves at one rate; its step is scaled to AdamW's typical "
+                    "update size (Moonshot's rule), so `lr` means about what it means for AdamW. Each matrix must be "
+                    "whole on each process: not under FSDP.",
+    )
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay (AdamW or Muon).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     loraplus_lr_ratio: float | None = Field(
@@ -277,6 +284,8 @@ class BakeConfig(BaseModel):
         if self.hidden_match_scale != "none" and not self.hidden_match_weight:
             raise ValueError(f"hidden_match_scale {self.hidden_match_scale} shapes the layers' term: it needs "
                              "hidden_match_weight > 0")
+        if self.optimizer == "muon" and self.loraplus_lr_ratio is not None:
+            raise ValueError("loraplus_lr_ratio sets AdamW's learning rates per matrix; it needs optimizer adamw, not muon")
         if self.lora_init == "steer":
             if self.teacher or self.teacher_url or self.teacher_mode == "live":
                 raise ValueError("lora_init steer reads how the prompt moves the base model's own layers: it needs the "

@@ -239,6 +239,8 @@ def train_student(
 
         optimizer = create_loraplus_optimizer(student, torch.optim.AdamW, lr=config.lr, weight_decay=config.weight_decay,
                                               loraplus_lr_ratio=config.loraplus_lr_ratio)
+    elif config.optimizer == "muon":
+        optimizer = torch.optim.Muon(params, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
