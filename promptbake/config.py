@@ -156,7 +156,7 @@ class BakeConfig(BaseModel):
     # Optimisation.
     lr: float = Field(
         1e-3, gt=0,
-        description="AdamW learning rate. LoRA wants far more than full fine-tuning's 5e-6; on the quality study's held-out "
+        description="Learning rate (AdamW's; optimizer muon scales its step to match). LoRA wants far more than full fine-tuning's 5e-6; on the quality study's held-out "
                     "file 1e-3 closed more of the KL gap than 5e-4 at equal tokens, and 2e-3 let late answer positions drift.")
     optimizer: Literal["adamw", "muon"] = Field(
         "adamw",
