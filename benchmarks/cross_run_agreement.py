@@ -50,13 +50,13 @@ def agreement_table(answers: dict[str, list[str | None]], what: str) -> list[dic
 
 def paired_difference(answers: dict[str, list[str | None]], a: str, ref_a: str, b: str, ref_b: str) -> dict:
     """agreement(a, ref_a) - agreement(b, ref_b), paired by question (an unparseable answer never agrees)."""
+    from promptbake.evals.scoring import agreements
     from promptbake.stats import mean_ci
 
     missing = [k for k in (a, ref_a, b, ref_b) if k not in answers]
     if missing:
         raise SystemExit(f"--paired: no answers labelled {missing[0]!r}; labels are {sorted(answers)}")
-    agree = {k: [float(x is not None and x == y) for x, y in zip(answers[k], answers[r])] for k, r in ((a, ref_a), (b, ref_b))}
-    est = mean_ci([x - y for x, y in zip(agree[a], agree[b])])
+    est = mean_ci([x - y for x, y in zip(agreements(answers[a], answers[ref_a]), agreements(answers[b], answers[ref_b]))])
     print(f"| {a} vs {ref_a}, minus {b} vs {ref_b} | {est.value:+.1%} | [{est.lo:+.1%}, {est.hi:+.1%}] |")
     return {"a": a, "ref_a": ref_a, "b": b, "ref_b": ref_b, **est.to_dict()}
 
