@@ -81,8 +81,8 @@ VARIANTS: dict[str, dict] = {
     # The residual stream as a second target: each layer's cosine distance to the prompted teacher's (hidden_match_weight;
     # at weight 30 its gradient was about the KL's at step 1 on pirate).
     "hid0": {"hidden_match_weight": 0.0},  # the per-token loss alone (what every run named without hid* trained before 30 was the default)
-    # hid10-hid300 compare the raw layers (scale none), as they did when they were run; add +hidstd for dims (the
-    # default since 2026-12-04), so a run name keeps its meaning across that change.
+    # hid10-hid300 compare the raw layers (scale none), as they did when they were run; add +hidstd for dims, so a run
+    # name keeps its meaning whichever scale is the default.
     "hid10": {"hidden_match_weight": 10.0, "hidden_match_scale": "none"},
     "hid30": {"hidden_match_weight": 30.0, "hidden_match_scale": "none"},
     "hid100": {"hidden_match_weight": 100.0, "hidden_match_scale": "none"},
@@ -90,6 +90,8 @@ VARIANTS: dict[str, dict] = {
     # the layers matched at the user turn's tokens too (hidden_match_query): targets from every query without sampling
     "hidq": {"hidden_match_query": True},
     "hidstd": {"hidden_match_scale": "dims"},  # the layers compared per dimension scaled by the teacher's RMS (section 17)
+    # what each layer adds to the stream compared, not its output (hidden_match_target; section 22)
+    "hidinc": {"hidden_match_target": "increments"},
     "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
     "steps80": {"steps": 80},  # with --token-budget 0: the faithful default's steps (was twice them when first run)
     "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?

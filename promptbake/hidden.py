@@ -19,6 +19,10 @@ need no sampling. `query_states` reads both sides at those positions.
 `hidden_match_scale: dims` divides both sides by the teacher's per-dimension scale first (`dimension_scales`), so the
 few dimensions that carry most of a residual stream's energy do not set the cosine alone (opt-in: it helped on two
 prompts of four at 80 steps).
+
+`hidden_match_target: increments` compares what each layer adds to the stream (`layer_increments`) instead of the
+stream itself: a layer's output is the sum of every earlier layer's contribution, so its cosine is set mostly by what
+the two models already share, and the prompt's effect at one layer is a small angle on top of it.
 """
 
 from __future__ import annotations
@@ -84,6 +88,15 @@ def dimension_scales(teacher_LBTD: torch.Tensor, mask_BT: torch.Tensor) -> torch
     count_1B1 = weights_1BT1.sum(dim=2).clamp(min=1)
     square_LBD = (teacher_LBTD.detach().float().pow(2) * weights_1BT1).sum(dim=2) / count_1B1
     return square_LBD.sqrt().clamp(min=1e-6)
+
+
+def layer_increments(states_LBTD: torch.Tensor) -> torch.Tensor:
+    """What each decoder layer adds to the residual stream (increments_LBTD): the first layer's output as it is
+    (the token's embedding, the same for student and teacher, plus the first layer's contribution), then each
+    layer's output less the one before it. Differences of the recorded outputs, so nothing else is hooked and the
+    compiled layers are untouched; computed in fp32."""
+    states = states_LBTD.float()
+    return torch.cat([states[:1], states[1:] - states[:-1]])
 
 
 def hidden_distance(student_LBTD: torch.Tensor, teacher_LBTD: torch.Tensor,

@@ -42,8 +42,8 @@ from promptbake.averaging import WeightAverage
 from promptbake.checkpoint import (Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint,
                                    trainable)
 from promptbake.faults import fault_point, fault_requested
-from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_distance, query_states, recorded_layer_outputs,
-                               response_states)
+from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_distance, layer_increments, query_states,
+                               recorded_layer_outputs, response_states)
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
@@ -282,6 +282,8 @@ def train_student(
         raise PromptbakeError(f"hidden_match_weight pairs the student's {len(student_blocks)} layers of width "
                               f"{policy.config.hidden_size} with the teacher's, which has {len(teacher_blocks)} of width "
                               f"{teacher.model.config.hidden_size}; it needs a teacher of the student's shape")
+    # hidden_match_target: each layer's output, or what it adds to the stream.
+    matched = layer_increments if config.hidden_match_target == "increments" else (lambda states_LBTD: states_LBTD)
     engine = engine or HFRolloutEngine(policy, bf16=bf16)
     engine.sync()
     eos_ids = eos_token_ids(tokenizer)
@@ -341,11 +343,12 @@ def train_student(
                             teacher_out = teacher.sampled_logprobs(micro_queries, micro, config.temperature)  # logp_BT
                         else:
                             teacher_out = None
-                    teacher_states_LBTD = response_states(teacher_layers, len(teacher_blocks), T) if match_hidden else None
+                    teacher_states_LBTD = matched(response_states(teacher_layers, len(teacher_blocks), T)) if match_hidden else None
                     if config.hidden_match_query:  # the user turn both prompts end with, as far as the teacher's pass reads
                         suffix = [min(common_suffix_length(prompts[r], teacher.prompt_ids(q)), n)
                                   for r, q, n in zip(rows, micro_queries, teacher.scored_prompt_lengths(micro_queries))]
                         teacher_query_LBQD, query_mask_BQ = query_states(teacher_layers, len(teacher_blocks), T, suffix)
+                        teacher_query_LBQD = matched(teacher_query_LBQD)
                     del teacher_layers
                     teacher_s += time.perf_counter() - t_teacher
                     last = index == len(groups) - 1
@@ -371,14 +374,14 @@ def train_student(
                             objective_loss = micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens
                         if match_hidden:
                             lengths = [len(p) for p in row_prompts] if packs_rows(device, row_prompts) else None
-                            student_LBTD = response_states(student_layers, len(student_blocks), T, lengths)
+                            student_LBTD = matched(response_states(student_layers, len(student_blocks), T, lengths))
                             scale_LBD = (dimension_scales(teacher_states_LBTD, mask_BT.to(teacher_states_LBTD.device))
                                          if config.hidden_match_scale == "dims" else None)
                             distance_BT = hidden_distance(student_LBTD, teacher_states_LBTD, scale_LBD)
                             micro_distance = (distance_BT * mask_BT).sum() / total_tokens
                             if config.hidden_match_query:  # logged: the response tokens' distance alone, as without it
                                 student_query_LBQD, _ = query_states(student_layers, len(student_blocks), T, suffix, lengths)
-                                distance_BQ = hidden_distance(student_query_LBQD, teacher_query_LBQD, scale_LBD)
+                                distance_BQ = hidden_distance(matched(student_query_LBQD), teacher_query_LBQD, scale_LBD)
                                 objective_loss = objective_loss + config.hidden_match_weight * (
                                     distance_BQ * query_mask_BQ.to(device)).sum() / total_tokens
                             objective_loss = objective_loss + config.hidden_match_weight * micro_distance

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from promptbake.chat import ChatRenderer
-from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_distance, query_states, recorded_layer_outputs,
-                               response_states)
+from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_distance, layer_increments, query_states,
+                               recorded_layer_outputs, response_states)
 from promptbake.rollout import Rollout, response_logits
 from promptbake.teacher import PromptedTeacher
 from promptbake.train import repeated_blocks
@@ -92,6 +92,42 @@ def test_dimension_scale_needs_the_layers_term_and_leaves_earlier_build_keys_alo
     assert "steps" in key_config(BakeConfig(), NOT_IN_KEY) and "threads" not in key_config(BakeConfig(), NOT_IN_KEY)
     # a config written to a manifest reads back as itself
     assert BakeConfig(**BakeConfig(hidden_match_scale="dims").model_dump()) == BakeConfig(hidden_match_scale="dims")
+
+
+def test_layer_increments_are_what_each_layer_adds_to_its_own_input(peft_tiny):
+    """hidden_match_target increments: from the recorded outputs alone, layer 0's output, then each layer's output less
+    its input, as read by a hook on each layer's input in the same forward."""
+    blocks = repeated_blocks(peft_tiny)
+    inputs: list[torch.Tensor] = []
+    handles = [block.register_forward_pre_hook(lambda module, args, kwargs: inputs.append(
+        (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True) for block in blocks]
+    try:
+        with recorded_layer_outputs(blocks) as outputs, torch.no_grad():
+            peft_tiny(input_ids=torch.tensor([[5, 6, 7, 8, 9]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    states_LBTD = torch.stack(outputs)
+    increments_LBTD = layer_increments(states_LBTD)
+    assert increments_LBTD.shape == states_LBTD.shape and increments_LBTD.dtype == torch.float32
+    torch.testing.assert_close(increments_LBTD[0], states_LBTD[0])
+    for layer in range(1, len(blocks)):
+        torch.testing.assert_close(increments_LBTD[layer], outputs[layer] - inputs[layer], atol=1e-5, rtol=1e-5)
+    # the increments sum back to the last layer's output
+    torch.testing.assert_close(increments_LBTD.sum(0), states_LBTD[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_layer_target_needs_the_layers_term_and_leaves_earlier_build_keys_alone():
+    from promptbake.config import BakeConfig
+    from promptbake.plan import NOT_IN_KEY, key_config
+
+    assert BakeConfig().hidden_match_target == "states"
+    with pytest.raises(ValueError, match="hidden_match_target increments"):
+        BakeConfig(hidden_match_weight=0, hidden_match_target="increments")
+    with pytest.raises(ValueError):
+        BakeConfig(hidden_match_target="outputs")
+    assert "hidden_match_target" not in key_config(BakeConfig(), NOT_IN_KEY)
+    assert key_config(BakeConfig(hidden_match_target="increments"), NOT_IN_KEY)["hidden_match_target"] == "increments"
 
 
 def test_only_the_student_gets_a_gradient():

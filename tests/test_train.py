@@ -270,6 +270,20 @@ def test_dimension_scaled_layers_term_moves_the_gradient_and_micro_batching_keep
     assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
 
 
+def test_layer_increments_target_moves_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
+    """hidden_match_target increments: the same samples and KL as the layers' states, another distance and gradient;
+    one row per micro-batch gives what eight do, the user turn's tokens included."""
+    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_model_dir, "hidden_match_target", "increments",
+                                                      "states", hidden_match_weight=30.0, hidden_match_query=True)
+    plain, split, whole = plain_log[0], split_log[0], whole_log[0]
+    assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
+    assert whole.hidden_distance > 0 and whole.hidden_distance != pytest.approx(plain.hidden_distance, rel=1e-3)
+    assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
+    assert split.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-4)
+    assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
+    assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
+
+
 def test_hidden_match_query_adds_the_user_turn_to_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
     """hidden_match_query: the same samples, KL and logged (response tokens') distance as the layers' term alone, another
     gradient; one row per micro-batch gives what four do (its tokens are scaled by the part's response tokens)."""
