@@ -444,6 +444,7 @@ def summarise(out: Path) -> str:
     from promptbake.stats import seeds_mean_ci
 
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
+    runs = [r for r in runs if not r.get("mean_of")]  # benchmarks/seed_soup.py's averages of bakes: no run of a variant
     # An averaged run (ema_decay) also measured its own last step. Its training is the variant's without the
     # average, so where that variant was run too (other seeds), the last step is one more seed of it; otherwise
     # it is a row of its own.
