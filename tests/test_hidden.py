@@ -76,22 +76,26 @@ def test_dimension_scaled_distance_is_the_cosine_of_states_divided_by_the_teache
     assert float(scaled.mean()) > 10 * float(raw.mean())
 
 
-def test_dimension_scale_needs_the_layers_term_and_leaves_earlier_build_keys_alone():
-    """hidden_match_scale: none unless asked for; an error without the layers' term; at none it is not in the build
-    key (bakes made before the setting existed keep their keys), at dims it is."""
+@pytest.mark.parametrize("field, default, other, unknown", [
+    ("hidden_match_scale", "none", "dims", "layers"),
+    ("hidden_match_target", "states", "increments", "outputs"),
+])
+def test_a_form_of_the_layers_term_needs_the_term_and_leaves_earlier_build_keys_alone(field, default, other, unknown):
+    """hidden_match_scale and hidden_match_target: the default unless asked for; an error without the layers' term; at
+    the default not in the build key (bakes made before the setting existed keep their keys), otherwise in it."""
     from promptbake.config import BakeConfig
     from promptbake.plan import NOT_IN_KEY, key_config
 
-    assert BakeConfig().hidden_match_weight > 0 and BakeConfig().hidden_match_scale == "none"
-    with pytest.raises(ValueError, match="hidden_match_scale dims"):
-        BakeConfig(hidden_match_weight=0, hidden_match_scale="dims")
+    assert BakeConfig().hidden_match_weight > 0 and getattr(BakeConfig(), field) == default
+    with pytest.raises(ValueError, match=f"{field} {other}"):
+        BakeConfig(hidden_match_weight=0, **{field: other})
     with pytest.raises(ValueError):
-        BakeConfig(hidden_match_scale="layers")
-    assert "hidden_match_scale" not in key_config(BakeConfig(), NOT_IN_KEY)
-    assert key_config(BakeConfig(hidden_match_scale="dims"), NOT_IN_KEY)["hidden_match_scale"] == "dims"
+        BakeConfig(**{field: unknown})
+    assert field not in key_config(BakeConfig(), NOT_IN_KEY)
+    assert key_config(BakeConfig(**{field: other}), NOT_IN_KEY)[field] == other
     assert "steps" in key_config(BakeConfig(), NOT_IN_KEY) and "threads" not in key_config(BakeConfig(), NOT_IN_KEY)
     # a config written to a manifest reads back as itself
-    assert BakeConfig(**BakeConfig(hidden_match_scale="dims").model_dump()) == BakeConfig(hidden_match_scale="dims")
+    assert BakeConfig(**BakeConfig(**{field: other}).model_dump()) == BakeConfig(**{field: other})
 
 
 def test_layer_increments_are_what_each_layer_adds_to_its_own_input(peft_tiny):
@@ -115,19 +119,6 @@ def test_layer_increments_are_what_each_layer_adds_to_its_own_input(peft_tiny):
         torch.testing.assert_close(increments_LBTD[layer], outputs[layer] - inputs[layer], atol=1e-5, rtol=1e-5)
     # the increments sum back to the last layer's output
     torch.testing.assert_close(increments_LBTD.sum(0), states_LBTD[-1], atol=1e-5, rtol=1e-5)
-
-
-def test_layer_target_needs_the_layers_term_and_leaves_earlier_build_keys_alone():
-    from promptbake.config import BakeConfig
-    from promptbake.plan import NOT_IN_KEY, key_config
-
-    assert BakeConfig().hidden_match_target == "states"
-    with pytest.raises(ValueError, match="hidden_match_target increments"):
-        BakeConfig(hidden_match_weight=0, hidden_match_target="increments")
-    with pytest.raises(ValueError):
-        BakeConfig(hidden_match_target="outputs")
-    assert "hidden_match_target" not in key_config(BakeConfig(), NOT_IN_KEY)
-    assert key_config(BakeConfig(hidden_match_target="increments"), NOT_IN_KEY)["hidden_match_target"] == "increments"
 
 
 def test_only_the_student_gets_a_gradient():

@@ -256,25 +256,18 @@ def test_hidden_match_term_changes_the_gradient_not_the_logged_loss_and_micro_ba
     assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
 
 
-def test_dimension_scaled_layers_term_moves_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
-    """hidden_match_scale dims: the same samples and KL as the plain layers' term, another distance and gradient;
-    one row per micro-batch gives what four do (the scales are per row)."""
-    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_model_dir, "hidden_match_scale", "dims", "none",
-                                                      hidden_match_weight=30.0)
-    plain, split, whole = plain_log[0], split_log[0], whole_log[0]
-    assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
-    assert whole.hidden_distance > 0 and whole.hidden_distance != pytest.approx(plain.hidden_distance, rel=1e-3)
-    assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
-    assert split.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-4)
-    assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
-    assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
-
-
-def test_layer_increments_target_moves_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
-    """hidden_match_target increments: the same samples and KL as the layers' states, another distance and gradient;
-    one row per micro-batch gives what eight do, the user turn's tokens included."""
-    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_model_dir, "hidden_match_target", "increments",
-                                                      "states", hidden_match_weight=30.0, hidden_match_query=True)
+@pytest.mark.parametrize("field, on, off, fixed", [
+    # dims: the scales are per row, so one row per micro-batch gives what eight do
+    ("hidden_match_scale", "dims", "none", {}),
+    # increments: what each layer adds, at the answer's and the user turn's tokens
+    ("hidden_match_target", "increments", "states", {"hidden_match_query": True}),
+])
+def test_another_form_of_the_layers_term_moves_the_gradient_and_micro_batching_keeps_it(tmp_path, tiny_model_dir, field,
+                                                                                       on, off, fixed):
+    """hidden_match_scale dims and hidden_match_target increments: the same samples and KL as the plain layers' term,
+    another distance and gradient; one row per micro-batch gives what eight do."""
+    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_model_dir, field, on, off,
+                                                      hidden_match_weight=30.0, **fixed)
     plain, split, whole = plain_log[0], split_log[0], whole_log[0]
     assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
     assert whole.hidden_distance > 0 and whole.hidden_distance != pytest.approx(plain.hidden_distance, rel=1e-3)
