@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,14 +31,20 @@ def mean_adapter(adapters: list[Path], out: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from promptbake.atomic import atomic_folder
+
     configs = [json.loads((a / "adapter_config.json").read_text()) for a in adapters]
     first = configs[0]
+
+    def shape(c: dict) -> dict:  # what must agree for the stacked matrices to be the mean
+        return {"r": c["r"], "lora_alpha": c["lora_alpha"], "target_modules": sorted(c["target_modules"])}
+
     for a, c in zip(adapters, configs):
-        for key in ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora"):
-            if c.get(key) != first.get(key) and not (key == "target_modules" and set(c[key]) == set(first[key])):
-                raise SystemExit(f"{a}/adapter_config.json: {key} {c.get(key)!r} differs from {adapters[0]}'s {first.get(key)!r}")
         if c.get("use_rslora") or c.get("use_dora") or c.get("rank_pattern") or c.get("alpha_pattern"):
             raise SystemExit(f"{a}/adapter_config.json: only plain LoRA (no rslora, DoRA or per-module ranks) averages this way")
+        for key, value in shape(c).items():
+            if value != shape(first)[key]:
+                raise SystemExit(f"{a}/adapter_config.json: {key} {value!r} differs from {adapters[0]}'s {shape(first)[key]!r}")
     tensors = [load_file(str(a / "adapter_model.safetensors")) for a in adapters]
     names = set(tensors[0])
     for a, t in zip(adapters, tensors):
@@ -54,11 +59,10 @@ def mean_adapter(adapters: list[Path], out: Path) -> Path:
             merged[name] = (torch.cat([t[name] for t in tensors], dim=1) / n).contiguous()
         else:
             raise SystemExit(f"{adapters[0]}: tensor {name} is neither a LoRA A nor a LoRA B matrix")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    save_file(merged, str(out / "adapter_model.safetensors"))
     config = {**first, "r": first["r"] * n, "lora_alpha": first["lora_alpha"] * n}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_folder(out) as tmp:
+        save_file(merged, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -88,8 +92,7 @@ def main(argv=None) -> None:
     write_json(run_path(args.out, args.prompt, args.name), result)
     print("| adapter | reverse KL gap closed | by position 0–47 / 48–127 / 128+ | forward gap closed | check ratio |")
     print("|---|---|---|---|---|")
-    for name in [*runs, args.name]:
-        r = json.loads(run_path(args.out, args.prompt, name).read_text())
+    for name, r in [*((run, json.loads(run_path(args.out, args.prompt, run).read_text())) for run in runs), (args.name, result)]:
         buckets = " / ".join(f"{v:.2f}" for v in r["bucket_gaps"].values())
         print(f"| {name} | {r['reverse_gap']:.3f} | {buckets} | {r['forward_gap']:.3f} | {r['check_ratio'] or 0:.2f} |")
 

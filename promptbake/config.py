@@ -290,12 +290,10 @@ class BakeConfig(BaseModel):
                              f"with kl {self.kl}" + (" and teacher_url" if self.teacher_url else ""))
         if self.hidden_match_query and not self.hidden_match_weight:
             raise ValueError("hidden_match_query adds positions to the layers' term: it needs hidden_match_weight > 0")
-        if self.hidden_match_scale != "none" and not self.hidden_match_weight:
-            raise ValueError(f"hidden_match_scale {self.hidden_match_scale} shapes the layers' term: it needs "
-                             "hidden_match_weight > 0")
-        if self.hidden_match_target != "states" and not self.hidden_match_weight:
-            raise ValueError(f"hidden_match_target {self.hidden_match_target} shapes the layers' term: it needs "
-                             "hidden_match_weight > 0")
+        for field in ("hidden_match_scale", "hidden_match_target"):  # the term's form, away from its default
+            value = getattr(self, field)
+            if value != type(self).model_fields[field].default and not self.hidden_match_weight:
+                raise ValueError(f"{field} {value} shapes the layers' term: it needs hidden_match_weight > 0")
         if self.optimizer == "muon" and self.loraplus_lr_ratio is not None:
             raise ValueError("loraplus_lr_ratio sets AdamW's learning rates per matrix; it needs optimizer adamw, not muon")
         if self.lora_init == "steer":

@@ -25,7 +25,7 @@ def test_the_mean_adapter_changes_every_weight_by_the_mean_of_the_bakes_changes(
         torch.manual_seed(seed)
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
         model = get_peft_model(load_model(tiny_model_dir), lora)
-        with torch.no_grad():  # B starts at zero only without init_lora_weights=False; make every bake's change differ
+        with torch.no_grad():  # B drawn small, so each bake's change is a small and different one, as after training
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.05)
