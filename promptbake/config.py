@@ -171,7 +171,7 @@ class BakeConfig(BaseModel):
         description="adamw, or muon: torch's Muon, which orthogonalises each LoRA matrix's momentum (Newton-Schulz) "
                     "so that every direction of the update moves at one rate; its step is scaled to AdamW's typical "
                     "update size (Moonshot's rule), so `lr` means about what it means for AdamW. Each matrix must be "
-                    "whole on each process: not under FSDP. At lr 1e-3 it closed 0.098 less of pirate's held-out "
+                    "whole on each process, so it is refused under FSDP. At lr 1e-3 it closed 0.098 less of pirate's held-out "
                     "reverse-KL gap than AdamW at 40 steps (docs/quality.md, section 21).",
     )
     weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay (AdamW or Muon).")

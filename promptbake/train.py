@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from promptbake.chat import ChatRenderer
 from promptbake.averaging import WeightAverage
@@ -207,6 +207,14 @@ def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+def refuse_sharded_muon(config: BakeConfig, distributed_type: DistributedType) -> None:
+    """Muon orthogonalises each LoRA matrix whole; under FSDP a process holds a flat shard of it, so the step it
+    took would be another one, silently. Refused before anything is prepared."""
+    if config.optimizer == "muon" and distributed_type == DistributedType.FSDP:
+        raise PromptbakeError("train.optimizer: muon needs each LoRA matrix whole on every process and FSDP shards "
+                              "them; use adamw under FSDP (or DDP with muon)")
+
+
 def train_student(
     student,
     teacher: PromptedTeacher,
@@ -233,6 +241,7 @@ def train_student(
     if config.batch_size // world * config.rollouts < config.updates_per_batch:
         raise PromptbakeError(f"train.updates_per_batch={config.updates_per_batch} needs at least that many rollouts per "
                               f"process; each of the {world} processes has {config.batch_size // world * config.rollouts}")
+    refuse_sharded_muon(config, accelerator.distributed_type)
     params = [p for p in student.parameters() if p.requires_grad]
     if config.loraplus_lr_ratio is not None:
         from peft.optimizers import create_loraplus_optimizer

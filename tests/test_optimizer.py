@@ -66,3 +66,19 @@ def test_muon_refuses_loraplus_and_adamw_stays_out_of_the_build_key():
         BakeConfig(optimizer="muon", loraplus_lr_ratio=4)
     assert "optimizer" not in key_config(BakeConfig(), NOT_IN_KEY)  # bakes made before the setting keep their key
     assert key_config(BakeConfig(optimizer="muon"), NOT_IN_KEY)["optimizer"] == "muon"
+
+
+@pytest.mark.parametrize("optimizer,kind,refused", [("muon", "FSDP", True), ("muon", "MULTI_CPU", False),
+                                                    ("muon", "NO", False), ("adamw", "FSDP", False)])
+def test_muon_is_refused_where_fsdp_shards_its_matrices(optimizer, kind, refused):
+    from accelerate.utils import DistributedType
+
+    from promptbake.errors import PromptbakeError
+    from promptbake.train import refuse_sharded_muon
+
+    config = BakeConfig(optimizer=optimizer)
+    if refused:
+        with pytest.raises(PromptbakeError, match="train.optimizer: muon needs each LoRA matrix whole"):
+            refuse_sharded_muon(config, DistributedType[kind])
+    else:
+        refuse_sharded_muon(config, DistributedType[kind])
