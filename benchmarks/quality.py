@@ -496,7 +496,10 @@ def summarise(out: Path) -> str:
 def measured_of(out: Path, prompt: str, name: str) -> dict:
     """A saved run's per-query measurement; `NAME:last-step` is an averaged run's own last-step weights (`last_step`)."""
     base, _, part = name.partition(":")
-    run = json.loads(run_path(out, prompt, base).read_text())
+    path = run_path(out, prompt, base)
+    if not path.is_file():
+        sys.exit(f"{path}: no saved run of that name (the runs of {prompt} are the .json files in {path.parent})")
+    run = json.loads(path.read_text())
     if part == "last-step":
         if not run.get("last_step"):
             sys.exit(f"{base}: no last-step measurement (only runs with ema_decay have one)")

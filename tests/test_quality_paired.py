@@ -1,0 +1,62 @@
+"""benchmarks/quality.py --paired: one run's KL gap closed minus the mean of others', paired by held-out query."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from benchmarks.quality import paired_difference, reference_path, run_path
+
+
+def _measurement(rng: random.Random, queries: int, scale: float) -> dict:
+    per_query = [rng.uniform(0.01, 0.2) * scale for _ in range(queries)]
+    tokens = [rng.randint(5, 256) for _ in range(queries)]
+    return {"mean": sum(per_query) / queries, "per_query": per_query, "tokens": tokens}
+
+
+def _gap(run: dict, base: dict) -> float:
+    """1 - KL(run) / KL(base), each a token-weighted mean over queries, written out longhand."""
+    run_kl = sum(k * n for k, n in zip(run["per_query"], run["tokens"])) / sum(run["tokens"])
+    base_kl = sum(k * n for k, n in zip(base["per_query"], base["tokens"])) / sum(base["tokens"])
+    return 1 - run_kl / base_kl
+
+
+def _save(path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def test_the_paired_difference_is_the_first_runs_gap_less_the_others_mean_with_an_interval_around_it(tmp_path):
+    rng = random.Random(0)
+    reference = {kind: _measurement(rng, 30, 1.0) for kind in ("reverse", "forward")}
+    _save(reference_path(tmp_path, "demo", 256), reference)
+    runs = {name: {kind: _measurement(rng, 30, scale) for kind in ("reverse", "forward")}
+            for name, scale in (("first", 0.2), ("a", 0.3), ("b", 0.4))}
+    for name, measured in runs.items():
+        _save(run_path(tmp_path, "demo", name), {"measured": measured})
+
+    result = paired_difference(tmp_path, "demo", "first", ["a", "b"])
+
+    for kind in ("reverse", "forward"):
+        want = _gap(runs["first"][kind], reference[kind]) - (
+            _gap(runs["a"][kind], reference[kind]) + _gap(runs["b"][kind], reference[kind])) / 2
+        got = result[kind]
+        assert got["value"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+        lo, hi = got["ci95"]
+        assert lo < got["value"] < hi and got["n"] == 30
+
+
+def test_a_run_paired_with_itself_differs_by_nothing_and_a_missing_run_is_one_line(tmp_path):
+    rng = random.Random(1)
+    reference = {kind: _measurement(rng, 12, 1.0) for kind in ("reverse", "forward")}
+    _save(reference_path(tmp_path, "demo", 256), reference)
+    same = {kind: _measurement(rng, 12, 0.3) for kind in ("reverse", "forward")}
+    _save(run_path(tmp_path, "demo", "x"), {"measured": same})
+
+    result = paired_difference(tmp_path, "demo", "x", ["x"])
+    assert result["reverse"]["value"] == 0 and result["reverse"]["ci95"] == [0, 0]
+
+    with pytest.raises(SystemExit, match=r"nope\.json: no saved run of that name"):
+        paired_difference(tmp_path, "demo", "x", ["nope"])
