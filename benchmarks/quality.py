@@ -94,11 +94,15 @@ VARIANTS: dict[str, dict] = {
     "hidinc": {"hidden_match_target": "increments"},
     "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
     "steps80": {"steps": 80},  # with --token-budget 0: the faithful default's steps (was twice them when first run)
+    "steps120": {"steps": 120},  # with tss40: the default's 80 student-sampled steps after 40 on the teacher's answers
     "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?
     "steps240": {"steps": 240},  # continues from steps160's kept checkpoint (80 more steps)
     "steps320": {"steps": 320},
     "steps480": {"steps": 480},  # each continues from the longest kept run of the same settings
     "steps640": {"steps": 640},
+    # The first 40 steps on the prompted teacher's cached answers, no sampling (teacher_sample_steps): a cheap warm start.
+    "tss40": {"teacher_sample_steps": 40},
+    "tss20": {"teacher_sample_steps": 20},
     # The adapter as a moving average of the weights over the last ~10 or ~20 steps; training is unchanged, so the
     # run also measures its own last step's weights (kept in its checkpoint): a paired comparison from one run.
     "ema0.9": {"ema_decay": 0.9},
@@ -493,13 +497,18 @@ def summarise(out: Path) -> str:
     return md
 
 
+def load_run(out: Path, prompt: str, name: str) -> dict:
+    """A saved run's result; a missing one stops the script with a line naming where the runs are."""
+    path = run_path(out, prompt, name)
+    if not path.is_file():
+        sys.exit(f"{path}: no saved run of that name (the runs of {prompt} are the .json files in {path.parent})")
+    return json.loads(path.read_text())
+
+
 def measured_of(out: Path, prompt: str, name: str) -> dict:
     """A saved run's per-query measurement; `NAME:last-step` is an averaged run's own last-step weights (`last_step`)."""
     base, _, part = name.partition(":")
-    path = run_path(out, prompt, base)
-    if not path.is_file():
-        sys.exit(f"{path}: no saved run of that name (the runs of {prompt} are the .json files in {path.parent})")
-    run = json.loads(path.read_text())
+    run = load_run(out, prompt, base)
     if part == "last-step":
         if not run.get("last_step"):
             sys.exit(f"{base}: no last-step measurement (only runs with ema_decay have one)")

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from quality import Measurer, gaps, reference_path, run_path, write_json  # noqa: E402
+from quality import Measurer, gaps, load_run, reference_path, run_path, write_json  # noqa: E402
 
 
 def mean_adapter(adapters: list[Path], out: Path) -> Path:
@@ -83,6 +83,7 @@ def main(argv=None) -> None:
     for adapter in adapters:
         if not (adapter / "adapter_model.safetensors").is_file():
             raise SystemExit(f"{adapter}: no adapter there (the quality study keeps them under build/quality/)")
+    saved = {run: load_run(args.out, args.prompt, run) for run in runs}  # before the work: a missing one stops it here
     reference = json.loads(reference_path(args.out, args.prompt, args.measure_cap).read_text())
     merged = mean_adapter(adapters, args.build / args.prompt / args.name)
     measured = Measurer(REPO / "prompts" / f"{args.prompt}.md", args.measure_cap).measure(merged)
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
     write_json(run_path(args.out, args.prompt, args.name), result)
     print("| adapter | reverse KL gap closed | by position 0–47 / 48–127 / 128+ | forward gap closed | check ratio |")
     print("|---|---|---|---|---|")
-    for name, r in [*((run, json.loads(run_path(args.out, args.prompt, run).read_text())) for run in runs), (args.name, result)]:
+    for name, r in [*saved.items(), (args.name, result)]:
         buckets = " / ".join(f"{v:.2f}" for v in r["bucket_gaps"].values())
         print(f"| {name} | {r['reverse_gap']:.3f} | {buckets} | {r['forward_gap']:.3f} | {r['check_ratio'] or 0:.2f} |")
 

@@ -322,14 +322,15 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
     run.resumed_from_step = resume.step if resume else None
     eval_cap = config.eval_max_new_tokens or run.cap
     run_config = config.model_copy(update={"max_new_tokens": run.cap, "eval_max_new_tokens": eval_cap})
+    first = resume.step + 1 if resume else 1
     fixed = None
-    if config.method != "opcd":
-        run.emit(StageStarted("teacher_samples", f"sampling the prompted teacher's responses for {config.method}"))
+    if config.method != "opcd" or config.teacher_sample_steps >= first:
+        why = config.method if config.method != "opcd" else f"the first {config.teacher_sample_steps} steps"
+        run.emit(StageStarted("teacher_samples", f"sampling the prompted teacher's responses for {why}"))
         fixed = teacher_responses(plan, run_config, run.teacher, run.engine, rt.tokenizer, run.train_queries, rt.bf16)
     if config.lora_init == "steer" and resume is None:  # a resumed or continued compile has its adapter already
         steer_adapter(run)
     budget = f" or {config.token_budget:,} response tokens, whichever comes first" if config.token_budget else ""
-    first = resume.step + 1 if resume else 1
     compiled = ""
     if use_torch_compile(config, rt.bf16, rt.device):
         parts = ["decoder layers"]
@@ -338,8 +339,9 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
         if loss_compiles(config.method, config.kl):
             parts.append("loss")
         compiled = ", " + (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") + parts[-1] + " compiled"
+    warm = f", the first {config.teacher_sample_steps} on the teacher's answers" if config.teacher_sample_steps else ""
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
-                             f"training {config.steps} steps{budget} ({config.method}, {config.teacher_mode} teacher{compiled})"))
+                             f"training {config.steps} steps{budget} ({config.method}{warm}, {config.teacher_mode} teacher{compiled})"))
     stop_requested, uninstall = _install_stop_handlers()
     run.teacher.live = config.teacher_mode == "live"
     run.teacher.refresh()

@@ -132,6 +132,12 @@ class BakeConfig(BaseModel):
                               "than 40 of 32 or 160 of 8 (docs/quality.md, section 10)."
     )
     rollouts: int = Field(1, gt=0, description="Student samples per query.")
+    teacher_sample_steps: int = Field(
+        0, ge=0,
+        description="opcd only: the first N of `steps` train on the prompted teacher's own answers (sampled once before "
+                    "training and cached) instead of the student's, with the same loss. Those steps sample nothing, so "
+                    "they cost about the teacher's and student's passes alone: a cheap warm start before the student "
+                    "samples its own answers.")
     updates_per_batch: int = Field(
         1, gt=0,
         description="Optimizer updates per round of sampling: the batch's rollouts are split into this many parts, each "
@@ -278,6 +284,14 @@ class BakeConfig(BaseModel):
         elif self.forward_kl_weight and not applies:
             raise ValueError(f"forward_kl_weight mixes forward KL into opcd's full-vocabulary loss; it needs method opcd "
                              f"with kl full, not method {self.method} with kl {self.kl}")
+        if self.teacher_sample_steps:
+            if self.method != "opcd" or self.teacher_mode != "frozen" or self.teacher_url:
+                raise ValueError("teacher_sample_steps warms opcd up on a frozen local teacher's answers: it needs method "
+                                 f"opcd, teacher_mode frozen and no teacher_url, not method {self.method}, teacher_mode "
+                                 f"{self.teacher_mode}" + (" and teacher_url" if self.teacher_url else ""))
+            if self.teacher_sample_steps >= self.steps:
+                raise ValueError(f"teacher_sample_steps={self.teacher_sample_steps} leaves no step of the {self.steps} "
+                                 "for the student's own samples; make it less than steps")
         if self.future_kl_weight and self.method != "opcd":
             raise ValueError(f"future_kl_weight trains on the student's own samples; it needs method opcd, not {self.method}")
         if "hidden_match_weight" not in self.model_fields_set or self.hidden_match_weight is None:

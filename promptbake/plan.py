@@ -29,7 +29,8 @@ NOT_IN_KEY = {"checkpoint_every", "threads", "release_memory", "torch_compile", 
 HOW_FAR = {"steps"}
 # Settings added after bakes were made, at the value that reproduces those bakes: left out of the key there, so
 # adding a knob does not make every earlier bake look out of date.
-NEUTRAL_WHEN = {"hidden_match_scale": "none", "hidden_match_target": "states", "lora_init": "zero", "optimizer": "adamw"}
+NEUTRAL_WHEN = {"hidden_match_scale": "none", "hidden_match_target": "states", "lora_init": "zero", "optimizer": "adamw",
+                "teacher_sample_steps": 0}
 
 
 def key_config(config: BakeConfig, exclude: set[str]) -> dict:

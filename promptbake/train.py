@@ -81,6 +81,7 @@ class StepLog:
     skipped: bool = False  # the gradient was not finite: (one of) this step's update(s) was not applied
     updates: int = 1  # optimizer updates made from this step's rollouts (updates_per_batch)
     hidden_distance: float | None = None  # hidden_match_weight: the layers' mean cosine distance to the teacher's
+    on_teacher_samples: bool = False  # trained on the teacher's answers (offpolicy, sft, opcd's teacher_sample_steps)
 
     def to_json(self) -> str:
         # a non-finite number (the gradient norm of a skipped step) is written as null: the log stays strict JSON
@@ -99,6 +100,7 @@ class TrainResult:
             return {}
         kls = [s.kl for s in self.log]
         n = max(1, len(kls) // 5)
+        own = [s for s in self.log if not s.on_teacher_samples] or self.log
         return {
             "steps": len(self.log),
             "kl_first": kls[0],
@@ -108,8 +110,9 @@ class TrainResult:
             "seconds": self.seconds,
             "median_step_seconds": sorted(s.seconds for s in self.log)[len(self.log) // 2],
             "response_tokens": sum(s.response_tokens for s in self.log),
-            "rollouts": sum(s.rows for s in self.log),
-            "rollouts_capped": sum(s.capped_rows for s in self.log),
+            # The student's rollouts (the teacher's answers where it sampled none: offpolicy, sft).
+            "rollouts": sum(s.rows for s in own),
+            "rollouts_capped": sum(s.capped_rows for s in own),
             "skipped_steps": [s.step for s in self.log if s.skipped],
             "tokens_per_s": sum(s.response_tokens for s in self.log) / max(self.seconds, 1e-9),
             "processes": self.processes,
@@ -231,7 +234,8 @@ def train_student(
     fixed_responses: dict[int, list[list[int]]] | None = None,
 ) -> TrainResult:
     """Run `config.steps` steps of `config.method` on `student` (a PEFT model) in place, resuming from a checkpoint
-    if given. OPCD samples the student each step; offpolicy and sft train on `fixed_responses` (the teacher's)."""
+    if given. OPCD samples the student each step (after its first `teacher_sample_steps`); offpolicy, sft and those
+    first steps train on `fixed_responses` (the teacher's)."""
     objective = token_loss(config.method, config.kl, config.forward_kl_weight)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -316,14 +320,16 @@ def train_student(
             drawn = rng.sample(train_queries, config.batch_size)[rank::world]
             batch = [q for q in drawn for _ in range(config.rollouts)]
             prompts = [student_prompts[q.id] for q in batch]
-            if config.method == "opcd":
+            # offpolicy / sft, and opcd's first teacher_sample_steps: the teacher's answers, sampled once before training.
+            on_teacher_samples = config.method != "opcd" or step <= config.teacher_sample_steps
+            if not on_teacher_samples:
                 # The student's compiled layers serve its training pass only; the sampler's own compiled step may run.
                 with eager_only(compiling and not decode_compiled):
                     rollout = engine.sample(
                         prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_ids=eos_ids,
                         pad_id=pad_id,
                     )
-            else:  # offpolicy / sft: the teacher's responses, sampled once before training
+            else:
                 rollout = rollout_from_lists([fixed_responses[q.id][i % config.rollouts] for i, q in enumerate(batch)], pad_id)
             if config.release_memory:
                 release_free_memory()  # the sampler's KV cache and logits are freed; keep the heap from growing
@@ -377,7 +383,7 @@ def train_student(
                         # Sum over this micro-batch / tokens of the whole part: the gradients add up to the part's mean.
                         micro_loss = (loss_BT * mask_BT).sum() / total_tokens
                         objective_loss = micro_loss
-                        if config.future_kl_weight:
+                        if config.future_kl_weight and not on_teacher_samples:  # a term of the student's sampling
                             surrogate_BT = future_divergence_surrogate(student_logits_BTV, ids_BT, loss_BT, mask_BT,
                                                                        future_baseline, config.temperature)
                             objective_loss = micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens
@@ -455,6 +461,7 @@ def train_student(
                 updates=len(norms),
                 hidden_distance=float(accelerator.reduce(torch.tensor(hidden_sum, device=accelerator.device), "sum"))
                 if match_hidden else None,
+                on_teacher_samples=on_teacher_samples,
             )
             if not math.isfinite(entry.kl):
                 raise FloatingPointError(f"{objective.name} became {entry.kl} at step {step}; lower the learning rate")

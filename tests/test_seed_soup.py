@@ -51,3 +51,19 @@ def test_bakes_of_other_ranks_are_refused(tmp_path, tiny_model_dir):
             str(tmp_path / name))
     with pytest.raises(SystemExit, match="r 8 differs"):
         mean_adapter([tmp_path / "a", tmp_path / "b"], tmp_path / "mean")
+
+
+def test_a_bake_without_a_saved_run_stops_before_the_mean_is_written(tmp_path, tiny_model_dir):
+    """The table compares each bake's saved measurement with the mean's: a missing one is named in one line up front,
+    not a traceback after the mean has been built and measured."""
+    from benchmarks.seed_soup import main
+
+    build, out = tmp_path / "build", tmp_path / "results"
+    for name in ("a", "b"):
+        get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(
+            str(build / "pirate" / name))
+    (out / "runs" / "pirate").mkdir(parents=True)
+    (out / "runs" / "pirate" / "a.json").write_text(json.dumps({"reverse_gap": 0.5}))
+    with pytest.raises(SystemExit, match=r"b\.json: no saved run of that name"):
+        main(["--prompt", "pirate", "--runs", "a,b", "--name", "mean", "--out", str(out), "--build", str(build)])
+    assert not (build / "pirate" / "mean").exists()

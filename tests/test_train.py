@@ -51,6 +51,34 @@ def test_methods_and_teacher_modes_train(tmp_path, tiny_model_dir, method, mode,
         assert again.train.log[0].kl == pytest.approx(result.train.log[0].kl)
 
 
+def test_teacher_sample_steps_train_opcd_on_the_teachers_answers_first(tmp_path, tiny_model_dir, monkeypatch):
+    """The first teacher_sample_steps train on the teacher's cached answers with opcd's own loss, then the student
+    samples. A batch of every query makes a step's tokens those of all the teacher's answers, whatever the order."""
+    from promptbake.config import BakeConfig
+
+    monkeypatch.setenv("PROMPTBAKE_HOME", str(tmp_path / "home"))
+    prompt = write_prompt(tmp_path / "p", queries=8)
+    overrides = dict(steps=3, teacher_sample_steps=2, batch_size=8, heldout=0, max_new_tokens=8, precision="fp32")
+    result = compile_prompt(prompt, out=tmp_path / "out", model=str(tiny_model_dir), overrides=overrides)
+    (cached,) = (tmp_path / "home" / "teacher_samples").glob("*.json")
+    answers = json.loads(cached.read_text())  # query id -> the teacher's answers (token ids)
+    teacher_tokens = sum(len(r) for rs in answers.values() for r in rs)
+    log = result.train.log
+    assert [e.on_teacher_samples for e in log] == [True, True, False]
+    assert log[0].response_tokens == log[1].response_tokens == teacher_tokens
+    assert {e.loss for e in log} == {"mixed_kl_full_w0.5"}  # opcd's loss throughout, only the samples change
+    summary = result.train.summary()
+    assert summary["rollouts"] == 8  # the student's rollouts alone: the cap-hit fraction is about its answers
+    plain = compile_prompt(prompt, out=tmp_path / "plain", model=str(tiny_model_dir),
+                           overrides={**overrides, "teacher_sample_steps": 0})
+    assert not any(e.on_teacher_samples for e in plain.train.log)
+    assert plain.train.log[0].kl != pytest.approx(log[0].kl)
+    for bad, message in [(dict(method="sft"), "needs method opcd"), (dict(teacher_mode="live"), "teacher_mode frozen"),
+                         (dict(steps=2), "leaves no step of the 2")]:
+        with pytest.raises(ValueError, match=message):
+            BakeConfig(teacher_sample_steps=2, **bad)
+
+
 def test_cross_size_teacher_sharing_the_tokenizer(tmp_path, tiny_model_dir):
     """A deeper model built from the same config and tokenizer teaches the tiny student."""
     import shutil
