@@ -40,6 +40,9 @@ def steps(data: Path, label: str | None = None) -> list[tuple[str, list[str], Pa
     med, safe = BUILD / "medical", BUILD / "safety"
     res_med, res_safe = results_dir("medical", label), results_dir("safety", label)
     train_q = BUILD / "medmcqa_train.jsonl"
+    # Retention: both adapters, out of their domain, against the base (decoded once) and each prompted baseline;
+    # with a label, each bake on its own into its folder.
+    retention_runs = [([med], res_med), ([safe], res_safe)] if label else [([med, safe], RESULTS / "retention")]
     pb = ["promptbake"]
     return [
         # Medical: bake on questions from MedMCQA's train-half subjects, evaluate on the other half's subjects.
@@ -60,16 +63,9 @@ def steps(data: Path, label: str | None = None) -> list[tuple[str, list[str], Pa
                            "--json", str(res_safe / f"eval-{suite}.json")], res_safe / f"eval-{suite}.json")
           for suite, limit in (("xstest", []), ("harmbench", []), ("advbench", []),
                                ("hatecheck", ["--limit", "1000"]), ("ethos", []))],
-        # Retention: both adapters, out of their domain, against the base (decoded once) and each prompted baseline;
-        # with a label, each bake on its own into its folder.
-        *[("retention", pb + ["eval", str(bake), "--suite", suite, "--data", d, "--batch-size", "32", *limit,
+        *[("retention", pb + ["eval", *map(str, bakes), "--suite", suite, "--data", d, "--batch-size", "32", *limit,
                               "--json", str(res / f"eval-{suite}.json")], res / f"eval-{suite}.json")
-          for bake, res in ((med, res_med), (safe, res_safe)) if label
-          for suite, limit in (("mmlu", []), ("gsm8k", ["--limit", "200"]))],
-        *[("retention", pb + ["eval", str(med), str(safe), "--suite", suite, "--data", d, "--batch-size", "32", *limit,
-                              "--json", str(RESULTS / "retention" / f"eval-{suite}.json")],
-           RESULTS / "retention" / f"eval-{suite}.json")
-          for suite, limit in (("mmlu", []), ("gsm8k", ["--limit", "200"])) if not label],
+          for bakes, res in retention_runs for suite, limit in (("mmlu", []), ("gsm8k", ["--limit", "200"]))],
     ]
 
 
