@@ -94,7 +94,7 @@ VARIANTS: dict[str, dict] = {
     "hidinc": {"hidden_match_target": "increments"},
     "steps40": {"steps": 40},  # the faithful preset's steps until the 80-step points made 80 the default
     "steps80": {"steps": 80},  # with --token-budget 0: the faithful default's steps (was twice them when first run)
-    "steps100": {"steps": 100},  # with tss40: about the default's compile time (40 warm steps cost ~0.4-0.5 of a sampled one)
+    "steps100": {"steps": 100},  # with tss40: about the default's compile time (a warm step takes ~0.6 of a sampled one)
     "steps120": {"steps": 120},  # with tss40: the default's 80 student-sampled steps after 40 on the teacher's answers
     "steps160": {"steps": 160},  # the next point on the steps curve: does the gap still rise past 80 steps?
     "steps240": {"steps": 240},  # continues from steps160's kept checkpoint (80 more steps)
