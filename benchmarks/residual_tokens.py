@@ -1,0 +1,152 @@
+"""Which tokens hold the gap a bake leaves: the forward KL of base and bake on the same teacher answers, by token class.
+
+The quality study's gaps compare each model on its own samples, so they cannot say which tokens the rest of the
+gap sits on. Here the prompted teacher answers each held-out query once (temperature 1, the study's seed, so these
+are the study's forward-KL samples), and the base and the bake both read those same tokens. Per token the script
+keeps KL(teacher || base) and KL(teacher || bake); summed over a class of tokens they give the class's share of the
+base gap, its share of what is left, and the gap it closes (1 - bake / base).
+
+Classes, first match wins, from the teacher's own answer:
+    first      the answer's first token
+    answer     inside an `<answer>...</answer>` tag (the option letter and the tag's own tokens)
+    copied     continues a token pair that occurs in the system prompt but not in the query (copying the prompt)
+    other      everything else
+
+    python benchmarks/residual_tokens.py --prompt medical --runs preset-faithful+fwd0.5+steps80+hid30-s3-b0k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
+
+from quality import BUCKETS, MEASURE_SEED, Measurer, reference_path, run_path, write_json  # noqa: E402
+
+CLASSES = ("first", "answer", "copied", "other")
+ANSWER_TAG = re.compile(r"<answer>.*?(</answer>|$)", re.S)  # an unclosed tag runs to the end
+
+
+def token_classes(response_ids: list[int], query_ids: list[int], prompt_pairs: set[tuple[int, int]], tokenizer) -> list[str]:
+    """The class of each token of one answer (see the module docstring)."""
+    query_pairs = set(zip(query_ids, query_ids[1:]))
+    ends = [len(tokenizer.decode(response_ids[:t + 1])) for t in range(len(response_ids))]
+    text = tokenizer.decode(response_ids)
+    tags = [(m.start(), m.end()) for m in ANSWER_TAG.finditer(text)]
+    classes = []
+    for t, token in enumerate(response_ids):
+        start, end = (ends[t - 1] if t else 0), ends[t]
+        if t == 0:
+            classes.append("first")
+        elif any(start < b and end > a for a, b in tags):
+            classes.append("answer")
+        elif (response_ids[t - 1], token) in prompt_pairs - query_pairs:
+            classes.append("copied")
+        else:
+            classes.append("other")
+    return classes
+
+
+def measure(measurer: Measurer, adapter_dir: Path) -> dict:
+    """Per-token forward KL of base and bake on the teacher's answers, summed by class and by position bucket."""
+    import torch
+
+    from promptbake.losses import reverse_kl
+    from promptbake.measure import MEASURE_BATCH, _chunks
+    from promptbake.rollout import adapter_enabled, adapter_set, autocast, eos_token_ids, response_logits
+
+    model, engine, teacher, renderer, bf16 = measurer._setup(adapter_dir)
+    tokenizer = measurer.tokenizer
+    device = next(model.parameters()).device
+    eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
+    system_ids = tokenizer(renderer.system_prompt, add_special_tokens=False)["input_ids"]
+    prompt_pairs = set(zip(system_ids, system_ids[1:]))
+    sums = {group: {"tokens": 0, "base": 0.0, "baked": 0.0} for group in
+            (*CLASSES, *(f"{a}-{min(b, measurer.cap)}" for a, b in BUCKETS))}
+    per_query = {"base": [], "baked": [], "tokens": []}
+    with adapter_set(engine, False), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(MEASURE_SEED)
+        for chunk in _chunks(measurer.queries, MEASURE_BATCH):
+            prompts = [renderer.student_ids(q.messages) for q in chunk]
+            rollout = engine.sample([teacher.prompt_ids(q) for q in chunk], max_new_tokens=measurer.cap,
+                                    temperature=1.0, eos_ids=eos_ids, pad_id=pad_id)
+            for rows in _chunks(list(range(len(chunk))), 4):
+                part = rollout.select(rows)
+                teacher_BTV = teacher.logits([chunk[r] for r in rows], part)
+                kl = {}
+                for name, on in (("base", False), ("baked", True)):
+                    with adapter_enabled(model, on), autocast(device, bf16):
+                        policy_BTV = response_logits(model, [prompts[r] for r in rows], part, pad_id)
+                    kl[name] = reverse_kl("full", teacher_BTV.to(policy_BTV.device), policy_BTV, part.response_ids_BT, 1.0).float()
+                    del policy_BTV
+                mask_BT = part.response_mask_BT.bool()
+                for i, r in enumerate(rows):
+                    n = int(mask_BT[i].sum())
+                    ids = part.response_ids_BT[i, :n].tolist()
+                    base, baked = kl["base"][i, :n].tolist(), kl["baked"][i, :n].tolist()
+                    per_query["base"].append(sum(base) / max(n, 1))
+                    per_query["baked"].append(sum(baked) / max(n, 1))
+                    per_query["tokens"].append(n)
+                    classes = token_classes(ids, prompts[r], prompt_pairs, tokenizer)
+                    for t, (cls, b, k) in enumerate(zip(classes, base, baked)):
+                        bucket = next(f"{a}-{min(e, measurer.cap)}" for a, e in BUCKETS if a <= t < e)
+                        for group in (cls, bucket):
+                            sums[group]["tokens"] += 1
+                            sums[group]["base"] += b
+                            sums[group]["baked"] += k
+                del teacher_BTV, kl
+    return {"groups": sums, "per_query": per_query}
+
+
+def table(result: dict) -> str:
+    groups = result["groups"]
+    total = {key: sum(groups[c][key] for c in CLASSES) for key in ("tokens", "base", "baked")}
+    lines = ["| tokens | share of tokens | share of the base gap | share of what is left | gap closed there |",
+             "|---|---|---|---|---|"]
+    for name, g in groups.items():
+        if not g["tokens"]:
+            continue
+        closed = 1 - g["baked"] / g["base"] if g["base"] else float("nan")
+        lines.append(f"| {name} | {g['tokens'] / total['tokens']:.3f} | {g['base'] / total['base']:.3f} | "
+                     f"{g['baked'] / total['baked']:.3f} | {closed:.3f} |")
+    lines.append(f"| all | 1.000 | 1.000 | 1.000 | {1 - total['baked'] / total['base']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--runs", required=True, help="comma list of adapter folders under build/quality/<prompt>/")
+    p.add_argument("--measure-cap", type=int, default=256)
+    p.add_argument("--out", type=Path, default=REPO / "results" / "quality")
+    p.add_argument("--build", type=Path, default=REPO / "build" / "quality")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    measurer = Measurer(REPO / "prompts" / f"{args.prompt}.md", args.measure_cap)
+    reference = json.loads(reference_path(args.out, args.prompt, args.measure_cap).read_text())
+    for run in args.runs.split(","):
+        adapter = args.build / args.prompt / run
+        if not (adapter / "adapter_model.safetensors").is_file():
+            sys.exit(f"{adapter}: no adapter there (the quality study keeps its bakes under {args.build})")
+        result = measure(measurer, adapter)
+        saved = json.loads(run_path(args.out, args.prompt, run).read_text())
+        tokens = result["per_query"]["tokens"]
+        for name, mean in (("base", reference["forward"]["mean"]), ("baked", saved["measured"]["forward"]["mean"])):
+            mine = sum(k * n for k, n in zip(result["per_query"][name], tokens)) / sum(tokens)
+            result[f"{name}_forward_mean"] = {"here": mine, "study": mean}
+        write_json(args.out / "residual" / f"{args.prompt}-{run}.json", result)
+        print(f"[{args.prompt}] {run}: forward KL base {result['base_forward_mean']['here']:.4f} "
+              f"(study {result['base_forward_mean']['study']:.4f}), bake {result['baked_forward_mean']['here']:.4f} "
+              f"(study {result['baked_forward_mean']['study']:.4f})")
+        print(table(result))
+
+
+if __name__ == "__main__":
+    main()
