@@ -118,6 +118,13 @@ class BakeConfig(BaseModel):
                     "40 steps (weight 30) it closed 0.744 of the held-out reverse-KL gap, within noise of states (0.724) "
                     "and of states with dims (0.757), so states stays the default (docs/quality.md, section 22).",
     )
+    prompt_lm_weight: float = Field(
+        0.0, ge=0,
+        description="Weight of a next-token loss on the system prompt's own text (0: off). The prompted teacher copies "
+                    "phrases of its prompt into its answers; the student never sees the prompt, so it can continue "
+                    "such a phrase only if its weights hold it. With this term the student reads the prompt as plain "
+                    "text at every update and predicts each next token (cross-entropy, mean over the prompt's tokens).",
+    )
     topk: int = Field(256, gt=0, description="k for kl=topk. Log-probs come from the full softmax, not renormalised.")
 
     # Sampling.

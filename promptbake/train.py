@@ -82,6 +82,7 @@ class StepLog:
     updates: int = 1  # optimizer updates made from this step's rollouts (updates_per_batch)
     hidden_distance: float | None = None  # hidden_match_weight: the layers' mean cosine distance to the teacher's
     on_teacher_samples: bool = False  # trained on the teacher's answers (offpolicy, sft, opcd's teacher_sample_steps)
+    prompt_ce: float | None = None  # prompt_lm_weight: the student's next-token cross-entropy on the prompt's text
 
     def to_json(self) -> str:
         # a non-finite number (the gradient norm of a skipped step) is written as null: the log stays strict JSON
@@ -196,6 +197,14 @@ def lr_factor(step_index: int, config: BakeConfig) -> float:
     return warm
 
 
+def prompt_text_loss(model, ids_1P: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """prompt_lm_weight's term: the student's mean next-token cross-entropy reading the system prompt as plain text."""
+    device = ids_1P.device
+    with autocast(device, bf16):
+        logits_1PV = model(input_ids=ids_1P).logits
+    return torch.nn.functional.cross_entropy(logits_1PV[0, :-1].float(), ids_1P[0, 1:])
+
+
 def update_parts(rows: int, updates: int) -> list[list[int]]:
     """The rows of one process's rollouts split into `updates` consecutive parts of near-equal size, one optimizer
     update each. The batch is drawn at random, so consecutive parts are random parts. Each process holds every
@@ -302,6 +311,10 @@ def train_student(
     eos_ids = eos_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id
     student_prompts = {q.id: renderer.student_ids(q.messages) for q in train_queries}
+    prompt_ids_1P = (torch.tensor([tokenizer(renderer.system_prompt, add_special_tokens=False)["input_ids"]],
+                                  device=accelerator.device) if config.prompt_lm_weight else None)
+    if prompt_ids_1P is not None and prompt_ids_1P.shape[1] < 2:
+        raise PromptbakeError("prompt_lm_weight trains on the system prompt's text, and this one has fewer than two tokens")
     result = TrainResult()
     log_file = open(log_path, "a") if log_path and accelerator.is_main_process else None
     started = time.perf_counter()
@@ -334,7 +347,7 @@ def train_student(
             if config.release_memory:
                 release_free_memory()  # the sampler's KV cache and logits are freed; keep the heap from growing
             t1 = time.perf_counter()
-            teacher_s, loss_sum, hidden_sum, norms, applied = 0.0, 0.0, 0.0, [], 0
+            teacher_s, loss_sum, hidden_sum, prompt_sum, norms, applied = 0.0, 0.0, 0.0, 0.0, [], 0
             # Each update's loss is a mean over its part's response tokens of all processes; DDP averages gradients
             # over processes, so each one scales its sum by `world` (1 in a single process).
             response_lens = rollout.response_mask_BT.sum(-1).tolist()
@@ -346,6 +359,12 @@ def train_student(
             for part_rows, part_tokens in zip(parts, part_tokens_K):
                 total_tokens = max(part_tokens, 1) / world
                 groups = micro_batches([len(prompts[r]) + response_lens[r] for r in part_rows], config.micro_batch_size)
+                if prompt_ids_1P is not None:  # once per update, its gradient added to the part's (synced with its last)
+                    with accelerator.no_sync(wrapped):
+                        prompt_loss = prompt_text_loss(wrapped, prompt_ids_1P, bf16)
+                        accelerator.backward(config.prompt_lm_weight * prompt_loss)
+                    prompt_sum += float(prompt_loss.detach()) / len(parts)
+                    del prompt_loss
                 for index, group in enumerate(groups):
                     rows = [part_rows[i] for i in group]
                     micro, micro_queries = rollout.select(rows), [batch[r] for r in rows]
@@ -462,6 +481,7 @@ def train_student(
                 hidden_distance=float(accelerator.reduce(torch.tensor(hidden_sum, device=accelerator.device), "sum"))
                 if match_hidden else None,
                 on_teacher_samples=on_teacher_samples,
+                prompt_ce=prompt_sum if prompt_ids_1P is not None else None,
             )
             if not math.isfinite(entry.kl):
                 raise FloatingPointError(f"{objective.name} became {entry.kl} at step {step}; lower the learning rate")

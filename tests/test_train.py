@@ -284,6 +284,26 @@ def test_hidden_match_term_changes_the_gradient_not_the_logged_loss_and_micro_ba
     assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)
 
 
+def test_prompt_lm_term_logs_the_students_cross_entropy_on_the_prompt_and_moves_the_gradient(tmp_path, tiny_model_dir):
+    """Step 1's logged cross-entropy is the untrained student's on the prompt's text (the LoRA starts as a no-op),
+    computed here token by token; the term moves the gradient, not the logged KL, and micro-batching keeps it."""
+    from promptbake.models import load_model, load_tokenizer
+
+    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_model_dir, "prompt_lm_weight", 1.0)
+    plain, split, whole = plain_log[0], split_log[0], whole_log[0]
+    assert plain.prompt_ce is None
+    assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
+    assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
+    assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3) and split.prompt_ce == pytest.approx(whole.prompt_ce)
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    ids = tokenizer("You are a pirate. Say ahoy.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    nats = [torch.logsumexp(logits[t], -1) - logits[t, ids[t + 1]] for t in range(len(ids) - 1)]
+    assert whole.prompt_ce == pytest.approx(float(sum(nats) / len(nats)), rel=1e-4)
+    assert whole_log[1].prompt_ce < whole.prompt_ce  # trained on it, the student predicts the prompt better
+
+
 @pytest.mark.parametrize("field, on, off, fixed", [
     # dims: the scales are per row, so one row per micro-batch gives what eight do
     ("hidden_match_scale", "dims", "none", {}),
