@@ -8,9 +8,13 @@ base gap, its share of what is left, and the gap it closes (1 - bake / base).
 
 Classes, first match wins, from the teacher's own answer:
     first      the answer's first token
+    end        the end-of-turn token (where the answer stops)
     answer     inside an `<answer>...</answer>` tag (the option letter and the tag's own tokens)
+    newline    a token that holds a line break (where a line or paragraph ends)
     copied     continues a token pair that occurs in the system prompt but not in the query (copying the prompt)
     other      everything else
+The JSON also keeps, per distinct token, its count and both sums; the table lists the tokens that hold the most of
+what is left.
 
     python benchmarks/residual_tokens.py --prompt medical --runs preset-faithful+fwd0.5+steps80+hid30-s3-b0k
 """
@@ -30,11 +34,12 @@ sys.path.insert(0, str(REPO))
 
 from quality import BUCKETS, MEASURE_SEED, Measurer, reference_path, run_path, write_json  # noqa: E402
 
-CLASSES = ("first", "answer", "copied", "other")
+CLASSES = ("first", "end", "answer", "newline", "copied", "other")
 ANSWER_TAG = re.compile(r"<answer>.*?(</answer>|$)", re.S)  # an unclosed tag runs to the end
 
 
-def token_classes(response_ids: list[int], query_ids: list[int], prompt_pairs: set[tuple[int, int]], tokenizer) -> list[str]:
+def token_classes(response_ids: list[int], query_ids: list[int], prompt_pairs: set[tuple[int, int]], tokenizer,
+                  end_ids: tuple[int, ...] = ()) -> list[str]:
     """The class of each token of one answer (see the module docstring)."""
     query_pairs = set(zip(query_ids, query_ids[1:]))
     ends = [len(tokenizer.decode(response_ids[:t + 1])) for t in range(len(response_ids))]
@@ -45,8 +50,12 @@ def token_classes(response_ids: list[int], query_ids: list[int], prompt_pairs: s
         start, end = (ends[t - 1] if t else 0), ends[t]
         if t == 0:
             classes.append("first")
+        elif token in end_ids:
+            classes.append("end")
         elif any(start < b and end > a for a, b in tags):
             classes.append("answer")
+        elif "\n" in tokenizer.decode([token]):
+            classes.append("newline")
         elif (response_ids[t - 1], token) in prompt_pairs - query_pairs:
             classes.append("copied")
         else:
@@ -71,6 +80,7 @@ def measure(measurer: Measurer, adapter_dir: Path) -> dict:
     sums = {group: {"tokens": 0, "base": 0.0, "baked": 0.0} for group in
             (*CLASSES, *(f"{a}-{min(b, measurer.cap)}" for a, b in BUCKETS))}
     per_query = {"base": [], "baked": [], "tokens": []}
+    per_token: dict[str, dict] = {}
     with adapter_set(engine, False), torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(MEASURE_SEED)
         for chunk in _chunks(measurer.queries, MEASURE_BATCH):
@@ -94,18 +104,22 @@ def measure(measurer: Measurer, adapter_dir: Path) -> dict:
                     per_query["base"].append(sum(base) / max(n, 1))
                     per_query["baked"].append(sum(baked) / max(n, 1))
                     per_query["tokens"].append(n)
-                    classes = token_classes(ids, prompts[r], prompt_pairs, tokenizer)
+                    classes = token_classes(ids, prompts[r], prompt_pairs, tokenizer, tuple(eos_ids))
                     for t, (cls, b, k) in enumerate(zip(classes, base, baked)):
+                        entry = per_token.setdefault(tokenizer.decode([ids[t]]), {"count": 0, "base": 0.0, "baked": 0.0})
+                        entry["count"] += 1
+                        entry["base"] += b
+                        entry["baked"] += k
                         bucket = next(f"{a}-{min(e, measurer.cap)}" for a, e in BUCKETS if a <= t < e)
                         for group in (cls, bucket):
                             sums[group]["tokens"] += 1
                             sums[group]["base"] += b
                             sums[group]["baked"] += k
                 del teacher_BTV, kl
-    return {"groups": sums, "per_query": per_query}
+    return {"groups": sums, "per_query": per_query, "per_token": per_token}
 
 
-def table(result: dict) -> str:
+def table(result: dict, top_tokens: int = 12) -> str:
     groups = result["groups"]
     total = {key: sum(groups[c][key] for c in CLASSES) for key in ("tokens", "base", "baked")}
     lines = ["| tokens | share of tokens | share of the base gap | share of what is left | gap closed there |",
@@ -117,6 +131,12 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {g['tokens'] / total['tokens']:.3f} | {g['base'] / total['base']:.3f} | "
                      f"{g['baked'] / total['baked']:.3f} | {closed:.3f} |")
     lines.append(f"| all | 1.000 | 1.000 | 1.000 | {1 - total['baked'] / total['base']:.3f} |")
+    lines += ["", "| token | count | share of the base gap | share of what is left | gap closed there |", "|---|---|---|---|---|"]
+    top = sorted(result["per_token"].items(), key=lambda kv: -kv[1]["baked"])[:top_tokens]
+    for text, g in top:
+        closed = 1 - g["baked"] / g["base"] if g["base"] else float("nan")
+        lines.append(f"| {json.dumps(text)} | {g['count']} | {g['base'] / total['base']:.3f} | "
+                     f"{g['baked'] / total['baked']:.3f} | {closed:.3f} |")
     return "\n".join(lines)
 
 

@@ -26,3 +26,8 @@ def test_classes_mark_the_first_token_the_answer_tag_and_pairs_copied_from_the_p
     assert "copied" not in asked
     cut = _ids(tokenizer, "Beta cells. <answer>C")
     assert token_classes(cut, [], pairs, tokenizer)[-1] == "answer"
+    # Line breaks and the end-of-turn token are classes of their own, before any pair from the prompt.
+    lines = _ids(tokenizer, "Insulin.\n\nSo the letter") + [7]
+    classes = token_classes(lines, [], pairs, tokenizer, end_ids=(7,))
+    assert classes[-1] == "end" and classes[-2] == "copied"
+    assert [tokenizer.decode([t]) for t, c in zip(lines, classes) if c == "newline"] == ["\n", "\n"]
