@@ -201,7 +201,7 @@ def prompt_text_loss(model, ids_1P: torch.Tensor, bf16: bool) -> torch.Tensor:
     """prompt_lm_weight's term: the student's mean next-token cross-entropy reading the system prompt as plain text."""
     device = ids_1P.device
     with autocast(device, bf16):
-        logits_1PV = model(input_ids=ids_1P).logits
+        logits_1PV = model(input_ids=ids_1P, use_cache=False).logits  # no cache: the compiled layers see the training call
     return torch.nn.functional.cross_entropy(logits_1PV[0, :-1].float(), ids_1P[0, 1:])
 
 
