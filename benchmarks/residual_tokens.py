@@ -16,7 +16,10 @@ Classes, first match wins, from the teacher's own answer:
 The JSON also keeps, per distinct token, its count and both sums; the table lists the tokens that hold the most of
 what is left.
 
-    python benchmarks/residual_tokens.py --prompt medical --runs preset-faithful+fwd0.5+steps80+hid30-s3-b0k
+`--side reverse` measures the other direction: base and bake each answer the queries themselves (the study's
+reverse-KL samples) and KL(model || teacher) is summed by class on each one's own tokens.
+
+    python benchmarks/residual_tokens.py --prompt medical --runs preset-faithful+fwd0.5+steps80+hid30-s1-b0k
 """
 
 from __future__ import annotations
@@ -119,6 +122,70 @@ def measure(measurer: Measurer, adapter_dir: Path) -> dict:
     return {"groups": sums, "per_query": per_query, "per_token": per_token}
 
 
+def measure_reverse(measurer: Measurer, adapter_dir: Path) -> dict:
+    """`--side reverse`: base and bake each answer the held-out queries themselves (the study's reverse-KL samples)
+    and KL(model || teacher) is summed by class on each one's own tokens. The tokens differ, so a class's part is its
+    contribution to the model's mean per-token KL (its sum over the model's tokens); the parts add up to the mean."""
+    import torch
+
+    from promptbake.losses import reverse_kl
+    from promptbake.measure import MEASURE_BATCH, _chunks
+    from promptbake.rollout import adapter_enabled, adapter_set, autocast, eos_token_ids, response_logits
+
+    model, engine, teacher, renderer, bf16 = measurer._setup(adapter_dir)
+    tokenizer = measurer.tokenizer
+    device = next(model.parameters()).device
+    eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
+    system_ids = tokenizer(renderer.system_prompt, add_special_tokens=False)["input_ids"]
+    prompt_pairs = set(zip(system_ids, system_ids[1:]))
+    out: dict = {}
+    for name, on in (("base", False), ("baked", True)):
+        sums = {group: {"tokens": 0, "kl": 0.0} for group in CLASSES}
+        per_token: dict[str, dict] = {}
+        with adapter_set(engine, on), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(MEASURE_SEED)
+            for chunk in _chunks(measurer.queries, MEASURE_BATCH):
+                prompts = [renderer.student_ids(q.messages) for q in chunk]
+                rollout = engine.sample(prompts, max_new_tokens=measurer.cap, temperature=1.0, eos_ids=eos_ids, pad_id=pad_id)
+                for rows in _chunks(list(range(len(chunk))), 4):
+                    part = rollout.select(rows)
+                    with adapter_enabled(model, on), autocast(device, bf16):
+                        policy_BTV = response_logits(model, [prompts[r] for r in rows], part, pad_id)
+                    teacher_BTV = teacher.logits([chunk[r] for r in rows], part).to(policy_BTV.device)
+                    kl_BT = reverse_kl("full", policy_BTV, teacher_BTV, part.response_ids_BT, 1.0).float()
+                    del policy_BTV, teacher_BTV
+                    mask_BT = part.response_mask_BT.bool()
+                    for i, r in enumerate(rows):
+                        n = int(mask_BT[i].sum())
+                        ids, kls = part.response_ids_BT[i, :n].tolist(), kl_BT[i, :n].tolist()
+                        for t, (cls, k) in enumerate(zip(token_classes(ids, prompts[r], prompt_pairs, tokenizer,
+                                                                       tuple(eos_ids)), kls)):
+                            sums[cls]["tokens"] += 1
+                            sums[cls]["kl"] += k
+                            entry = per_token.setdefault(tokenizer.decode([ids[t]]), {"count": 0, "kl": 0.0})
+                            entry["count"] += 1
+                            entry["kl"] += k
+        out[name] = {"groups": sums, "per_token": per_token,
+                     "mean": sum(g["kl"] for g in sums.values()) / max(sum(g["tokens"] for g in sums.values()), 1)}
+    return out
+
+
+def reverse_table(result: dict, top_tokens: int = 12) -> str:
+    n = {name: sum(g["tokens"] for g in result[name]["groups"].values()) for name in ("base", "baked")}
+    lines = ["| tokens | share of the base's tokens | part of the base's mean | share of the bake's tokens | part of the bake's mean |",
+             "|---|---|---|---|---|"]
+    for cls in CLASSES:
+        b, k = result["base"]["groups"][cls], result["baked"]["groups"][cls]
+        lines.append(f"| {cls} | {b['tokens'] / n['base']:.3f} | {b['kl'] / n['base']:.4f} | "
+                     f"{k['tokens'] / n['baked']:.3f} | {k['kl'] / n['baked']:.4f} |")
+    lines.append(f"| all | 1 | {result['base']['mean']:.4f} | 1 | {result['baked']['mean']:.4f} "
+                 f"(gap closed {1 - result['baked']['mean'] / result['base']['mean']:.3f}) |")
+    lines += ["", "| token, the bake's own answers | count | part of the bake's mean |", "|---|---|---|"]
+    top = sorted(result["baked"]["per_token"].items(), key=lambda kv: -kv[1]["kl"])[:top_tokens]
+    lines += [f"| {json.dumps(text)} | {g['count']} | {g['kl'] / n['baked']:.4f} |" for text, g in top]
+    return "\n".join(lines)
+
+
 def table(result: dict, top_tokens: int = 12) -> str:
     groups = result["groups"]
     total = {key: sum(groups[c][key] for c in CLASSES) for key in ("tokens", "base", "baked")}
@@ -145,6 +212,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--runs", required=True, help="comma list of adapter folders under build/quality/<prompt>/")
     p.add_argument("--measure-cap", type=int, default=256)
+    p.add_argument("--side", choices=("forward", "reverse"), default="forward",
+                   help="forward: base and bake on the teacher's answers; reverse: each on its own answers")
     p.add_argument("--out", type=Path, default=REPO / "results" / "quality")
     p.add_argument("--build", type=Path, default=REPO / "build" / "quality")
     args = p.parse_args(argv)
@@ -155,8 +224,16 @@ def main(argv=None) -> None:
         adapter = args.build / args.prompt / run
         if not (adapter / "adapter_model.safetensors").is_file():
             sys.exit(f"{adapter}: no adapter there (the quality study keeps its bakes under {args.build})")
-        result = measure(measurer, adapter)
         saved = json.loads(run_path(args.out, args.prompt, run).read_text())
+        if args.side == "reverse":
+            result = measure_reverse(measurer, adapter)
+            result["study_means"] = {"base": reference["reverse"]["mean"], "baked": saved["measured"]["reverse"]["mean"]}
+            write_json(args.out / "residual" / f"{args.prompt}-{run}-reverse.json", result)
+            print(f"[{args.prompt}] {run}, reverse: base {result['base']['mean']:.4f} (study "
+                  f"{result['study_means']['base']:.4f}), bake {result['baked']['mean']:.4f} (study {result['study_means']['baked']:.4f})")
+            print(reverse_table(result))
+            continue
+        result = measure(measurer, adapter)
         tokens = result["per_query"]["tokens"]
         for name, mean in (("base", reference["forward"]["mean"]), ("baked", saved["measured"]["forward"]["mean"])):
             mine = sum(k * n for k, n in zip(result["per_query"][name], tokens)) / sum(tokens)
