@@ -103,10 +103,10 @@ VARIANTS: dict[str, dict] = {
     "steps640": {"steps": 640},
     # The first 40 steps on the prompted teacher's cached answers, no sampling (teacher_sample_steps): a cheap warm start.
     "tss40": {"teacher_sample_steps": 40},
+    "tss20": {"teacher_sample_steps": 20},
     "plm0.1": {"prompt_lm_weight": 0.1},  # a next-token loss on the prompt's own text (section 26)
     "plm0.3": {"prompt_lm_weight": 0.3},
     "plm1": {"prompt_lm_weight": 1.0},
-    "tss20": {"teacher_sample_steps": 20},
     # The adapter as a moving average of the weights over the last ~10 or ~20 steps; training is unchanged, so the
     # run also measures its own last step's weights (kept in its checkpoint): a paired comparison from one run.
     "ema0.9": {"ema_decay": 0.9},

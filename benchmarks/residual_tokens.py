@@ -66,6 +66,21 @@ def token_classes(response_ids: list[int], query_ids: list[int], prompt_pairs: s
     return classes
 
 
+def answer_classifier(tokenizer, system_prompt: str, end_ids: list[int]):
+    """token_classes for one prompt: (answer ids, query ids) -> classes."""
+    system_ids = tokenizer(system_prompt, add_special_tokens=False)["input_ids"]
+    prompt_pairs = set(zip(system_ids, system_ids[1:]))
+    return lambda ids, query_ids: token_classes(ids, query_ids, prompt_pairs, tokenizer, tuple(end_ids))
+
+
+def add_token(per_token: dict[str, dict], text: str, **kls: float) -> None:
+    """Count one token of an answer under its text and add its KLs (keyword: which model's)."""
+    entry = per_token.setdefault(text, {"count": 0, **{name: 0.0 for name in kls}})
+    entry["count"] += 1
+    for name, value in kls.items():
+        entry[name] += value
+
+
 def measure(measurer: Measurer, adapter_dir: Path) -> dict:
     """Per-token forward KL of base and bake on the teacher's answers, summed by class and by position bucket."""
     import torch
@@ -78,8 +93,7 @@ def measure(measurer: Measurer, adapter_dir: Path) -> dict:
     tokenizer = measurer.tokenizer
     device = next(model.parameters()).device
     eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
-    system_ids = tokenizer(renderer.system_prompt, add_special_tokens=False)["input_ids"]
-    prompt_pairs = set(zip(system_ids, system_ids[1:]))
+    classify = answer_classifier(tokenizer, renderer.system_prompt, eos_ids)
     sums = {group: {"tokens": 0, "base": 0.0, "baked": 0.0} for group in
             (*CLASSES, *(f"{a}-{min(b, measurer.cap)}" for a, b in BUCKETS))}
     per_query = {"base": [], "baked": [], "tokens": []}
@@ -107,12 +121,8 @@ def measure(measurer: Measurer, adapter_dir: Path) -> dict:
                     per_query["base"].append(sum(base) / max(n, 1))
                     per_query["baked"].append(sum(baked) / max(n, 1))
                     per_query["tokens"].append(n)
-                    classes = token_classes(ids, prompts[r], prompt_pairs, tokenizer, tuple(eos_ids))
-                    for t, (cls, b, k) in enumerate(zip(classes, base, baked)):
-                        entry = per_token.setdefault(tokenizer.decode([ids[t]]), {"count": 0, "base": 0.0, "baked": 0.0})
-                        entry["count"] += 1
-                        entry["base"] += b
-                        entry["baked"] += k
+                    for t, (cls, b, k) in enumerate(zip(classify(ids, prompts[r]), base, baked)):
+                        add_token(per_token, tokenizer.decode([ids[t]]), base=b, baked=k)
                         bucket = next(f"{a}-{min(e, measurer.cap)}" for a, e in BUCKETS if a <= t < e)
                         for group in (cls, bucket):
                             sums[group]["tokens"] += 1
@@ -136,8 +146,7 @@ def measure_reverse(measurer: Measurer, adapter_dir: Path) -> dict:
     tokenizer = measurer.tokenizer
     device = next(model.parameters()).device
     eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
-    system_ids = tokenizer(renderer.system_prompt, add_special_tokens=False)["input_ids"]
-    prompt_pairs = set(zip(system_ids, system_ids[1:]))
+    classify = answer_classifier(tokenizer, renderer.system_prompt, eos_ids)
     out: dict = {}
     for name, on in (("base", False), ("baked", True)):
         sums = {group: {"tokens": 0, "kl": 0.0} for group in CLASSES}
@@ -158,13 +167,10 @@ def measure_reverse(measurer: Measurer, adapter_dir: Path) -> dict:
                     for i, r in enumerate(rows):
                         n = int(mask_BT[i].sum())
                         ids, kls = part.response_ids_BT[i, :n].tolist(), kl_BT[i, :n].tolist()
-                        for t, (cls, k) in enumerate(zip(token_classes(ids, prompts[r], prompt_pairs, tokenizer,
-                                                                       tuple(eos_ids)), kls)):
+                        for t, (cls, k) in enumerate(zip(classify(ids, prompts[r]), kls)):
                             sums[cls]["tokens"] += 1
                             sums[cls]["kl"] += k
-                            entry = per_token.setdefault(tokenizer.decode([ids[t]]), {"count": 0, "kl": 0.0})
-                            entry["count"] += 1
-                            entry["kl"] += k
+                            add_token(per_token, tokenizer.decode([ids[t]]), kl=k)
         out[name] = {"groups": sums, "per_token": per_token,
                      "mean": sum(g["kl"] for g in sums.values()) / max(sum(g["tokens"] for g in sums.values()), 1)}
     return out
