@@ -357,6 +357,8 @@ def verify(
     min_check_ratio: Annotated[Optional[float], typer.Option(help="Minimum baked/teacher pass rate, each check.")] = None,
     min_exact_match: Annotated[Optional[float], typer.Option(help="Minimum greedy exact-match rate with the teacher.")] = None,
     min_token_agreement: Annotated[Optional[float], typer.Option(help="Minimum greedy token agreement with the teacher.")] = None,
+    max_length_change: Annotated[Optional[float], typer.Option(
+        help="Largest |baked/teacher - 1| of the mean sampled answer length (0.25: within ±25 %).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N queries.")] = None,
     agreement_tokens: Annotated[int, typer.Option(help="Tokens compared for agreement.")] = 32,
     allow_prompt_change: Annotated[bool, typer.Option(help="Compare even if the prompt changed since baking.")] = False,
@@ -371,7 +373,8 @@ def verify(
         adapters, prompt=prompt, queries=queries, allow_prompt_change=allow_prompt_change, limit=limit,
         agreement_tokens=agreement_tokens,
         thresholds=dict(min_kl_gap_closed=min_kl_gap_closed, min_check_ratio=min_check_ratio,
-                        min_exact_match=min_exact_match, min_token_agreement=min_token_agreement),
+                        min_exact_match=min_exact_match, min_token_agreement=min_token_agreement,
+                        max_length_change=max_length_change),
     )
     for report in reports:
         _print_verify(report)
@@ -396,8 +399,10 @@ def _print_verify(report) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, est in report.metrics.items():
-        pct = name.startswith(("exact", "token"))
-        table.add_row(name, est.fmt(percent=pct))
+        if name.startswith("answer_tokens"):
+            table.add_row(name, f"{est.value:.1f} [{est.lo:.1f}, {est.hi:.1f}]")
+        else:
+            table.add_row(name, est.fmt(percent=name.startswith(("exact", "token"))))
     out.print(table)
     if report.checks:
         checks = Table(title="checks (greedy)")

@@ -33,6 +33,8 @@ class VerifyThresholds(BaseModel):
     min_check_ratio: float | None = Field(None, ge=0, description="Baked pass rate / teacher pass rate, each check.")
     min_exact_match: float | None = Field(None, ge=0, le=1)
     min_token_agreement: float | None = Field(None, ge=0, le=1)
+    max_length_change: float | None = Field(
+        None, ge=0, description="Largest |baked/teacher - 1| of the mean sampled answer length (0.25: within ±25 %).")
 
 
 class FrontMatter(BaseModel):

@@ -128,6 +128,11 @@ def apply_thresholds(report: VerifyReport, thresholds: VerifyThresholds) -> None
     for key, metric in simple.items():
         if key in limits and not report.metrics[metric].value >= limits[key]:
             report.failures.append(f"{metric} = {report.metrics[metric].value:.3f} < {key} {limits[key]}")
+    if "max_length_change" in limits:
+        ratio = report.metrics["length_ratio"].value
+        if not abs(ratio - 1) <= limits["max_length_change"]:
+            report.failures.append(f"length_ratio = {ratio:.3f}, more than max_length_change {limits['max_length_change']} "
+                                   "from 1 (baked answers against the teacher's, mean tokens)")
     if "min_check_ratio" in limits:
         for name, ratio in report.check_ratios.items():
             if not ratio.value >= limits["min_check_ratio"]:
@@ -242,6 +247,13 @@ def verify_adapters(
         for direction, gap in (("reverse", "kl_gap_closed"), ("forward", "forward_kl_gap_closed")):
             baked, base = kl[f"{direction}_kl_baked"], kl[f"{direction}_kl_base"]
             report.metrics[gap] = gap_closed_ci(baked.per_query, base.per_query, baked.tokens, base.tokens)
+        # Answer lengths of the sampled answers (up to the cap): the teacher's are its forward-KL samples. A missed
+        # stop costs the per-token KL once per position, so a bake can close most of the gap and still run long.
+        teacher_tokens = kl["forward_kl_base"].tokens
+        for cond, tokens in (("teacher", teacher_tokens), ("base", kl["reverse_kl_base"].tokens),
+                             ("baked", kl["reverse_kl_baked"].tokens)):
+            report.metrics[f"answer_tokens_{cond}"] = mean_ci(tokens)
+        report.metrics["length_ratio"] = ratio_of_means_ci(kl["reverse_kl_baked"].tokens, teacher_tokens)
 
         ids = {**shared_ids, **condition_ids(engine, tokenizer, renderer, query_list,
                                              max_new_tokens=max(new_tokens, agreement_tokens), conditions=("baked",))}

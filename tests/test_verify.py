@@ -47,6 +47,23 @@ def test_ratio_and_gap_closed_values():
     assert gap_closed_ci([0.1, 0.3], [0.4, 0.4], [10, 10], [10, 30]).value == pytest.approx(0.5)
 
 
+def test_length_threshold_is_two_sided():
+    """max_length_change fails a bake that runs long and one that stops short, and names the ratio."""
+    from promptbake.spec import VerifyThresholds
+    from promptbake.stats import Estimate
+    from promptbake.verify import VerifyReport, apply_thresholds
+
+    def gate(ratio: float, limit: float) -> list[str]:
+        report = VerifyReport("a", 10, metrics={"length_ratio": Estimate(ratio, ratio, ratio, 10)})
+        apply_thresholds(report, VerifyThresholds(max_length_change=limit))
+        return report.failures
+
+    assert gate(1.2, 0.25) == [] and gate(0.8, 0.25) == []
+    assert "length_ratio = 1.300" in gate(1.3, 0.25)[0] and "length_ratio = 0.700" in gate(0.7, 0.25)[0]
+    assert gate(float("nan"), 0.25)  # no answers measured is a failure, not a pass
+    assert gate(1.0, 0.0) == []
+
+
 @pytest.mark.slow
 def test_verify_exit_code_flips_with_threshold(tmp_path, tiny_model_dir):
     prompt = write_prompt(tmp_path / "p", front="name: v\nqueries: queries.txt\nchecks:\n  - {name: short, max_words: 50}\n")
@@ -64,6 +81,12 @@ def test_verify_exit_code_flips_with_threshold(tmp_path, tiny_model_dir):
     for key in ("reverse_kl_baked", "reverse_kl_base", "forward_kl_baked", "forward_kl_base", "kl_gap_closed", "exact_match"):
         assert key in report["metrics"]
     assert set(report["checks"]["short"]) == {"base", "teacher", "baked"}
+    m = report["metrics"]
+    for cond in ("teacher", "base", "baked"):  # sampled answers, 1 token up to the 8-token cap
+        assert 1 <= m[f"answer_tokens_{cond}"]["value"] <= 8
+    assert m["length_ratio"]["value"] == pytest.approx(m["answer_tokens_baked"]["value"] / m["answer_tokens_teacher"]["value"])
+    wide = runner.invoke(app, ["verify", str(out), "--max-length-change", "10"])
+    assert wide.exit_code == 0, wide.output
 
     fail = runner.invoke(app, ["verify", str(out), "--min-token-agreement", str(min(agreement + 0.01, 1.01))])
     assert fail.exit_code == 1 and "token_agreement" in fail.output
