@@ -197,12 +197,28 @@ def lr_factor(step_index: int, config: BakeConfig) -> float:
     return warm
 
 
-def prompt_text_loss(model, ids_1P: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """prompt_lm_weight's term: the student's mean next-token cross-entropy reading the system prompt as plain text."""
+def _summed_cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits_NV.float(), targets_N, reduction="sum")
+
+
+def prompt_text_loss(model, ids_1P: torch.Tensor, bf16: bool, chunk_tokens: int = 256) -> torch.Tensor:
+    """prompt_lm_weight's term: the student's mean next-token cross-entropy reading the system prompt as plain text.
+
+    A long prompt's fp32 logits are large (1,600 tokens x 49k vocabulary: 0.3 GiB per copy), so past `chunk_tokens`
+    the cross-entropy runs over chunks whose fp32 copies are recomputed in the backward pass instead of kept; the
+    value and gradient are those of the whole."""
     device = ids_1P.device
     with autocast(device, bf16):
         logits_1PV = model(input_ids=ids_1P, use_cache=False).logits  # no cache: the compiled layers see the training call
-    return torch.nn.functional.cross_entropy(logits_1PV[0, :-1].float(), ids_1P[0, 1:])
+    logits_NV, targets_N = logits_1PV[0, :-1], ids_1P[0, 1:]
+    n = targets_N.shape[0]
+    if n <= chunk_tokens:
+        return _summed_cross_entropy(logits_NV, targets_N) / n
+    from torch.utils.checkpoint import checkpoint
+
+    total = sum(checkpoint(_summed_cross_entropy, logits_NV[s:s + chunk_tokens], targets_N[s:s + chunk_tokens],
+                           use_reentrant=False) for s in range(0, n, chunk_tokens))
+    return total / n
 
 
 def update_parts(rows: int, updates: int) -> list[list[int]]:

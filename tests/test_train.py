@@ -304,6 +304,32 @@ def test_prompt_lm_term_logs_the_students_cross_entropy_on_the_prompt_and_moves_
     assert whole_log[1].prompt_ce < whole.prompt_ce  # trained on it, the student predicts the prompt better
 
 
+def test_prompt_text_loss_in_chunks_gives_the_whole_prompts_value_and_gradient(tiny_model_dir):
+    """A long prompt's cross-entropy runs in chunks (fp32 copies recomputed in the backward); value and LoRA gradient
+    are those of one pass over the whole prompt, including a last chunk shorter than the others."""
+    from peft import LoraConfig, get_peft_model
+
+    from promptbake.models import load_model, load_tokenizer
+    from promptbake.train import prompt_text_loss
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.tensor([tokenizer("You are a pirate. Say ahoy, and end every answer with a sea shanty line.",
+                                  add_special_tokens=False)["input_ids"]])
+    assert ids.shape[1] > 8
+    results = []
+    for chunk in (10_000, 4):
+        model.zero_grad()
+        loss = prompt_text_loss(model, ids, bf16=False, chunk_tokens=chunk)
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (whole, grads), (chunked, chunked_grads) = results
+    assert chunked == pytest.approx(whole, rel=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-7), name
+
+
 @pytest.mark.parametrize("field, on, off, fixed", [
     # dims: the scales are per row, so one row per micro-batch gives what eight do
     ("hidden_match_scale", "dims", "none", {}),
