@@ -52,6 +52,8 @@ VARIANTS = {
     "micro-batch 8": {"micro_batch_size": 8},
     "micro-batch 16": {"micro_batch_size": 16},  # the whole default batch in one pass (for accelerators)
     "micro-batch 2 + checkpointing": {"micro_batch_size": 2, "gradient_checkpointing": True},
+    # A setting, off by default: the next-token loss on the prompt's text, one pass over the prompt per update.
+    "prompt text loss": {"prompt_lm_weight": 0.1},
 }
 
 
@@ -158,7 +160,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Whole-step variants, comma-separated ('all on' always runs).")
     parser.add_argument("--long-rules", type=int, default=60, help="rules in the long prompt (60: 3,307 tokens; 36: about 2,000)")
     parser.add_argument("--precisions", default="fp32,bf16", help="teacher scoring precisions (bf16 is slow on CPUs without AVX-512)")
-    parser.add_argument("--step-prompts", default="pirate,long", help="Prompts for the whole-step part (pirate, long, medical).")
+    parser.add_argument("--step-prompts", default="pirate,long", help="Prompts for the whole-step part (pirate, long, medical, support).")
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.steps, args.new_tokens)))
@@ -175,7 +177,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     prompts = {"pirate": PIRATE, "long": long_prompt_file(tmp, args.long_rules)}
     # medical: short answers (most end well before the cap), where finished rows leaving the batch matter most
-    step_prompts = {**prompts, "medical": REPO / "prompts" / "medical.md"}
+    step_prompts = {**prompts, "medical": REPO / "prompts" / "medical.md", "support": REPO / "prompts" / "support.md"}
     report: dict = {"machine": f"{os.cpu_count()} cores", "teacher_scoring": [], "steps": {}}
     if not args.skip_scoring:
         for path in prompts.values():
