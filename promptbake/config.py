@@ -124,7 +124,7 @@ class BakeConfig(BaseModel):
                     "phrases of its prompt into its answers; the student never sees the prompt, so it can continue "
                     "such a phrase only if its weights hold it. With this term the student reads the prompt as plain "
                     "text at every update and predicts each next token (cross-entropy, mean over the prompt's tokens). "
-                    "0.1 helped medical, whose teacher recites its prompt, and was neutral on pirate and safety; it reads "
+                    "At 0.1 it moved medical's three seeds both ways (no mean gain) and neither gap on pirate or safety; it reads "
                     "the whole prompt per update (support's 1,616 tokens: 0.84x tokens/s), so it is off by default "
                     "(docs/quality.md, section 26).",
     )
