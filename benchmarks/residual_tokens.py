@@ -136,41 +136,26 @@ def measure_reverse(measurer: Measurer, adapter_dir: Path) -> dict:
     """`--side reverse`: base and bake each answer the held-out queries themselves (the study's reverse-KL samples)
     and KL(model || teacher) is summed by class on each one's own tokens. The tokens differ, so a class's part is its
     contribution to the model's mean per-token KL (its sum over the model's tokens); the parts add up to the mean."""
-    import torch
-
-    from promptbake.losses import reverse_kl
-    from promptbake.measure import MEASURE_BATCH, _chunks
-    from promptbake.rollout import adapter_enabled, adapter_set, autocast, eos_token_ids, response_logits
+    from promptbake.measure import kl_to_teacher
+    from promptbake.rollout import eos_token_ids
 
     model, engine, teacher, renderer, bf16 = measurer._setup(adapter_dir)
     tokenizer = measurer.tokenizer
-    device = next(model.parameters()).device
-    eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
-    classify = answer_classifier(tokenizer, renderer.system_prompt, eos_ids)
+    classify = answer_classifier(tokenizer, renderer.system_prompt, eos_token_ids(tokenizer))
     out: dict = {}
     for name, on in (("base", False), ("baked", True)):
         sums = {group: {"tokens": 0, "kl": 0.0} for group in CLASSES}
         per_token: dict[str, dict] = {}
-        with adapter_set(engine, on), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(MEASURE_SEED)
-            for chunk in _chunks(measurer.queries, MEASURE_BATCH):
-                prompts = [renderer.student_ids(q.messages) for q in chunk]
-                rollout = engine.sample(prompts, max_new_tokens=measurer.cap, temperature=1.0, eos_ids=eos_ids, pad_id=pad_id)
-                for rows in _chunks(list(range(len(chunk))), 4):
-                    part = rollout.select(rows)
-                    with adapter_enabled(model, on), autocast(device, bf16):
-                        policy_BTV = response_logits(model, [prompts[r] for r in rows], part, pad_id)
-                    teacher_BTV = teacher.logits([chunk[r] for r in rows], part).to(policy_BTV.device)
-                    kl_BT = reverse_kl("full", policy_BTV, teacher_BTV, part.response_ids_BT, 1.0).float()
-                    del policy_BTV, teacher_BTV
-                    mask_BT = part.response_mask_BT.bool()
-                    for i, r in enumerate(rows):
-                        n = int(mask_BT[i].sum())
-                        ids, kls = part.response_ids_BT[i, :n].tolist(), kl_BT[i, :n].tolist()
-                        for t, (cls, k) in enumerate(zip(classify(ids, prompts[r]), kls)):
-                            sums[cls]["tokens"] += 1
-                            sums[cls]["kl"] += k
-                            add_token(per_token, tokenizer.decode([ids[t]]), kl=k)
+
+        def tally(query, ids: list[int], kls: list[float]) -> None:
+            for token, cls, k in zip(ids, classify(ids, renderer.student_ids(query.messages)), kls):
+                sums[cls]["tokens"] += 1
+                sums[cls]["kl"] += k
+                add_token(per_token, tokenizer.decode([token]), kl=k)
+
+        # the study's reverse measurement itself (same sampler, seed and batches), each answer seen by `tally`
+        kl_to_teacher(model, engine, teacher, renderer, tokenizer, measurer.queries, adapter=on,
+                      max_new_tokens=measurer.cap, temperature=1.0, seed=MEASURE_SEED, bf16=bf16, on_answer=tally)
         out[name] = {"groups": sums, "per_token": per_token,
                      "mean": sum(g["kl"] for g in sums.values()) / max(sum(g["tokens"] for g in sums.values()), 1)}
     return out

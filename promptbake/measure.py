@@ -9,6 +9,7 @@ Conditions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -77,11 +78,13 @@ def kl_to_teacher(
     batch_size: int = MEASURE_BATCH,
     score_batch_size: int = 4,
     on_teacher_samples: bool = False,
+    on_answer: Callable[[Query, list[int], list[float]], None] | None = None,
 ) -> KLResult:
     """KL between a policy (adapter on = baked, off = base; never prompted) and the prompted teacher.
 
     Default: reverse KL(policy || teacher) on the policy's own samples (what OPCD minimises).
     `on_teacher_samples`: forward KL(teacher || policy) on the teacher's samples.
+    `on_answer(query, answer ids, per-token KLs)`, if given, sees every sampled answer (for per-token analyses).
     """
     eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -113,6 +116,10 @@ def kl_to_teacher(
                 counts = mask_BT.sum(-1)
                 per_query += ((kl_BT * mask_BT).sum(-1) / counts.clamp(min=1)).tolist()
                 tokens += counts.long().tolist()
+                if on_answer is not None:
+                    for i, r in enumerate(rows):
+                        n = int(counts[i])
+                        on_answer(chunk[r], part.response_ids_BT[i, :n].tolist(), kl_BT[i, :n].float().tolist())
                 for t, (kl_sum, n) in enumerate(zip((kl_BT * mask_BT).sum(0).tolist(), mask_BT.sum(0).long().tolist())):
                     position_sum[t] += kl_sum
                     position_count[t] += n
