@@ -107,6 +107,10 @@ VARIANTS: dict[str, dict] = {
     "plm0.1": {"prompt_lm_weight": 0.1},  # a next-token loss on the prompt's own text (section 26)
     "plm0.3": {"prompt_lm_weight": 0.3},
     "plm1": {"prompt_lm_weight": 1.0},
+    # Extra weight on the two-outcome KL of ending the answer at each token (stop_kl_weight): medical's bakes run long.
+    "stop3": {"stop_kl_weight": 3.0},
+    "stop10": {"stop_kl_weight": 10.0},
+    "stop30": {"stop_kl_weight": 30.0},
     # The adapter as a moving average of the weights over the last ~10 or ~20 steps; training is unchanged, so the
     # run also measures its own last step's weights (kept in its checkpoint): a paired comparison from one run.
     "ema0.9": {"ema_decay": 0.9},

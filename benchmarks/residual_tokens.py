@@ -132,33 +132,68 @@ def measure(measurer: Measurer, adapter_dir: Path) -> dict:
     return {"groups": sums, "per_query": per_query, "per_token": per_token}
 
 
-def measure_reverse(measurer: Measurer, adapter_dir: Path) -> dict:
+STOP_BUCKETS = ((0, 32), (32, 64), (64, 128), (128, 10**9))
+
+
+def measure_reverse(measurer: Measurer, adapter_dir: Path | None) -> dict:
     """`--side reverse`: base and bake each answer the held-out queries themselves (the study's reverse-KL samples)
     and KL(model || teacher) is summed by class on each one's own tokens. The tokens differ, so a class's part is its
-    contribution to the model's mean per-token KL (its sum over the model's tokens); the parts add up to the mean."""
+    contribution to the model's mean per-token KL (its sum over the model's tokens); the parts add up to the mean.
+
+    Beside it, where each model would stop: at every token of its own answers, its probability of ending the answer
+    there and the prompted teacher's, summed by position. Their sums are the expected number of stops along those
+    answers; a teacher sum well above the model's says the teacher would have ended answers the model goes on with.
+    `adapter_dir` None measures the base alone."""
     from promptbake.measure import kl_to_teacher
     from promptbake.rollout import eos_token_ids
 
     model, engine, teacher, renderer, bf16 = measurer._setup(adapter_dir)
     tokenizer = measurer.tokenizer
-    classify = answer_classifier(tokenizer, renderer.system_prompt, eos_token_ids(tokenizer))
+    eos_ids = eos_token_ids(tokenizer)
+    classify = answer_classifier(tokenizer, renderer.system_prompt, eos_ids)
     out: dict = {}
-    for name, on in (("base", False), ("baked", True)):
+    for name, on in (("base", False), ("baked", True))[:1 if adapter_dir is None else 2]:
         sums = {group: {"tokens": 0, "kl": 0.0} for group in CLASSES}
         per_token: dict[str, dict] = {}
+        stops = {f"{a}-{b}" if b < 10**9 else f"{a}+": {"tokens": 0, "model": 0.0, "teacher": 0.0}
+                 for a, b in STOP_BUCKETS}
+        answers = {"count": 0, "tokens": 0, "ended": 0}
 
-        def tally(query, ids: list[int], kls: list[float]) -> None:
+        def tally(query, ids: list[int], kls: list[float], stop_pairs: list[tuple[float, float]]) -> None:
             for token, cls, k in zip(ids, classify(ids, renderer.student_ids(query.messages)), kls):
                 sums[cls]["tokens"] += 1
                 sums[cls]["kl"] += k
                 add_token(per_token, tokenizer.decode([token]), kl=k)
+            for t, (mine, theirs) in enumerate(stop_pairs):
+                bucket = next(stops[key] for key, (a, b) in zip(stops, STOP_BUCKETS) if a <= t < b)
+                bucket["tokens"] += 1
+                bucket["model"] += mine
+                bucket["teacher"] += theirs
+            answers["count"] += 1
+            answers["tokens"] += len(ids)
+            answers["ended"] += bool(ids) and ids[-1] in eos_ids
 
         # the study's reverse measurement itself (same sampler, seed and batches), each answer seen by `tally`
         kl_to_teacher(model, engine, teacher, renderer, tokenizer, measurer.queries, adapter=on,
                       max_new_tokens=measurer.cap, temperature=1.0, seed=MEASURE_SEED, bf16=bf16, on_answer=tally)
-        out[name] = {"groups": sums, "per_token": per_token,
+        out[name] = {"groups": sums, "per_token": per_token, "stops": stops, "answers": answers,
                      "mean": sum(g["kl"] for g in sums.values()) / max(sum(g["tokens"] for g in sums.values()), 1)}
     return out
+
+
+def stop_table(result: dict) -> str:
+    """Expected stops per answer along each model's own answers, by position: the model's and the teacher's."""
+    names = [n for n in ("base", "baked") if n in result]
+    lines = ["| model | tokens per answer | ended by end-of-turn | positions | tokens there | expected stops, model | "
+             "expected stops, teacher |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        a = result[name]["answers"]
+        per = max(a["count"], 1)
+        for key, b in list(result[name]["stops"].items()) + [("all", {
+                k: sum(b[k] for b in result[name]["stops"].values()) for k in ("tokens", "model", "teacher")})]:
+            lines.append(f"| {name} | {a['tokens'] / per:.1f} | {a['ended'] / per:.2f} | {key} | {b['tokens'] / per:.1f} | "
+                         f"{b['model'] / per:.3f} | {b['teacher'] / per:.3f} |")
+    return "\n".join(lines)
 
 
 def reverse_table(result: dict, top_tokens: int = 12) -> str:
@@ -201,7 +236,8 @@ def table(result: dict, top_tokens: int = 12) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--runs", required=True, help="comma list of adapter folders under build/quality/<prompt>/")
+    p.add_argument("--runs", default="", help="comma list of adapter folders under build/quality/<prompt>/ "
+                   "(none with --side reverse: the base alone)")
     p.add_argument("--measure-cap", type=int, default=256)
     p.add_argument("--side", choices=("forward", "reverse"), default="forward",
                    help="forward: base and bake on the teacher's answers; reverse: each on its own answers")
@@ -211,6 +247,15 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     measurer = Measurer(REPO / "prompts" / f"{args.prompt}.md", args.measure_cap)
     reference = json.loads(reference_path(args.out, args.prompt, args.measure_cap).read_text())
+    if not args.runs:
+        if args.side != "reverse":
+            sys.exit("--runs: the forward side compares a bake with the base; name at least one run")
+        result = measure_reverse(measurer, None)
+        result["study_means"] = {"base": reference["reverse"]["mean"]}
+        write_json(args.out / "residual" / f"{args.prompt}-base-reverse.json", result)
+        print(f"[{args.prompt}] base, reverse: {result['base']['mean']:.4f} (study {result['study_means']['base']:.4f})")
+        print(stop_table(result))
+        return
     for run in args.runs.split(","):
         adapter = args.build / args.prompt / run
         if not (adapter / "adapter_model.safetensors").is_file():
@@ -223,6 +268,7 @@ def main(argv=None) -> None:
             print(f"[{args.prompt}] {run}, reverse: base {result['base']['mean']:.4f} (study "
                   f"{result['study_means']['base']:.4f}), bake {result['baked']['mean']:.4f} (study {result['study_means']['baked']:.4f})")
             print(reverse_table(result))
+            print(stop_table(result))
             continue
         result = measure(measurer, adapter)
         tokens = result["per_query"]["tokens"]

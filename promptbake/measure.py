@@ -17,7 +17,7 @@ from promptbake.chat import ChatRenderer
 from promptbake.checks import Check, pass_rates
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
-from promptbake.losses import reverse_kl
+from promptbake.losses import reverse_kl, stop_log_probs
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import adapter_enabled, adapter_set, HFRolloutEngine, Rollout, autocast, eos_token_ids, response_logits
@@ -78,13 +78,14 @@ def kl_to_teacher(
     batch_size: int = MEASURE_BATCH,
     score_batch_size: int = 4,
     on_teacher_samples: bool = False,
-    on_answer: Callable[[Query, list[int], list[float]], None] | None = None,
+    on_answer: Callable[[Query, list[int], list[float], list[tuple[float, float]]], None] | None = None,
 ) -> KLResult:
     """KL between a policy (adapter on = baked, off = base; never prompted) and the prompted teacher.
 
     Default: reverse KL(policy || teacher) on the policy's own samples (what OPCD minimises).
     `on_teacher_samples`: forward KL(teacher || policy) on the teacher's samples.
-    `on_answer(query, answer ids, per-token KLs)`, if given, sees every sampled answer (for per-token analyses).
+    `on_answer(query, answer ids, per-token KLs, per-token (policy, teacher) probabilities of stopping there)`, if
+    given, sees every sampled answer (for per-token analyses).
     """
     eos_ids, pad_id = eos_token_ids(tokenizer), tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -111,6 +112,9 @@ def kl_to_teacher(
                 # KL(first || second) over the full vocabulary (in token chunks for large vocabularies: distill_loss).
                 first, second = (teacher_BTV, policy_BTV) if on_teacher_samples else (policy_BTV, teacher_BTV)
                 kl_BT = reverse_kl("full", first, second, part.response_ids_BT, temperature)
+                if on_answer is not None:
+                    policy_stop_BT = stop_log_probs(policy_BTV, eos_ids, temperature)[0].exp()
+                    teacher_stop_BT = stop_log_probs(teacher_BTV, eos_ids, temperature)[0].exp()
                 del policy_BTV, teacher_BTV, first, second
                 mask_BT = part.response_mask_BT.to(kl_BT.device).float()
                 counts = mask_BT.sum(-1)
@@ -119,7 +123,8 @@ def kl_to_teacher(
                 if on_answer is not None:
                     for i, r in enumerate(rows):
                         n = int(counts[i])
-                        on_answer(chunk[r], part.response_ids_BT[i, :n].tolist(), kl_BT[i, :n].float().tolist())
+                        on_answer(chunk[r], part.response_ids_BT[i, :n].tolist(), kl_BT[i, :n].float().tolist(),
+                                  list(zip(policy_stop_BT[i, :n].tolist(), teacher_stop_BT[i, :n].tolist())))
                 for t, (kl_sum, n) in enumerate(zip((kl_BT * mask_BT).sum(0).tolist(), mask_BT.sum(0).long().tolist())):
                     position_sum[t] += kl_sum
                     position_count[t] += n

@@ -47,7 +47,8 @@ from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_di
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
-from promptbake.losses import compiled_loss, distill_loss, future_divergence_surrogate, loss_compiles, token_loss
+from promptbake.losses import (compiled_loss, distill_loss, future_divergence_surrogate, loss_compiles, stop_kl,
+                               token_loss)
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import (
@@ -83,6 +84,7 @@ class StepLog:
     hidden_distance: float | None = None  # hidden_match_weight: the layers' mean cosine distance to the teacher's
     on_teacher_samples: bool = False  # trained on the teacher's answers (offpolicy, sft, opcd's teacher_sample_steps)
     prompt_ce: float | None = None  # prompt_lm_weight: the student's next-token cross-entropy on the prompt's text
+    stop_kl: float | None = None  # stop_kl_weight: the mean two-outcome KL of ending the answer at each token
 
     def to_json(self) -> str:
         # a non-finite number (the gradient norm of a skipped step) is written as null: the log stays strict JSON
@@ -364,6 +366,7 @@ def train_student(
                 release_free_memory()  # the sampler's KV cache and logits are freed; keep the heap from growing
             t1 = time.perf_counter()
             teacher_s, loss_sum, hidden_sum, prompt_sum, norms, applied = 0.0, 0.0, 0.0, 0.0, [], 0
+            stop_sum = 0.0
             # Each update's loss is a mean over its part's response tokens of all processes; DDP averages gradients
             # over processes, so each one scales its sum by `world` (1 in a single process).
             response_lens = rollout.response_mask_BT.sum(-1).tolist()
@@ -418,6 +421,12 @@ def train_student(
                         # Sum over this micro-batch / tokens of the whole part: the gradients add up to the part's mean.
                         micro_loss = (loss_BT * mask_BT).sum() / total_tokens
                         objective_loss = micro_loss
+                        if config.stop_kl_weight:  # where the answer ends, weighed apart from what it says
+                            stop_BT = stop_kl(student_logits_BTV, teacher_out.to(device), eos_ids, config.temperature,
+                                              config.forward_kl_weight)
+                            objective_loss = objective_loss + config.stop_kl_weight * (stop_BT * mask_BT).sum() / total_tokens
+                            stop_sum += float((stop_BT.detach() * mask_BT).sum()) / max(step_tokens, 1)
+                            del stop_BT
                         if config.future_kl_weight and not on_teacher_samples:  # a term of the student's sampling
                             surrogate_BT = future_divergence_surrogate(student_logits_BTV, ids_BT, loss_BT, mask_BT,
                                                                        future_baseline, config.temperature)
@@ -498,6 +507,8 @@ def train_student(
                 if match_hidden else None,
                 on_teacher_samples=on_teacher_samples,
                 prompt_ce=prompt_sum if prompt_ids_1P is not None else None,
+                stop_kl=float(accelerator.reduce(torch.tensor(stop_sum, device=accelerator.device), "sum"))
+                if config.stop_kl_weight else None,
             )
             if not math.isfinite(entry.kl):
                 raise FloatingPointError(f"{objective.name} became {entry.kl} at step {step}; lower the learning rate")

@@ -437,3 +437,65 @@ def test_future_weight_needs_on_policy_training():
     with pytest.raises(ValidationError, match="future_kl_weight"):
         BakeConfig(method="sft", future_kl_weight=0.5)
     assert BakeConfig(future_kl_weight=0.5).future_kl_weight == 0.5
+
+
+def brute_stop_kl(student_logits, teacher_logits, eos, temperature, weight):
+    """Two-outcome KL of P(stop) = the summed probability of the `eos` ids, with explicit loops, float64."""
+    B, T, V = student_logits.shape
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            ps = torch.softmax(student_logits[b, t].double() / temperature, 0)
+            pt = torch.softmax(teacher_logits[b, t].double() / temperature, 0)
+            s, q = sum(ps[e] for e in eos), sum(pt[e] for e in eos)
+            reverse = s * torch.log(s / q) + (1 - s) * torch.log((1 - s) / (1 - q))
+            forward = q * torch.log(q / s) + (1 - q) * torch.log((1 - q) / (1 - s))
+            out[b, t] = (1 - weight) * reverse + weight * forward
+    return out
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+@pytest.mark.parametrize("eos", [[4], [4, 9]])
+def test_stop_kl_is_the_two_outcome_kl_of_stopping(logits, weight, eos):
+    """Values and student gradients against explicit float64 loops, one end-of-turn id or two."""
+    from promptbake.losses import stop_kl
+
+    s, t = logits
+    s1 = s.clone().double().requires_grad_(True)
+    s2 = s.clone().double().requires_grad_(True)
+    t1 = t.clone().double().requires_grad_(True)
+    got = stop_kl(s1, t1, eos, temperature=0.8, forward_weight=weight)
+    want = brute_stop_kl(s2, t.double(), eos, 0.8, weight)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)  # fp32 inside
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad, atol=1e-6, rtol=1e-4)
+    assert t1.grad is None  # the teacher is a target only
+
+
+def test_stop_kl_is_the_part_of_the_full_kl_that_is_about_stopping(logits):
+    """KL(s||t) = stop_kl + P_s(go on) * KL of the two models' next tokens given that the answer goes on
+    + P_s(stop) * KL of which end-of-turn id, given that it stops (two ids here)."""
+    from promptbake.losses import full_reverse_kl, stop_kl
+
+    s, t = (x.double() for x in logits)
+    eos = [2, 5]
+    go = [v for v in range(s.shape[-1]) if v not in eos]
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    go_s, go_t = torch.log_softmax(s[..., go], -1), torch.log_softmax(t[..., go], -1)
+    p_go_s = ls[..., go].exp().sum(-1)
+    end_s, end_t = torch.log_softmax(s[..., eos], -1), torch.log_softmax(t[..., eos], -1)
+    rest = p_go_s * (go_s.exp() * (go_s - go_t)).sum(-1) + (1 - p_go_s) * (end_s.exp() * (end_s - end_t)).sum(-1)
+    torch.testing.assert_close(stop_kl(s, t, eos).double() + rest, full_reverse_kl(ls, lt), atol=1e-6, rtol=1e-5)
+
+
+def test_stop_log_probs_keep_a_near_certain_stop():
+    """After an `<answer>` tag the teacher stops with probability 1 - 1e-9: P(go on) is still read exactly, where
+    log(1 - P(stop)) in fp32 would be -inf or 0."""
+    from promptbake.losses import stop_log_probs
+
+    logits = torch.zeros(1, 1, 8)
+    logits[0, 0, 3] = 30.0  # the end-of-turn id: the 7 others share about 7e-13
+    stop, go = stop_log_probs(logits, [3])
+    want_go = torch.log(torch.tensor(7.0, dtype=torch.float64)) - 30.0
+    assert abs(float(go) - float(want_go)) < 1e-4 and abs(float(stop)) < 1e-6

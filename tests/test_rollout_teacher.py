@@ -367,6 +367,36 @@ def test_kl_to_teacher_scored_in_sub_batches_equals_row_by_row(peft_tiny, tiny):
     assert grouped.per_query == pytest.approx(single.per_query, abs=1e-5)
 
 
+def test_kl_to_teacher_shows_each_answer_with_its_kls_and_both_models_stop_probabilities(peft_tiny, tiny):
+    """`on_answer` sees every sampled answer: its per-token KLs average to the answer's KL, and the stop probabilities
+    are the summed end-of-turn probabilities of the policy and of the prompted teacher, read back one row at a time."""
+    from promptbake.measure import kl_to_teacher
+    from promptbake.rollout import adapter_enabled, eos_token_ids, response_logits
+
+    _, tok = tiny
+    renderer = ChatRenderer.for_tokenizer(tok, "You are a careful assistant.", 8192)
+    queries = _queries()
+    teacher = PromptedTeacher(peft_tiny, renderer, tok.pad_token_id, is_student=True, bf16=False)
+    teacher.prepare(queries, 12, "test")
+    engine = HFRolloutEngine(peft_tiny, bf16=False)
+    seen = []
+    result = kl_to_teacher(peft_tiny, engine, teacher, renderer, tok, queries, adapter=True, max_new_tokens=12,
+                           temperature=1.0, seed=3, bf16=False, on_answer=lambda *a: seen.append(a))
+    assert [a[0] for a in seen] == queries
+    eos = eos_token_ids(tok)
+    for (query, ids, kls, stops), kl in zip(seen, result.per_query):
+        assert len(ids) == len(kls) == len(stops) > 0
+        assert sum(kls) / len(kls) == pytest.approx(kl, abs=1e-6)
+        row = Rollout(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        with torch.no_grad(), adapter_enabled(peft_tiny, True):
+            policy_TV = torch.softmax(response_logits(peft_tiny, [renderer.student_ids(query.messages)], row,
+                                                      tok.pad_token_id)[0].float(), -1)
+            teacher_TV = torch.softmax(teacher.logits([query], row)[0].float(), -1)
+        want = list(zip(policy_TV[:, eos].sum(-1).tolist(), teacher_TV[:, eos].sum(-1).tolist()))
+        # an untrained tiny model puts about 1/vocabulary on stopping: compare relative to that
+        torch.testing.assert_close(torch.tensor(stops), torch.tensor(want), rtol=2e-5, atol=1e-10)
+
+
 def test_teacher_sampled_logprobs_are_its_logits_at_the_sampled_tokens(peft_tiny, tiny):
     _, tok = tiny
     renderer = ChatRenderer.for_tokenizer(tok, "You are terse.", 8192)

@@ -304,6 +304,40 @@ def test_prompt_lm_term_logs_the_students_cross_entropy_on_the_prompt_and_moves_
     assert whole_log[1].prompt_ce < whole.prompt_ce  # trained on it, the student predicts the prompt better
 
 
+@pytest.fixture(scope="module")
+def tiny_stopping_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with random end-of-turn rows of a larger scale (the embeddings are tied, so the output logits
+    too). The tiny model's end-of-turn id is its padding id, whose row starts at zero: it stops with probability
+    ~1/vocabulary everywhere; this one with a probability that depends on the context, so the prompt moves it."""
+    from transformers import AutoModelForCausalLM
+
+    from promptbake.models import load_tokenizer
+    from promptbake.rollout import eos_token_ids
+
+    out = tmp_path_factory.mktemp("tiny-stopping")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        rows = model.get_input_embeddings().weight
+        rows[eos_token_ids(tokenizer)] = torch.randn(len(eos_token_ids(tokenizer)), rows.shape[1],
+                                                     generator=torch.Generator().manual_seed(0)) * 0.5
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_stop_term_logs_its_part_of_the_kl_and_moves_the_gradient(tmp_path, tiny_stopping_model_dir):
+    """The stop-or-go KL is logged beside the per-token loss and is a part of it (so no larger, on the same step-1
+    samples); it moves the gradient, not the logged loss, and one row per micro-batch gives what eight do."""
+    plain_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_stopping_model_dir, "stop_kl_weight", 30.0)
+    plain, split, whole = plain_log[0], split_log[0], whole_log[0]
+    assert plain.stop_kl is None and 0 < whole.stop_kl < whole.kl
+    assert plain.response_tokens == whole.response_tokens and plain.kl == pytest.approx(whole.kl, rel=1e-6)
+    assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
+    assert split.stop_kl == pytest.approx(whole.stop_kl, rel=1e-4)
+    assert split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
+
+
 def test_prompt_text_loss_in_chunks_gives_the_whole_prompts_value_and_gradient(tiny_model_dir):
     """A long prompt's cross-entropy runs in chunks (fp32 copies recomputed in the backward); value and LoRA gradient
     are those of one pass over the whole prompt, including a last chunk shorter than the others."""
