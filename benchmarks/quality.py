@@ -177,6 +177,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only compare saved runs of --prompts by query: the first run's gaps minus the mean of the "
                         "others', with a 95 %% bootstrap interval over held-out queries (runs by file name, e.g. "
                         "preset-faithful+fwd0.5+steps80-s3-b0k; NAME:last-step for an averaged run's last-step weights)")
+    p.add_argument("--lengths", action="store_true",
+                   help="only print and write, per saved run of --prompts, how long its own held-out answers run "
+                        "(answers cut at the measure cap, median tokens, the answers that ended) and the reverse gap "
+                        "on all of them and on the answers that ended")
     args = p.parse_args(argv)
     unknown = [part for v in args.variants.split(",") for part in v.split("+") if part not in VARIANTS]
     if unknown:
@@ -551,6 +555,44 @@ def paired_difference(out: Path, prompt: str, first: str, others: list[str], cap
     return result
 
 
+def length_split(measured: dict, cap: int) -> dict:
+    """One model's own held-out answers (the reverse-KL samples) split at the measure cap: answers cut there (at a
+    135M size mostly loops) against answers that ended. The gap is a mean over tokens, so the cut answers weigh
+    `cap` tokens each."""
+    import statistics
+
+    tokens, kls = measured["tokens"], measured["per_query"]
+    ended = [(k, n) for k, n in zip(kls, tokens) if n < cap]
+    cut = [(k, n) for k, n in zip(kls, tokens) if n >= cap]
+    mean = lambda pairs: sum(k * n for k, n in pairs) / sum(n for _, n in pairs) if pairs else float("nan")
+    return {"answers": len(tokens), "cut": len(cut), "median_tokens": statistics.median(tokens),
+            "mean_tokens": sum(tokens) / len(tokens), "ended_mean_tokens": sum(n for _, n in ended) / max(len(ended), 1),
+            "cut_token_share": sum(n for _, n in cut) / max(sum(tokens), 1),
+            "kl_all": mean(list(zip(kls, tokens))), "kl_ended": mean(ended), "kl_cut": mean(cut)}
+
+
+def lengths_table(out: Path, prompt: str, cap: int = 256) -> tuple[str, dict]:
+    """Every saved run of `prompt` against the base and the teacher: answer lengths and the gap with and without the
+    answers cut at the cap (the reverse gap on answers that ended compares them with the base's that ended)."""
+    reference = json.loads(reference_path(out, prompt, cap).read_text())
+    base = length_split(reference["reverse"], cap)
+    rows = {"teacher (its forward-KL samples)": length_split(reference["forward"], cap), "base": base}
+    gaps = {}
+    for path in sorted((out / "runs" / prompt).glob("*.json")):
+        run = json.loads(path.read_text())
+        rows[path.stem] = length_split(run["measured"]["reverse"], cap)
+        gaps[path.stem] = {"all": run["reverse_gap"], "ended": 1 - rows[path.stem]["kl_ended"] / base["kl_ended"]}
+    lines = [f"| {prompt}, own answers to {base['answers']} held-out queries | cut at {cap} | median tokens | mean tokens "
+             "| mean tokens, answers that ended | share of tokens in cut answers | KL per token, ended / cut | "
+             "reverse gap closed, all / answers that ended |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        g = gaps.get(name)
+        kl = "" if name.startswith("teacher") else f"{r['kl_ended']:.4f} / {r['kl_cut']:.4f}"  # the teacher's own KL is 0
+        lines.append(f"| {name} | {r['cut']} | {r['median_tokens']:g} | {r['mean_tokens']:.1f} | {r['ended_mean_tokens']:.1f} | "
+                     f"{r['cut_token_share']:.2f} | {kl} | " + (f"{g['all']:.3f} / {g['ended']:.3f} |" if g else "|"))
+    return "\n".join(lines), {"prompt": prompt, "cap": cap, "rows": rows, "gaps": gaps}
+
+
 def scatter_svg(rows: list[dict], width: int = 720, height: int = 420) -> str:
     """KL gap closed (mean over seeds, with its interval) against compile minutes, one point per prompt x variant."""
     pts = [(r["compile_min"].value / 60, r["reverse_gap"],
@@ -584,6 +626,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.summary:
         print(summarise(args.out))
+        return
+    if args.lengths:
+        for prompt in args.prompts.split(","):
+            text, data = lengths_table(args.out, prompt, args.measure_cap)
+            write_json(args.out / f"lengths-{prompt}.json", data)
+            print(text)
         return
     if args.paired:
         if len(args.paired) < 2:

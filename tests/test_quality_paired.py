@@ -60,3 +60,25 @@ def test_a_run_paired_with_itself_differs_by_nothing_and_a_missing_run_is_one_li
 
     with pytest.raises(SystemExit, match=r"nope\.json: no saved run of that name"):
         paired_difference(tmp_path, "demo", "x", ["nope"])
+
+
+def test_lengths_split_each_models_answers_at_the_cap_and_the_gap_on_answers_that_ended(tmp_path):
+    """--lengths: answers at the measure cap apart from the ones that ended; the gap on answers that ended is the
+    token-weighted gap over those answers alone, written out longhand here."""
+    from benchmarks.quality import lengths_table
+
+    base = {"per_query": [0.10, 0.04, 0.08, 0.02], "tokens": [40, 256, 60, 256]}
+    teacher = {"per_query": [0.05, 0.05, 0.05, 0.05], "tokens": [30, 50, 256, 20]}
+    baked = {"per_query": [0.02, 0.01, 0.03, 0.02], "tokens": [35, 256, 45, 70]}
+    _save(reference_path(tmp_path, "p", 256), {"reverse": base, "forward": teacher})
+    _save(run_path(tmp_path, "p", "v-s0-b0k"), {"measured": {"reverse": baked}, "reverse_gap": _gap(baked, base)})
+    text, data = lengths_table(tmp_path, "p", 256)
+    rows = data["rows"]
+    assert (rows["base"]["cut"], rows["teacher (its forward-KL samples)"]["cut"], rows["v-s0-b0k"]["cut"]) == (2, 1, 1)
+    assert rows["v-s0-b0k"]["median_tokens"] == 57.5 and rows["v-s0-b0k"]["ended_mean_tokens"] == 50
+    assert rows["base"]["cut_token_share"] == pytest.approx(512 / 612)
+    ended_baked = (0.02 * 35 + 0.03 * 45 + 0.02 * 70) / 150
+    ended_base = (0.10 * 40 + 0.08 * 60) / 100
+    assert data["gaps"]["v-s0-b0k"]["ended"] == pytest.approx(1 - ended_baked / ended_base)
+    assert data["gaps"]["v-s0-b0k"]["all"] == pytest.approx(_gap(baked, base))
+    assert "v-s0-b0k" in text
