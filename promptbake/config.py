@@ -91,7 +91,9 @@ class BakeConfig(BaseModel):
                     "against all others), mixed as forward_kl_weight mixes the per-token loss, is added times this "
                     "weight. That KL is already a part of the per-token one, but a small part: a stop hazard of 1/90 per "
                     "token against the teacher's 1/60 costs about 0.001 nats a position while it makes answers half as "
-                    "long again. Needs the teacher's logits (kl full or topk, not a served teacher).",
+                    "long again. Needs the teacher's logits (kl full or topk, not a served teacher). On medical (seed 1) "
+                    "weight 10 brought the bake's stops to the teacher's and lost 0.10 of the held-out reverse-KL gap, "
+                    "so it is off by default (docs/quality.md, section 27).",
     )
     hidden_match_weight: float | None = Field(
         None, ge=0,
