@@ -499,3 +499,16 @@ def test_stop_log_probs_keep_a_near_certain_stop():
     stop, go = stop_log_probs(logits, [3])
     want_go = torch.log(torch.tensor(7.0, dtype=torch.float64)) - 30.0
     assert abs(float(go) - float(want_go)) < 1e-4 and abs(float(stop)) < 1e-6
+
+
+def test_stop_weight_needs_the_teachers_logits():
+    """The stop term reads both models' full distributions: refused where the teacher gives only sampled log-probs."""
+    from promptbake.config import BakeConfig
+
+    assert BakeConfig(stop_kl_weight=3.0).stop_kl_weight == 3.0
+    assert BakeConfig(stop_kl_weight=3.0, kl="topk").stop_kl_weight == 3.0
+    for bad in ({"kl": "sampled"}, {"method": "sft"}, {"teacher_url": "http://localhost:8000/v1"}):
+        with pytest.raises(ValueError, match="stop_kl_weight"):
+            BakeConfig(stop_kl_weight=3.0, **bad)
+    with pytest.raises(ValueError):
+        BakeConfig(stop_kl_weight=-1.0)
