@@ -17,7 +17,9 @@ The JSON also keeps, per distinct token, its count and both sums; the table list
 what is left.
 
 `--side reverse` measures the other direction: base and bake each answer the queries themselves (the study's
-reverse-KL samples) and KL(model || teacher) is summed by class on each one's own tokens.
+reverse-KL samples) and KL(model || teacher) is summed by class on each one's own tokens. It also sums, by position,
+each model's probability of ending the answer at every token of its own answers and the teacher's there (expected
+stops: where the teacher would have ended answers the model goes on with). Without `--runs` it measures the base alone.
 
     python benchmarks/residual_tokens.py --prompt medical --runs preset-faithful+fwd0.5+steps80+hid30-s1-b0k
 """
