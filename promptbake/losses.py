@@ -251,9 +251,9 @@ def stop_log_probs(logits_BTV: torch.Tensor, eos_ids: list[int], temperature: fl
         logits_BTV = logits_BTV / temperature
     is_eos_V = torch.zeros(logits_BTV.shape[-1], dtype=torch.bool, device=logits_BTV.device)
     is_eos_V[list(eos_ids)] = True
-    total_BT = logits_BTV.logsumexp(-1)
     stop_BT = logits_BTV[..., is_eos_V].logsumexp(-1)
     go_BT = logits_BTV.masked_fill(is_eos_V, float("-inf")).logsumexp(-1)
+    total_BT = torch.logaddexp(stop_BT, go_BT)  # the whole vocabulary's, without a third pass over it
     return stop_BT - total_BT, go_BT - total_BT
 
 
@@ -266,13 +266,10 @@ def stop_kl(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, 
     decision is already in it, but weakly: a hazard of 1/90 per token against the teacher's 1/60 costs about 0.001
     nats a position, while it makes answers half as long again. Weighting this term (config `stop_kl_weight`)
     weighs where an answer ends apart from what it says. Gradients flow through the student only."""
-    s_stop_BT, s_go_BT = stop_log_probs(student_logits_BTV, eos_ids, temperature)
-    t_stop_BT, t_go_BT = (x.detach() for x in stop_log_probs(teacher_logits_BTV.detach(), eos_ids, temperature))
-    reverse_BT = s_stop_BT.exp() * (s_stop_BT - t_stop_BT) + s_go_BT.exp() * (s_go_BT - t_go_BT)
-    if not forward_weight:
-        return reverse_BT
-    forward_BT = t_stop_BT.exp() * (t_stop_BT - s_stop_BT) + t_go_BT.exp() * (t_go_BT - s_go_BT)
-    return (1 - forward_weight) * reverse_BT + forward_weight * forward_BT
+    # mixed_kl over a two-entry "vocabulary": stop, go on
+    student_logp_BT2 = torch.stack(stop_log_probs(student_logits_BTV, eos_ids, temperature), -1)
+    teacher_logp_BT2 = torch.stack(stop_log_probs(teacher_logits_BTV.detach(), eos_ids, temperature), -1)
+    return mixed_kl(student_logp_BT2, teacher_logp_BT2, forward_weight)
 
 
 def reverse_kl(kind: str, student_logits_BTV: torch.Tensor, teacher: torch.Tensor, sampled_ids_BT: torch.Tensor,
