@@ -315,7 +315,9 @@ class BakeConfig(BaseModel):
                                  "for the student's own samples; make it less than steps")
         if self.future_kl_weight and self.method != "opcd":
             raise ValueError(f"future_kl_weight trains on the student's own samples; it needs method opcd, not {self.method}")
-        if self.stop_kl_weight and (self.method == "sft" or self.kl == "sampled" or self.teacher_url):
+        # The terms that read the teacher's full distribution or its layers need a local teacher returning logits.
+        teacher_logits = self.method != "sft" and self.kl != "sampled" and not self.teacher_url
+        if self.stop_kl_weight and not teacher_logits:
             raise ValueError("stop_kl_weight compares the two models' probabilities of ending the answer: it needs the "
                              f"teacher's logits (kl full or topk, method opcd or offpolicy), not method {self.method} with "
                              f"kl {self.kl}" + (" and teacher_url" if self.teacher_url else ""))
@@ -323,7 +325,7 @@ class BakeConfig(BaseModel):
             # Derived like forward_kl_weight. A named teacher may have another shape, so it is off unless asked for.
             own_layers = self.method == "opcd" and self.kl != "sampled" and not self.teacher and not self.teacher_url
             object.__setattr__(self, "hidden_match_weight", DEFAULT_HIDDEN_MATCH_WEIGHT if own_layers else 0.0)
-        elif self.hidden_match_weight and (self.method == "sft" or self.kl == "sampled" or self.teacher_url):
+        elif self.hidden_match_weight and not teacher_logits:
             raise ValueError("hidden_match_weight reads the teacher's layers as it scores: it needs a local teacher that "
                              f"returns logits (kl full or topk, method opcd or offpolicy), not method {self.method} "
                              f"with kl {self.kl}" + (" and teacher_url" if self.teacher_url else ""))
