@@ -177,6 +177,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only compare saved runs of --prompts by query: the first run's gaps minus the mean of the "
                         "others', with a 95 %% bootstrap interval over held-out queries (runs by file name, e.g. "
                         "preset-faithful+fwd0.5+steps80-s3-b0k; NAME:last-step for an averaged run's last-step weights)")
+    p.add_argument("--versus", nargs=2, metavar=("VARIANT", "OTHER"),
+                   help="only compare two saved variants of --prompts over --seeds (at --token-budget): the mean over "
+                        "the seeds where both were run of each seed's paired difference in gap closed, with a 95 %% "
+                        "bootstrap interval over held-out queries, and each seed's difference; writes "
+                        "<out>/versus/<prompt>-VARIANT-vs-OTHER.json")
     p.add_argument("--lengths", action="store_true",
                    help="only print and write, per saved run of --prompts, how long its own held-out answers run "
                         "(answers cut at the measure cap, median tokens, the answers that ended) and the reverse gap "
@@ -555,6 +560,38 @@ def paired_difference(out: Path, prompt: str, first: str, others: list[str], cap
     return result
 
 
+def seeds_difference(out: Path, prompt: str, first: str, other: str, seeds: list[int], budget: int = 0,
+                     cap: int = 256) -> dict:
+    """Variant `first` against variant `other` over the seeds where both were run: the mean over those seeds of each
+    seed's paired difference in gap closed, with a 95 % interval that resamples held-out queries jointly across every
+    run. The interval is the queries' noise given those seeds; the per-seed differences beside it show the seeds'."""
+    import numpy as np
+
+    from promptbake.stats import bootstrap, gap_closed
+
+    pairs = [(seed, run_name(first, seed, budget), run_name(other, seed, budget)) for seed in seeds]
+    pairs = [p for p in pairs if run_path(out, prompt, p[1]).is_file() and run_path(out, prompt, p[2]).is_file()]
+    result = {"prompt": prompt, "first": first, "other": other, "seeds": [seed for seed, _, _ in pairs]}
+    if not pairs:
+        return result
+    reference = json.loads(reference_path(out, prompt, cap).read_text())
+    measured = [(measured_of(out, prompt, a), measured_of(out, prompt, b)) for _, a, b in pairs]
+    for kind in ("reverse", "forward"):
+        base = reference[kind]
+        columns = [base["per_query"], base["tokens"]]
+        for a, b in measured:
+            columns += [a[kind]["per_query"], a[kind]["tokens"], b[kind]["per_query"], b[kind]["tokens"]]
+
+        def per_seed(base_kl, base_n, *runs):
+            return [gap_closed(runs[i], base_kl, runs[i + 1], base_n) - gap_closed(runs[i + 2], base_kl, runs[i + 3], base_n)
+                    for i in range(0, len(runs), 4)]
+
+        arrays = [np.asarray(c, dtype=float) for c in columns]
+        result[kind] = {**bootstrap(columns, lambda *c: float(np.mean(per_seed(*c))), n_boot=4000).to_dict(),
+                        "per_seed": [round(d, 4) for d in per_seed(*arrays)]}
+    return result
+
+
 def length_split(measured: dict, cap: int) -> dict:
     """One model's own held-out answers (the reverse-KL samples) split at the measure cap: answers cut there (at a
     135M size mostly loops) against answers that ended. The gap is a mean over tokens, so the cut answers weigh
@@ -632,6 +669,19 @@ def main(argv=None) -> None:
             text, data = lengths_table(args.out, prompt, args.measure_cap)
             write_json(args.out / f"lengths-{prompt}.json", data)
             print(text)
+        return
+    if args.versus:
+        first, other = args.versus
+        for prompt in args.prompts.split(","):
+            d = seeds_difference(args.out, prompt, first, other, [int(s) for s in args.seeds.split(",")],
+                                 args.token_budget, args.measure_cap)
+            if not d["seeds"]:
+                print(f"[{prompt}] no seed of {args.seeds} has both {first} and {other}")
+                continue
+            write_json(args.out / "versus" / f"{prompt}-{first}-vs-{other}.json", d)
+            print(f"[{prompt}] {first} minus {other}, seeds {','.join(map(str, d['seeds']))}: " + "; ".join(
+                f"{kind} gap {d[kind]['value']:+.3f} [{d[kind]['ci95'][0]:+.3f}, {d[kind]['ci95'][1]:+.3f}] "
+                f"(per seed {', '.join(f'{x:+.3f}' for x in d[kind]['per_seed'])})" for kind in ("reverse", "forward")))
         return
     if args.paired:
         if len(args.paired) < 2:

@@ -82,3 +82,29 @@ def test_lengths_split_each_models_answers_at_the_cap_and_the_gap_on_answers_tha
     assert data["gaps"]["v-s0-b0k"]["ended"] == pytest.approx(1 - ended_baked / ended_base)
     assert data["gaps"]["v-s0-b0k"]["all"] == pytest.approx(_gap(baked, base))
     assert "v-s0-b0k" in text
+
+
+def test_versus_is_the_mean_over_shared_seeds_of_each_seeds_paired_difference(tmp_path):
+    """--versus A B: per seed where both runs exist, A's gap minus B's (written out longhand), then their mean;
+    a seed with only one of the two is left out rather than compared with nothing."""
+    from benchmarks.quality import run_name, seeds_difference
+
+    rng = random.Random(2)
+    reference = {kind: _measurement(rng, 20, 1.0) for kind in ("reverse", "forward")}
+    _save(reference_path(tmp_path, "demo", 256), reference)
+    runs = {}
+    for variant, seeds, scale in (("a", (0, 1, 2), 0.2), ("b", (0, 1), 0.35)):
+        for seed in seeds:
+            runs[variant, seed] = {kind: _measurement(rng, 20, scale) for kind in ("reverse", "forward")}
+            _save(run_path(tmp_path, "demo", run_name(variant, seed, 0)), {"measured": runs[variant, seed]})
+
+    result = seeds_difference(tmp_path, "demo", "a", "b", [0, 1, 2], budget=0)
+
+    assert result["seeds"] == [0, 1]
+    for kind in ("reverse", "forward"):
+        per_seed = [_gap(runs["a", s][kind], reference[kind]) - _gap(runs["b", s][kind], reference[kind]) for s in (0, 1)]
+        assert result[kind]["per_seed"] == pytest.approx(per_seed, abs=1e-4)
+        assert result[kind]["value"] == pytest.approx(sum(per_seed) / 2, rel=1e-9)
+        lo, hi = result[kind]["ci95"]
+        assert lo < result[kind]["value"] < hi
+    assert seeds_difference(tmp_path, "demo", "a", "b", [2])["seeds"] == []
