@@ -541,33 +541,43 @@ def paired_difference(out: Path, prompt: str, first: str, others: list[str], cap
     query is hard for every run) cancels, and the interval is the difference's own noise."""
     import numpy as np
 
-    from promptbake.stats import bootstrap, gap_closed
+    from promptbake.stats import bootstrap
 
     reference = json.loads(reference_path(out, prompt, cap).read_text())
     runs = [measured_of(out, prompt, name) for name in [first, *others]]
     result = {"prompt": prompt, "first": first, "others": others}
     for kind in ("reverse", "forward"):
-        base = reference[kind]
-        columns = [base["per_query"], base["tokens"]]
-        for run in runs:
-            columns += [run[kind]["per_query"], run[kind]["tokens"]]
-
-        def difference(base_kl, base_n, *runs_kl_n):
-            gaps = [gap_closed(runs_kl_n[i], base_kl, runs_kl_n[i + 1], base_n) for i in range(0, len(runs_kl_n), 2)]
+        def difference(*columns):
+            gaps = gaps_of_columns(*columns)
             return float(gaps[0] - np.mean(gaps[1:]))
 
-        result[kind] = bootstrap(columns, difference, n_boot=4000).to_dict()
+        result[kind] = bootstrap(gap_columns(reference, runs, kind), difference, n_boot=4000).to_dict()
     return result
 
 
-def seeds_difference(out: Path, prompt: str, first: str, other: str, seeds: list[int], budget: int = 0,
-                     cap: int = 256) -> dict:
+def gap_columns(reference: dict, runs: list[dict], kind: str) -> list:
+    """The per-query columns every paired comparison resamples jointly: the base's KL and tokens, then each run's."""
+    columns = [reference[kind]["per_query"], reference[kind]["tokens"]]
+    for run in runs:
+        columns += [run[kind]["per_query"], run[kind]["tokens"]]
+    return columns
+
+
+def gaps_of_columns(base_kl, base_n, *runs_kl_n) -> list[float]:
+    """Each run's gap closed from `gap_columns`' layout (one resample of it)."""
+    from promptbake.stats import gap_closed
+
+    return [gap_closed(runs_kl_n[i], base_kl, runs_kl_n[i + 1], base_n) for i in range(0, len(runs_kl_n), 2)]
+
+
+def seeds_difference(out: Path, prompt: str, first: str, other: str, seeds: list[int],
+                     budget: int = DEFAULT_BUDGET, cap: int = 256) -> dict:
     """Variant `first` against variant `other` over the seeds where both were run: the mean over those seeds of each
     seed's paired difference in gap closed, with a 95 % interval that resamples held-out queries jointly across every
     run. The interval is the queries' noise given those seeds; the per-seed differences beside it show the seeds'."""
     import numpy as np
 
-    from promptbake.stats import bootstrap, gap_closed
+    from promptbake.stats import bootstrap
 
     pairs = [(seed, run_name(first, seed, budget), run_name(other, seed, budget)) for seed in seeds]
     pairs = [p for p in pairs if run_path(out, prompt, p[1]).is_file() and run_path(out, prompt, p[2]).is_file()]
@@ -575,20 +585,16 @@ def seeds_difference(out: Path, prompt: str, first: str, other: str, seeds: list
     if not pairs:
         return result
     reference = json.loads(reference_path(out, prompt, cap).read_text())
-    measured = [(measured_of(out, prompt, a), measured_of(out, prompt, b)) for _, a, b in pairs]
+    runs = [measured_of(out, prompt, name) for _, a, b in pairs for name in (a, b)]  # first, other, first, other...
     for kind in ("reverse", "forward"):
-        base = reference[kind]
-        columns = [base["per_query"], base["tokens"]]
-        for a, b in measured:
-            columns += [a[kind]["per_query"], a[kind]["tokens"], b[kind]["per_query"], b[kind]["tokens"]]
+        columns = gap_columns(reference, runs, kind)
 
-        def per_seed(base_kl, base_n, *runs):
-            return [gap_closed(runs[i], base_kl, runs[i + 1], base_n) - gap_closed(runs[i + 2], base_kl, runs[i + 3], base_n)
-                    for i in range(0, len(runs), 4)]
+        def per_seed(*columns):
+            gaps = gaps_of_columns(*columns)
+            return [a - b for a, b in zip(gaps[0::2], gaps[1::2])]
 
-        arrays = [np.asarray(c, dtype=float) for c in columns]
         result[kind] = {**bootstrap(columns, lambda *c: float(np.mean(per_seed(*c))), n_boot=4000).to_dict(),
-                        "per_seed": [round(d, 4) for d in per_seed(*arrays)]}
+                        "per_seed": [round(d, 4) for d in per_seed(*(np.asarray(c, dtype=float) for c in columns))]}
     return result
 
 

@@ -107,4 +107,4 @@ def test_versus_is_the_mean_over_shared_seeds_of_each_seeds_paired_difference(tm
         assert result[kind]["value"] == pytest.approx(sum(per_seed) / 2, rel=1e-9)
         lo, hi = result[kind]["ci95"]
         assert lo < result[kind]["value"] < hi
-    assert seeds_difference(tmp_path, "demo", "a", "b", [2])["seeds"] == []
+    assert seeds_difference(tmp_path, "demo", "a", "b", [2], budget=0)["seeds"] == []
