@@ -41,6 +41,8 @@ VARIANTS = {
     "compiled layers + eager loss": {"torch_compile": True, "eager_loss": True},
     # Not a setting: teacher scoring through the compiled layers too (the default keeps it eager).
     "compiled layers + compiled teacher": {"torch_compile": True, "compiled_teacher": True},
+    # Not a setting: the student's training pass through SDPA's CPU kernel, as before its matmul attention.
+    "compiled layers + SDPA training attention": {"torch_compile": True, "training_scores_budget": 0},
     # Not a setting: the loss forced into 256-token chunks (SmolLM2's 49k vocabulary is under the default threshold).
     "loss in 256-token chunks": {"loss_chunk_bytes": 256 * 4 * 49152},
     "gradient checkpointing": {"gradient_checkpointing": True},
@@ -123,6 +125,10 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
         promptbake.losses.LOSS_CHUNK_BYTES = settings.pop("loss_chunk_bytes")
     if "packed_layout" in settings:
         promptbake.rollout.PACKED_LAYOUT = settings.pop("packed_layout")
+    if "training_scores_budget" in settings:
+        import promptbake.fastdecode
+
+        promptbake.fastdecode.TRAINING_SCORES_BUDGET = settings.pop("training_scores_budget")
     from quality import eager_decoding_only
 
     import promptbake.train

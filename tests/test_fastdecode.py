@@ -105,3 +105,82 @@ def test_decode_attention_model_logits_equal_sdpa_model_logits(tiny_model_dir):
                                past_key_values=cache).logits[:, -1])
         logits.append(torch.stack(steps))
     assert (logits[0] - logits[1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_training_pass_attention_equals_sdpa_in_values_and_gradients(dtype, tol):
+    """With gradients on, short sequences take the matmul path: outputs and the gradients of queries, keys and
+    values match SDPA's at every query that attends to something; a left-padding query that attends to nothing
+    stays finite, so no NaN reaches any gradient."""
+    import promptbake.fastdecode as fastdecode
+
+    torch.manual_seed(2)
+    B, H, KV, L, D = 2, 6, 2, 9, 16
+    mask = torch.ones(B, 1, L, L, dtype=torch.bool).tril()
+    mask[0, :, :, :3] = False  # row 0 is left-padded by three tokens: its first three queries attend to nothing
+    live_BL = torch.ones(B, L, dtype=torch.bool)
+    live_BL[0, :3] = False
+    weights = torch.randn(B, L, H, D)  # a loss that reads every live output
+    grads = []
+    for matmul_path in (True, False):
+        q = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
+        k = torch.randn(B, KV, L, D, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_()
+        v = torch.randn(B, KV, L, D, generator=torch.Generator().manual_seed(5)).to(dtype).requires_grad_()
+        if matmul_path:
+            assert B * H * L * L <= fastdecode.TRAINING_SCORES_BUDGET
+            out, _ = decode_attention_forward(_Module(), q, k, v, mask)
+        else:  # the reference: SDPA over the keys repeated per head, padding queries given one key so they are defined
+            safe = mask.clone()
+            safe[0, :, :3, 3] = True
+            out = _reference(q, k, v, safe).to(dtype)
+        assert torch.isfinite(out).all()
+        (out.float() * weights * live_BL[:, :, None, None]).sum().backward()
+        grads.append((out.detach().float()[live_BL], q.grad.float(), k.grad.float(), v.grad.float()))
+    for ours, theirs in zip(*grads):
+        assert torch.isfinite(ours).all()
+        assert (ours - theirs).abs().max() < tol * max(1.0, float(theirs.abs().max()))
+
+
+def test_long_training_sequences_and_passes_without_gradients_keep_sdpa(monkeypatch):
+    """Past the budget (scores of 30 layers kept for backward) and without gradients, the path is SDPA's."""
+    import promptbake.fastdecode as fastdecode
+
+    calls = []
+    monkeypatch.setattr(fastdecode, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or (None, None))
+    q, k, v = torch.randn(1, 2, 8, 4, requires_grad=True), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4)
+    decode_attention_forward(_Module(), q, k, v, None)
+    assert calls == []
+    with torch.no_grad():
+        decode_attention_forward(_Module(), q, k, v, None)
+    assert calls == [1]
+    monkeypatch.setattr(fastdecode, "TRAINING_SCORES_BUDGET", 1 * 2 * 8 * 8 - 1)
+    decode_attention_forward(_Module(), q, k, v, None)
+    assert calls == [1, 1]
+
+
+def test_student_gradients_through_the_model_equal_sdpa(tiny_model_dir):
+    """A left-padded batch through the whole model with a LoRA adapter: the loss and every LoRA gradient are
+    what transformers' SDPA path gives."""
+    from peft import LoraConfig, get_peft_model
+
+    from promptbake.models import load_model
+
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8], [1, 8, 9, 10, 11, 12, 13]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    results = []
+    for implementation in (NAME, "sdpa"):
+        torch.manual_seed(0)
+        model = load_model(tiny_model_dir)
+        model.set_attn_implementation(implementation)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -4:]
+        loss = torch.log_softmax(logits.float(), -1)[..., 3].sum()
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_ours, grads_ours), (loss_sdpa, grads_sdpa) = results
+    assert abs(loss_ours - loss_sdpa) < 1e-4 * abs(loss_sdpa)
+    assert grads_ours.keys() == grads_sdpa.keys() and grads_ours
+    for name, grad in grads_ours.items():
+        assert torch.isfinite(grad).all(), name
+        assert (grad - grads_sdpa[name]).abs().max() < 1e-4 * max(1.0, float(grads_sdpa[name].abs().max())), name
