@@ -136,6 +136,15 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
     eager_decoding = settings.pop("eager_decoding", False)
     if settings.pop("compiled_teacher", False):  # eager_only guards teacher scoring (and eager sampling, unused here)
         promptbake.train.eager_only = lambda enabled: contextlib.nullcontext()
+        import promptbake.teacher
+        import torch
+
+        prefix = promptbake.teacher.PromptedTeacher._prefix
+
+        def eager_prefix(self):  # once, with a growing cache: through the compiled layers it recompiles per layer
+            with torch.compiler.set_stance("force_eager"):
+                return prefix(self)
+        promptbake.teacher.PromptedTeacher._prefix = eager_prefix
     if settings.pop("eager_loss", False):
         promptbake.train.compiled_loss = lambda enabled: contextlib.nullcontext(False)
     with tempfile.TemporaryDirectory() as tmp, eager_decoding_only() if eager_decoding else contextlib.nullcontext():
