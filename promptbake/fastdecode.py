@@ -14,8 +14,9 @@ So: the CPU decode step is two matmuls with an fp32 softmax, and a prompt prefix
 matmul per KV head.
 
 The same two matmuls serve the student's training pass on the CPU while its scores stay small
-(`TRAINING_SCORES_BUDGET`): SDPA's CPU flash kernel took 8.1 ms forward + backward for 2 rows x 170 tokens
-in one layer, the matmuls 4.1 ms, and a step runs that 240 times. Everything else (prefill without a shared
+(`TRAINING_SCORES_BUDGET`): for a few hundred tokens SDPA's CPU flash kernel costs more than the FLOPs, and a
+step runs it 240 times forward and backward; the matmuls made the student's pass 1.08x faster at the 128-token
+cap (benchmarks/train_step.py, docs/performance.md). Everything else (prefill without a shared
 prefix, long training sequences, CUDA) goes to transformers' own SDPA path unchanged. Masks are built
 exactly as for SDPA.
 """
