@@ -43,6 +43,10 @@ VARIANTS = {
     "compiled layers + compiled teacher": {"torch_compile": True, "compiled_teacher": True},
     # Not a setting: the student's training pass through SDPA's CPU kernel, as before its matmul attention.
     "compiled layers + SDPA training attention": {"torch_compile": True, "training_scores_budget": 0},
+    # oneDNN's kernel cache (promptbake sets ONEDNN_PRIMITIVE_CACHE_CAPACITY on import unless already set) at
+    # other sizes than the default, everything compiled.
+    "compiled layers + oneDNN cache 256": {"torch_compile": True, "onednn_cache": 256},
+    "compiled layers + oneDNN cache 64": {"torch_compile": True, "onednn_cache": 64},
     # Not a setting: the loss forced into 256-token chunks (SmolLM2's 49k vocabulary is under the default threshold).
     "loss in 256-token chunks": {"loss_chunk_bytes": 256 * 4 * 49152},
     "gradient checkpointing": {"gradient_checkpointing": True},
@@ -116,11 +120,14 @@ def teacher_scoring(prompt_path: Path, repeats: int = 3, precisions: tuple[str, 
 
 def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
     """One variant, a few steps, in this process; prints its JSON."""
+    if "onednn_cache" in VARIANTS[variant]:  # read by oneDNN at its first matmul, so before torch runs any
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(VARIANTS[variant]["onednn_cache"])
     import promptbake.losses
     import promptbake.rollout
     from promptbake.bake import compile_prompt
 
     settings = dict(VARIANTS[variant])
+    settings.pop("onednn_cache", None)
     if "loss_chunk_bytes" in settings:
         promptbake.losses.LOSS_CHUNK_BYTES = settings.pop("loss_chunk_bytes")
     if "packed_layout" in settings:
