@@ -43,6 +43,8 @@ VARIANTS = {
     "compiled layers + compiled teacher": {"torch_compile": True, "compiled_teacher": True},
     # Not a setting: the student's training pass through SDPA's CPU kernel, as before its matmul attention.
     "compiled layers + SDPA training attention": {"torch_compile": True, "training_scores_budget": 0},
+    # Not a setting: teacher scoring one micro-batch per call, as before several were scored together.
+    "compiled layers + teacher per micro-batch": {"torch_compile": True, "teacher_scoring_bytes": 0},
     # oneDNN's kernel cache at a set size, everything compiled: 256 is what promptbake sets on import (unless
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set), 64 was tried and not kept.
     "compiled layers + oneDNN cache 256": {"torch_compile": True, "onednn_cache": 256},
@@ -132,6 +134,10 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
         promptbake.losses.LOSS_CHUNK_BYTES = settings.pop("loss_chunk_bytes")
     if "packed_layout" in settings:
         promptbake.rollout.PACKED_LAYOUT = settings.pop("packed_layout")
+    if "teacher_scoring_bytes" in settings:
+        import promptbake.train
+
+        promptbake.train.TEACHER_SCORING_BYTES = settings.pop("teacher_scoring_bytes")
     if "training_scores_budget" in settings:
         import promptbake.fastdecode
 

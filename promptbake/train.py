@@ -53,6 +53,7 @@ from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import (
     HFRolloutEngine,
+    Rollout,
     autocast,
     compiled_decoding,
     eos_token_ids,
@@ -237,6 +238,79 @@ def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+# Teacher scoring runs eager, and two rows a call left much of its time to per-call overhead; so consecutive
+# micro-batches are scored in one call while their logits fit this many bytes (one micro-batch at the least).
+# 64 MiB is four rows of 128 tokens at a 49k vocabulary in bf16 (benchmarks/train_step.py, docs/performance.md).
+TEACHER_SCORING_BYTES = 64 * 2**20
+
+
+def teacher_spans(group_rows: list[int], group_widths: list[int], vocab: int, value_bytes: int) -> list[list[int]]:
+    """Consecutive micro-batch indices, each list scored by one teacher call: as many micro-batches as keep the
+    call's logits (rows x widest response x vocab) within TEACHER_SCORING_BYTES, and at least one."""
+    spans: list[list[int]] = []
+    for index, (rows, width) in enumerate(zip(group_rows, group_widths)):
+        if spans:
+            span = spans[-1]
+            together = (sum(group_rows[j] for j in span) + rows) * max(width, *(group_widths[j] for j in span))
+            if together * vocab * value_bytes <= TEACHER_SCORING_BYTES:
+                span.append(index)
+                continue
+        spans.append([index])
+    return spans
+
+
+@dataclass
+class TeacherTargets:
+    """What the teacher gives one micro-batch: logits_BTV or logp_BT (`out`), and with the layers' term its states
+    at the response (states_LBTD) and at the user turn (query_LBQD, query_mask_BQ, the rows' `suffix` lengths)."""
+
+    out: torch.Tensor | None
+    states_LBTD: torch.Tensor | None = None
+    query_LBQD: torch.Tensor | None = None
+    query_mask_BQ: torch.Tensor | None = None
+    suffix: list[int] | None = None
+
+
+def score_teacher(teacher, row_groups: list[list[int]], rollout: Rollout, batch: list[Query], prompts: list[list[int]], *,
+                  teacher_input: str, temperature: float, blocks: list, matched: Callable, match_hidden: bool,
+                  match_query: bool, compiling: bool) -> list[TeacherTargets]:
+    """One teacher call over the rows of several micro-batches, split back into each micro-batch's targets. Each
+    row's targets are its own whatever it is scored with: responses are right-padded and prompts end where the
+    responses begin, so a micro-batch takes its rows, its response width and its last query columns."""
+    rows = [r for group in row_groups for r in group]
+    together, queries = rollout.select(rows), [batch[r] for r in rows]
+    T = together.response_ids_BT.shape[1]
+    with eager_only(compiling), recorded_layer_outputs(blocks) as layers:
+        if teacher_input == "logits":
+            out = teacher.logits(queries, together, left_padded=match_hidden)  # logits_BTV
+        elif teacher_input == "sampled_logprobs":
+            out = teacher.sampled_logprobs(queries, together, temperature)  # logp_BT
+        else:
+            out = None
+    states_LBTD = matched(response_states(layers, len(blocks), T)) if match_hidden else None
+    if match_query:  # the user turn both prompts end with, as far as the teacher's pass reads
+        suffix = [min(common_suffix_length(prompts[r], teacher.prompt_ids(q)), n)
+                  for r, q, n in zip(rows, queries, teacher.scored_prompt_lengths(queries))]
+        query_LBQD, query_mask_BQ = query_states(layers, len(blocks), T, suffix)
+        query_LBQD = matched(query_LBQD)
+    del layers
+    targets, start = [], 0
+    for group in row_groups:
+        b = slice(start, start + len(group))
+        start += len(group)
+        width = rollout.select(group).response_ids_BT.shape[1]
+        # Contiguous copies: the loss sees the layout it would have had alone, and the call's tensors can go.
+        target = TeacherTargets(out[b, :width].contiguous() if out is not None else None,
+                                states_LBTD[:, b, :width].contiguous() if states_LBTD is not None else None)
+        if match_query:
+            target.suffix = suffix[b]
+            first_q = query_LBQD.shape[2] - max((max(n - 1, 0) for n in target.suffix), default=0)  # right-aligned
+            target.query_LBQD = query_LBQD[:, b, first_q:].contiguous()
+            target.query_mask_BQ = query_mask_BQ[b, first_q:].contiguous()
+        targets.append(target)
+    return targets
+
+
 def refuse_sharded_muon(config: BakeConfig, distributed_type: DistributedType) -> None:
     """Muon orthogonalises each LoRA matrix whole; under FSDP a process holds a flat shard of it, so the step it
     took would be another one, silently. Refused before anything is prepared."""
@@ -378,6 +452,10 @@ def train_student(
             for part_rows, part_tokens in zip(parts, part_tokens_K):
                 total_tokens = max(part_tokens, 1) / world
                 groups = micro_batches([len(prompts[r]) + response_lens[r] for r in part_rows], config.micro_batch_size)
+                spans = teacher_spans([len(g) for g in groups],
+                                      [rollout.select([part_rows[i] for i in g]).response_ids_BT.shape[1] for g in groups],
+                                      len(tokenizer), 2 if bf16 else 4)
+                scored: dict[int, TeacherTargets] = {}  # micro-batch index -> its targets, scored with an earlier one
                 if prompt_ids_1P is not None:  # once per update, its gradient added to the part's (synced with its last)
                     with accelerator.no_sync(wrapped):
                         prompt_loss = prompt_text_loss(wrapped, prompt_ids_1P, bf16)
@@ -386,23 +464,21 @@ def train_student(
                     del prompt_loss
                 for index, group in enumerate(groups):
                     rows = [part_rows[i] for i in group]
-                    micro, micro_queries = rollout.select(rows), [batch[r] for r in rows]
+                    micro = rollout.select(rows)
                     t_teacher = time.perf_counter()
                     T = micro.response_ids_BT.shape[1]
-                    with eager_only(compiling), recorded_layer_outputs(teacher_blocks) as teacher_layers:
-                        if objective.teacher_input == "logits":
-                            teacher_out = teacher.logits(micro_queries, micro, left_padded=match_hidden)  # logits_BTV
-                        elif objective.teacher_input == "sampled_logprobs":
-                            teacher_out = teacher.sampled_logprobs(micro_queries, micro, config.temperature)  # logp_BT
-                        else:
-                            teacher_out = None
-                    teacher_states_LBTD = matched(response_states(teacher_layers, len(teacher_blocks), T)) if match_hidden else None
-                    if config.hidden_match_query:  # the user turn both prompts end with, as far as the teacher's pass reads
-                        suffix = [min(common_suffix_length(prompts[r], teacher.prompt_ids(q)), n)
-                                  for r, q, n in zip(rows, micro_queries, teacher.scored_prompt_lengths(micro_queries))]
-                        teacher_query_LBQD, query_mask_BQ = query_states(teacher_layers, len(teacher_blocks), T, suffix)
-                        teacher_query_LBQD = matched(teacher_query_LBQD)
-                    del teacher_layers
+                    if index not in scored:
+                        span = next(span for span in spans if span[0] == index)
+                        scored.update(zip(span, score_teacher(
+                            teacher, [[part_rows[i] for i in groups[j]] for j in span], rollout, batch, prompts,
+                            teacher_input=objective.teacher_input, temperature=config.temperature, blocks=teacher_blocks,
+                            matched=matched, match_hidden=match_hidden, match_query=config.hidden_match_query,
+                            compiling=compiling)))
+                    targets = scored.pop(index)
+                    teacher_out, teacher_states_LBTD = targets.out, targets.states_LBTD
+                    if config.hidden_match_query:
+                        suffix, teacher_query_LBQD, query_mask_BQ = targets.suffix, targets.query_LBQD, targets.query_mask_BQ
+                    del targets
                     teacher_s += time.perf_counter() - t_teacher
                     last = index == len(groups) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):

@@ -10,13 +10,60 @@ import torch
 
 from conftest import write_prompt
 from promptbake import compile_prompt
-from promptbake.train import micro_batches
+from promptbake.train import micro_batches, teacher_spans
 
 
 def test_micro_batches_group_by_length_and_cover_all_rows():
     groups = micro_batches([50, 10, 40, 20, 30], 2)
     assert groups == [[1, 3], [4, 2], [0]]
     assert sorted(i for g in groups for i in g) == list(range(5))
+
+
+def test_teacher_spans_group_consecutive_micro_batches_within_the_logits_budget(monkeypatch):
+    import promptbake.train as train
+
+    monkeypatch.setattr(train, "TEACHER_SCORING_BYTES", 4 * 10 * 100 * 2)  # four rows of width 10, vocabulary 100, bf16
+    # Two rows each: a span takes the next micro-batch while rows x widest width x vocab x bytes stays within budget.
+    assert teacher_spans([2, 2, 2, 2], [10, 10, 10, 10], 100, 2) == [[0, 1], [2, 3]]
+    assert teacher_spans([2, 2, 2], [5, 10, 10], 100, 2) == [[0, 1], [2]]
+    assert teacher_spans([2, 2, 2], [10, 10, 10], 100, 4) == [[0], [1], [2]]  # fp32 logits: twice the bytes
+    assert teacher_spans([1, 1, 1, 1, 1], [10, 10, 10, 10, 20], 100, 2) == [[0, 1, 2, 3], [4]]
+    assert teacher_spans([8], [50], 100, 2) == [[0]]  # over budget alone: still scored, by itself
+
+
+@pytest.mark.parametrize("query", [False, True])
+def test_teacher_scoring_several_micro_batches_at_once_changes_nothing(tmp_path, tiny_model_dir, monkeypatch, query):
+    """Micro-batches scored by the teacher in one call (the default's span) or one call each: the same KL, layers'
+    distance and gradient over two steps, with the layers' term at the response and (`query`) at the user turn, on
+    queries of different lengths. The number of teacher calls shows that both paths ran."""
+    import promptbake.teacher as teacher_module
+    import promptbake.train as train
+
+    prompt = write_prompt(tmp_path / "p")
+    (tmp_path / "p" / "queries.txt").write_text("".join(f"Question {i}:{' why' * (i % 7)} is {i} odd?\n" for i in range(40)))
+    calls = []
+    original = teacher_module.PromptedTeacher.logits
+
+    def counted(self, queries, rollout, left_padded=False):
+        calls.append(len(queries))
+        return original(self, queries, rollout, left_padded)
+
+    monkeypatch.setattr(teacher_module.PromptedTeacher, "logits", counted)
+    logs, calls_per_run = [], []
+    for budget in (0, 2**30):  # every micro-batch alone; all of a step's micro-batches in one call
+        monkeypatch.setattr(train, "TEACHER_SCORING_BYTES", budget)
+        calls.clear()
+        result = compile_prompt(prompt, out=tmp_path / f"out-{budget}", model=str(tiny_model_dir),
+                                overrides=dict(steps=2, batch_size=6, micro_batch_size=2, heldout=0, max_new_tokens=8,
+                                               precision="fp32", hidden_match_weight=30.0, hidden_match_query=query))
+        logs.append(result.train.log)
+        calls_per_run.append(list(calls))
+    assert calls_per_run == [[2, 2, 2, 2, 2, 2], [6, 6]]
+    for alone, together in zip(*logs):
+        assert alone.response_tokens == together.response_tokens
+        assert alone.kl == pytest.approx(together.kl, rel=1e-5)
+        assert alone.hidden_distance > 0 and alone.hidden_distance == pytest.approx(together.hidden_distance, rel=1e-4)
+        assert alone.grad_norm == pytest.approx(together.grad_norm, rel=1e-4)
 
 
 @pytest.mark.parametrize("kl", ["full", "topk", "sampled"])
