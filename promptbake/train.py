@@ -3,7 +3,8 @@
 One step:
     1. sample `batch_size` train queries, `rollouts` responses each, from the student without the prompt;
     2. in micro-batches of similar length: the teacher scores those exact tokens with the prompt (adapter off,
-       prefix cache): full-vocabulary logits, or with kl=sampled only the sampled tokens' log-probs; student
+       prefix cache; consecutive micro-batches in one call while their logits fit `TEACHER_SCORING_BYTES`):
+       full-vocabulary logits, or with kl=sampled only the sampled tokens' log-probs; student
        logits with gradient; per-token reverse KL summed and divided by the valid response tokens of the whole
        batch, so the accumulated gradient is that of the batch mean;
     3. clip the gradient norm, AdamW step, refresh the rollout engine's weights. With `updates_per_batch` k > 1
