@@ -272,12 +272,13 @@ class TeacherTargets:
     suffix: list[int] | None = None
 
 
-def score_teacher(teacher, row_groups: list[list[int]], rollout: Rollout, batch: list[Query], prompts: list[list[int]], *,
-                  teacher_input: str, temperature: float, blocks: list, matched: Callable, match_hidden: bool,
-                  match_query: bool, compiling: bool) -> list[TeacherTargets]:
-    """One teacher call over the rows of several micro-batches, split back into each micro-batch's targets. Each
-    row's targets are its own whatever it is scored with: responses are right-padded and prompts end where the
-    responses begin, so a micro-batch takes its rows, its response width and its last query columns."""
+def score_teacher(teacher, row_groups: list[list[int]], widths: list[int], rollout: Rollout, batch: list[Query],
+                  prompts: list[list[int]], *, teacher_input: str, temperature: float, blocks: list, matched: Callable,
+                  match_hidden: bool, match_query: bool, compiling: bool) -> list[TeacherTargets]:
+    """One teacher call over the rows of several micro-batches (each `widths` response tokens wide), split back into
+    each micro-batch's targets. Each row's targets are its own whatever it is scored with: responses are right-padded
+    and prompts end where the responses begin, so a micro-batch takes its rows, its response width and its last
+    query columns."""
     rows = [r for group in row_groups for r in group]
     together, queries = rollout.select(rows), [batch[r] for r in rows]
     T = together.response_ids_BT.shape[1]
@@ -296,10 +297,9 @@ def score_teacher(teacher, row_groups: list[list[int]], rollout: Rollout, batch:
         query_LBQD = matched(query_LBQD)
     del layers
     targets, start = [], 0
-    for group in row_groups:
+    for group, width in zip(row_groups, widths):
         b = slice(start, start + len(group))
         start += len(group)
-        width = rollout.select(group).response_ids_BT.shape[1]
         # Contiguous copies: the loss sees the layout it would have had alone, and the call's tensors can go.
         target = TeacherTargets(out[b, :width].contiguous() if out is not None else None,
                                 states_LBTD[:, b, :width].contiguous() if states_LBTD is not None else None)
@@ -452,10 +452,11 @@ def train_student(
             wrapped.train()
             for part_rows, part_tokens in zip(parts, part_tokens_K):
                 total_tokens = max(part_tokens, 1) / world
-                groups = micro_batches([len(prompts[r]) + response_lens[r] for r in part_rows], config.micro_batch_size)
-                spans = teacher_spans([len(g) for g in groups],
-                                      [rollout.select([part_rows[i] for i in g]).response_ids_BT.shape[1] for g in groups],
-                                      len(tokenizer), 2 if bf16 else 4)
+                groups = [[part_rows[i] for i in group] for group in micro_batches(
+                    [len(prompts[r]) + response_lens[r] for r in part_rows], config.micro_batch_size)]  # rows of each
+                micros = [rollout.select(rows) for rows in groups]
+                widths = [micro.response_ids_BT.shape[1] for micro in micros]
+                spans = teacher_spans([len(rows) for rows in groups], widths, len(tokenizer), 2 if bf16 else 4)
                 scored: dict[int, TeacherTargets] = {}  # micro-batch index -> its targets, scored with an earlier one
                 if prompt_ids_1P is not None:  # once per update, its gradient added to the part's (synced with its last)
                     with accelerator.no_sync(wrapped):
@@ -463,15 +464,12 @@ def train_student(
                         accelerator.backward(config.prompt_lm_weight * prompt_loss)
                     prompt_sum += float(prompt_loss.detach()) / len(parts)
                     del prompt_loss
-                for index, group in enumerate(groups):
-                    rows = [part_rows[i] for i in group]
-                    micro = rollout.select(rows)
+                for index, (rows, micro, T) in enumerate(zip(groups, micros, widths)):
                     t_teacher = time.perf_counter()
-                    T = micro.response_ids_BT.shape[1]
                     if index not in scored:
                         span = next(span for span in spans if span[0] == index)
                         scored.update(zip(span, score_teacher(
-                            teacher, [[part_rows[i] for i in groups[j]] for j in span], rollout, batch, prompts,
+                            teacher, [groups[j] for j in span], [widths[j] for j in span], rollout, batch, prompts,
                             teacher_input=objective.teacher_input, temperature=config.temperature, blocks=teacher_blocks,
                             matched=matched, match_hidden=match_hidden, match_query=config.hidden_match_query,
                             compiling=compiling)))
