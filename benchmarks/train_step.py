@@ -45,6 +45,10 @@ VARIANTS = {
     "compiled layers + SDPA training attention": {"torch_compile": True, "training_scores_budget": 0},
     # Not a setting: teacher scoring one micro-batch per call, as before several were scored together.
     "compiled layers + teacher per micro-batch": {"torch_compile": True, "teacher_scoring_bytes": 0},
+    # Not settings: the teacher's budget per call at two and four times the default's 64 MiB (four and eight
+    # micro-batches of two rows at the 128-token cap).
+    "compiled layers + teacher 128 MiB": {"torch_compile": True, "teacher_scoring_bytes": 128 * 2**20},
+    "compiled layers + teacher 256 MiB": {"torch_compile": True, "teacher_scoring_bytes": 256 * 2**20},
     # oneDNN's kernel cache at a set size, everything compiled: 256 is what promptbake sets on import (unless
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set), 64 was tried and not kept.
     "compiled layers + oneDNN cache 256": {"torch_compile": True, "onednn_cache": 256},
