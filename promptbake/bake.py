@@ -41,7 +41,7 @@ from promptbake.queries import Query
 from promptbake.rollout import HFRolloutEngine, adapter_set, can_compile_decoding, eos_token_ids
 from promptbake.runtime import Runtime, load_runtime
 from promptbake.teacher import PromptedTeacher
-from promptbake.train import StepLog, TrainResult, train_student, use_torch_compile
+from promptbake.train import AUTO_COMPILE_MIN_STEPS, StepLog, TrainResult, train_student, use_torch_compile
 
 
 @dataclass
@@ -332,13 +332,15 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
         steer_adapter(run)
     budget = f" or {config.token_budget:,} response tokens, whichever comes first" if config.token_budget else ""
     compiled = ""
-    if use_torch_compile(config, rt.bf16, rt.device):
+    if use_torch_compile(config, rt.bf16, rt.device, rt.model):
         parts = ["decoder layers"]
         if can_compile_decoding(run.engine):
             parts.append("decode step")
         if loss_compiles(config.method, config.kl):
             parts.append("loss")
         compiled = ", " + (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") + parts[-1] + " compiled"
+        if config.torch_compile is None and config.steps < AUTO_COMPILE_MIN_STEPS:
+            compiled += " (torch's compile cache holds this model's graphs from an earlier compile)"
     warm = f", the first {config.teacher_sample_steps} on the teacher's answers" if config.teacher_sample_steps else ""
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
                              f"training {config.steps} steps{budget} ({config.method}{warm}, {config.teacher_mode} teacher{compiled})"))

@@ -45,6 +45,7 @@ from promptbake.checkpoint import (Checkpointing, python_rng_from_json, python_r
 from promptbake.faults import fault_point, fault_requested
 from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_distance, layer_increments, query_states,
                                recorded_layer_outputs, response_states)
+from promptbake.compile_cache import cache_is_warm, compile_key, remember_compiled
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
@@ -161,16 +162,31 @@ def compiled_blocks(model, enabled: bool):
 # torch_compile unset turns on from this many steps: compiling the layers and the decode step costs about 1-2 minutes
 # in step 1 and saved about 6 s per step at the faithful cap on a 2-core AVX-512 CPU (docs/performance.md).
 AUTO_COMPILE_MIN_STEPS = 40
+# ... and from this many when torch's compile cache already holds the model's graphs (promptbake.compile_cache): step 1
+# then cost 25-47 s more than eager, and the quick preset's 16 steps at cap 64 still finished 1.07x sooner compiled.
+WARM_COMPILE_MIN_STEPS = 16
 
 
-def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device) -> bool:
+def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, model=None) -> bool:
     """`torch_compile` as set; unset, on only where it was measured to pay: a CPU with bf16 kernels (on AVX2-only
-    CPUs in fp32 it saved 3-4 % of a compile), a C++ compiler for inductor, and a run long enough to repay compiling.
+    CPUs in fp32 it saved 3-4 % of a compile), a C++ compiler for inductor, and a run long enough to repay compiling:
+    40 steps, or 16 when an earlier run compiled the same `model`'s graphs into a cache still in place.
     GPUs were not measured, so they stay eager unless asked."""
     if config.torch_compile is not None:
         return config.torch_compile
     compiler = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("clang++")
-    return device.type == "cpu" and bf16 and config.steps >= AUTO_COMPILE_MIN_STEPS and compiler is not None
+    if device.type != "cpu" or not bf16 or compiler is None or config.steps < WARM_COMPILE_MIN_STEPS:
+        return False
+    if config.steps >= AUTO_COMPILE_MIN_STEPS:
+        return True
+    key = run_compile_key(model, bf16)
+    return key is not None and cache_is_warm(key)
+
+
+def run_compile_key(model, bf16: bool) -> str | None:
+    """The compile cache's key for training `model` (None for a model without a config)."""
+    model_config = getattr(model, "config", None)
+    return compile_key(model_config, bf16) if model_config is not None else None
 
 
 def eager_only(enabled: bool):
@@ -412,7 +428,8 @@ def train_student(
     log_file = open(log_path, "a") if log_path and accelerator.is_main_process else None
     started = time.perf_counter()
     compiled = contextlib.ExitStack()
-    compiling = use_torch_compile(config, bf16, accelerator.device)
+    compiling = use_torch_compile(config, bf16, accelerator.device, policy)
+    compiled_key = run_compile_key(policy, bf16) if compiling and accelerator.device.type == "cpu" else None
     compiled.enter_context(compiled_blocks(policy, compiling))
     decode_compiled = compiled.enter_context(compiled_decoding(engine, compiling))
     compiled.enter_context(compiled_loss(compiling and loss_compiles(config.method, config.kl)))
@@ -588,6 +605,8 @@ def train_student(
             if not math.isfinite(entry.kl):
                 raise FloatingPointError(f"{objective.name} became {entry.kl} at step {step}; lower the learning rate")
             result.log.append(entry)
+            if compiled_key and step == first_step and accelerator.is_main_process:
+                remember_compiled(compiled_key)  # this model's graphs are in torch's cache now: short runs may compile
             if log_file:
                 log_file.write(entry.to_json() + "\n")
                 log_file.flush()

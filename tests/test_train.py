@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -170,11 +171,17 @@ def test_torch_compile_gives_the_eager_loss_and_gradient(tmp_path, tiny_model_di
         assert a.hidden_distance == (pytest.approx(b.hidden_distance, rel=1e-3) if hidden_match_weight else None)
 
 
-def test_bf16_compile_samples_through_the_compiled_decode_step(tmp_path, tiny_model_dir):
+def test_bf16_compile_samples_through_the_compiled_decode_step(tmp_path, tiny_model_dir, monkeypatch):
     """In bf16 on a CPU the sampler's merged copy decodes through a compiled static-cache step while training:
-    the compile says so and trains on finite losses."""
+    the compile says so and trains on finite losses, and records that torch's cache now holds this model's graphs."""
+    from transformers import AutoConfig
+
+    from promptbake.compile_cache import cache_is_warm, compile_key
     from promptbake.events import TrainingStarted
 
+    monkeypatch.setenv("PROMPTBAKE_HOME", str(tmp_path / "home"))
+    key = compile_key(AutoConfig.from_pretrained(tiny_model_dir), bf16=True)
+    assert not cache_is_warm(key)
     prompt = write_prompt(tmp_path / "p")
     said = []
     result = compile_prompt(
@@ -186,6 +193,7 @@ def test_bf16_compile_samples_through_the_compiled_decode_step(tmp_path, tiny_mo
     assert len(result.train.log) == 2
     for entry in result.train.log:
         assert 4 <= entry.response_tokens <= 40 and math.isfinite(entry.kl) and math.isfinite(entry.grad_norm)
+    assert cache_is_warm(key)
 
 
 def test_compiled_blocks_are_the_decoder_layers_and_eager_again_afterwards(tiny):
@@ -564,3 +572,41 @@ def test_torch_compile_unset_turns_on_only_where_it_was_measured_to_pay(monkeypa
     monkeypatch.setenv("CXX", "no-such-compiler-anywhere")
     monkeypatch.setenv("PATH", "/nonexistent")
     assert not use_torch_compile(long_run, bf16=True, device=cpu)
+
+
+def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_models_graphs(monkeypatch, tmp_path,
+                                                                                             tiny_model_dir):
+    """16 steps compile only when an earlier run recorded this model's graphs (same architecture and precision) into
+    an inductor cache that is still there; anything else stays as before."""
+    from transformers import AutoConfig
+
+    from promptbake.compile_cache import remember_compiled
+    from promptbake.config import BakeConfig
+    from promptbake.train import AUTO_COMPILE_MIN_STEPS, WARM_COMPILE_MIN_STEPS, run_compile_key, use_torch_compile
+
+    monkeypatch.setenv("PROMPTBAKE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("CXX", "sh")  # any program on PATH stands for a compiler here
+    cpu = torch.device("cpu")
+    model = types.SimpleNamespace(config=AutoConfig.from_pretrained(tiny_model_dir))
+    short = BakeConfig(steps=WARM_COMPILE_MIN_STEPS)
+    assert WARM_COMPILE_MIN_STEPS < AUTO_COMPILE_MIN_STEPS
+    assert not use_torch_compile(short, bf16=True, device=cpu, model=model)  # nothing recorded yet
+    remember_compiled(run_compile_key(model, bf16=True))
+    assert not use_torch_compile(short, bf16=True, device=cpu, model=model)  # recorded, but the cache folder is empty
+    (tmp_path / "inductor" / "fxgraph").mkdir(parents=True)
+    assert use_torch_compile(short, bf16=True, device=cpu, model=model)
+    assert not use_torch_compile(short, bf16=True, device=cpu)  # no model to key on
+    assert not use_torch_compile(BakeConfig(steps=WARM_COMPILE_MIN_STEPS - 1), bf16=True, device=cpu, model=model)
+    assert not use_torch_compile(short, bf16=False, device=cpu, model=model)
+    assert not use_torch_compile(short.model_copy(update={"torch_compile": False}), bf16=True, device=cpu, model=model)
+    model.config.use_cache = not model.config.use_cache  # what a run flips is not the architecture
+    model.config.dtype = torch.bfloat16
+    assert use_torch_compile(short, bf16=True, device=cpu, model=model)
+    wider = types.SimpleNamespace(config=AutoConfig.from_pretrained(tiny_model_dir, num_hidden_layers=3))
+    assert not use_torch_compile(short, bf16=True, device=cpu, model=wider)  # another architecture, other graphs
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "moved"))
+    (tmp_path / "moved" / "fxgraph").mkdir(parents=True)
+    assert not use_torch_compile(short, bf16=True, device=cpu, model=model)  # the record names another cache
+    (tmp_path / "home" / "compiled.json").write_text("not json")
+    assert not use_torch_compile(short, bf16=True, device=cpu, model=model)  # a damaged record is no record
