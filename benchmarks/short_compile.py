@@ -70,8 +70,10 @@ def main() -> None:
         print(f"{run['variant']:10} {run['round']:>5} {str(run['compiled']):>8} {run['train_s']:>8} {run['step1_s']:>8} "
               f"{run['later_median_s']:>12}")
     totals = {n: sum(r["train_s"] for r in runs if r["variant"] == n) for n in names}
-    for n in names[1:]:
-        print(f"{names[0]} / {n} training time: {totals[names[0]] / totals[n]:.2f}x")
+    base = "eager" if "eager" in names else names[0]
+    for n in names:
+        if n != base:
+            print(f"{n}: {totals[base] / totals[n]:.2f}x as fast as {base} (training time, all rounds)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"preset": args.preset, "prompt": args.prompt.name, "rounds": args.rounds,
                                     "runs": runs, "train_s_total": totals}, indent=1) + "\n")

@@ -340,7 +340,7 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
             parts.append("loss")
         compiled = ", " + (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") + parts[-1] + " compiled"
         if config.torch_compile is None and config.steps < AUTO_COMPILE_MIN_STEPS:
-            compiled += " (torch's compile cache holds this model's graphs from an earlier compile)"
+            compiled += "; torch's compile cache holds this model's graphs from an earlier compile"
     warm = f", the first {config.teacher_sample_steps} on the teacher's answers" if config.teacher_sample_steps else ""
     run.emit(TrainingStarted(first, config.steps, config.token_budget,
                              f"training {config.steps} steps{budget} ({config.method}{warm}, {config.teacher_mode} teacher{compiled})"))
