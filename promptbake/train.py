@@ -42,10 +42,10 @@ from promptbake.chat import ChatRenderer
 from promptbake.averaging import WeightAverage
 from promptbake.checkpoint import (Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint,
                                    trainable)
+from promptbake.compile_cache import cache_is_warm, compile_key, remember_compiled
 from promptbake.faults import fault_point, fault_requested
 from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_distance, layer_increments, query_states,
                                recorded_layer_outputs, response_states)
-from promptbake.compile_cache import cache_is_warm, compile_key, remember_compiled
 from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
@@ -163,7 +163,8 @@ def compiled_blocks(model, enabled: bool):
 # in step 1 and saved about 6 s per step at the faithful cap on a 2-core AVX-512 CPU (docs/performance.md).
 AUTO_COMPILE_MIN_STEPS = 40
 # ... and from this many when torch's compile cache already holds the model's graphs (promptbake.compile_cache): step 1
-# then cost 25-47 s more than eager, and the quick preset's 16 steps at cap 64 still finished 1.07x sooner compiled.
+# then cost 22-26 s more than eager, and the quick preset's 16 steps at cap 64 trained 1.08-1.23x faster compiled
+# (benchmarks/short_compile.py, docs/performance.md).
 WARM_COMPILE_MIN_STEPS = 16
 
 
