@@ -26,11 +26,16 @@ RUNTIME_FIELDS = {"use_cache", "dtype", "torch_dtype", "transformers_version", "
                   "output_attentions", "return_dict"}
 
 
-def inductor_cache_dir() -> Path:
-    """Where inductor keeps its compiled graphs: $TORCHINDUCTOR_CACHE_DIR, else torch's default under the temp folder."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()).absolute()
+def inductor_cache_dir() -> Path | None:
+    """Where inductor keeps its compiled graphs: $TORCHINDUCTOR_CACHE_DIR, else torch's default under the temp folder
+    (None where this torch keeps that default elsewhere in its modules: then no run counts as warm)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).absolute()
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return Path(default_cache_dir()).absolute()
 
 
 def compile_key(model_config, bf16: bool) -> str:
@@ -57,18 +62,19 @@ def _read_record() -> dict:
 
 def cache_is_warm(key: str) -> bool:
     """A run with this key compiled before on this machine and its inductor cache folder is still there."""
-    where = _read_record().get(key)
     cache = inductor_cache_dir()
-    return where == str(cache) and cache.is_dir() and any(cache.iterdir())
+    if cache is None or _read_record().get(key) != str(cache):
+        return False
+    return cache.is_dir() and any(cache.iterdir())
 
 
 def remember_compiled(key: str) -> None:
     """Record that a run with this key has compiled its graphs into the current inductor cache. Best effort: a
     read-only home only means the next short run stays eager."""
-    record = _read_record()
-    if record.get(key) == str(inductor_cache_dir()):
+    cache, record = inductor_cache_dir(), _read_record()
+    if cache is None or record.get(key) == str(cache):
         return
-    record[key] = str(inductor_cache_dir())
+    record[key] = str(cache)
     try:
         _record_path().parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(_record_path(), json.dumps(record, indent=1, sort_keys=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import types
 
 import pytest
@@ -580,7 +581,7 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     an inductor cache that is still there; anything else stays as before."""
     from transformers import AutoConfig
 
-    from promptbake.compile_cache import remember_compiled
+    from promptbake.compile_cache import inductor_cache_dir, remember_compiled
     from promptbake.config import BakeConfig
     from promptbake.train import AUTO_COMPILE_MIN_STEPS, WARM_COMPILE_MIN_STEPS, run_compile_key, use_torch_compile
 
@@ -610,3 +611,8 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     assert not use_torch_compile(short, bf16=True, device=cpu, model=model)  # the record names another cache
     (tmp_path / "home" / "compiled.json").write_text("not json")
     assert not use_torch_compile(short, bf16=True, device=cpu, model=model)  # a damaged record is no record
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setitem(sys.modules, "torch._inductor.runtime.cache_dir_utils", None)
+    assert inductor_cache_dir() is None  # a torch that keeps its default cache folder elsewhere: nothing is warm
+    remember_compiled(run_compile_key(model, bf16=True))
+    assert not use_torch_compile(short, bf16=True, device=cpu, model=model)
