@@ -431,6 +431,11 @@ def train_student(
     compiled = contextlib.ExitStack()
     compiling = use_torch_compile(config, bf16, accelerator.device, policy)
     compiled_key = run_compile_key(policy, bf16) if compiling and accelerator.device.type == "cpu" else None
+    if compiling:
+        # Python floats in the compiled code (LoRA scaling, norms' epsilon) are constants of a run. Traced as
+        # symbols (torch's default), each graph is traced twice: the first attempt ends in a restart that
+        # specialises them, about 4-5 s per graph on a 2-core CPU even with a warm cache (docs/performance.md).
+        compiled.enter_context(torch._dynamo.config.patch(specialize_float=True))
     compiled.enter_context(compiled_blocks(policy, compiling))
     decode_compiled = compiled.enter_context(compiled_decoding(engine, compiling))
     compiled.enter_context(compiled_loss(compiling and loss_compiles(config.method, config.kl)))
