@@ -168,6 +168,12 @@ AUTO_COMPILE_MIN_STEPS = 40
 WARM_COMPILE_MIN_STEPS = 16
 
 
+# Python floats in the compiled code (the LoRA scaling) are constants of a run. Traced as symbols (torch's default),
+# each graph was traced twice: the first attempt ends in a restart that specialises them, about 4-5 s per graph on a
+# 2-core CPU even with a warm compile cache (benchmarks/short_compile.py, docs/performance.md).
+SPECIALIZE_FLOATS = True
+
+
 def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, model=None) -> bool:
     """`torch_compile` as set; unset, on only where it was measured to pay: a CPU with bf16 kernels (on AVX2-only
     CPUs in fp32 it saved 3-4 % of a compile), a C++ compiler for inductor, and a run long enough to repay compiling:
@@ -432,10 +438,7 @@ def train_student(
     compiling = use_torch_compile(config, bf16, accelerator.device, policy)
     compiled_key = run_compile_key(policy, bf16) if compiling and accelerator.device.type == "cpu" else None
     if compiling:
-        # Python floats in the compiled code (LoRA scaling, norms' epsilon) are constants of a run. Traced as
-        # symbols (torch's default), each graph is traced twice: the first attempt ends in a restart that
-        # specialises them, about 4-5 s per graph on a 2-core CPU even with a warm cache (docs/performance.md).
-        compiled.enter_context(torch._dynamo.config.patch(specialize_float=True))
+        compiled.enter_context(torch._dynamo.config.patch(specialize_float=SPECIALIZE_FLOATS))
     compiled.enter_context(compiled_blocks(policy, compiling))
     decode_compiled = compiled.enter_context(compiled_decoding(engine, compiling))
     compiled.enter_context(compiled_loss(compiling and loss_compiles(config.method, config.kl)))
