@@ -321,7 +321,10 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
                         f"learning rate (checkpoint in {plan.work_dir}; --restart to start over)"))
     run.resumed_from_step = resume.step if resume else None
     eval_cap = config.eval_max_new_tokens or run.cap
-    run_config = config.model_copy(update={"max_new_tokens": run.cap, "eval_max_new_tokens": eval_cap})
+    # decided once here, where the start message says it, and handed to training as set
+    compiling = use_torch_compile(config, rt.bf16, rt.device, rt.model)
+    run_config = config.model_copy(update={"max_new_tokens": run.cap, "eval_max_new_tokens": eval_cap,
+                                           "torch_compile": compiling})
     first = resume.step + 1 if resume else 1
     fixed = None
     if config.method != "opcd" or config.teacher_sample_steps >= first:
@@ -332,7 +335,7 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
         steer_adapter(run)
     budget = f" or {config.token_budget:,} response tokens, whichever comes first" if config.token_budget else ""
     compiled = ""
-    if use_torch_compile(config, rt.bf16, rt.device, rt.model):
+    if compiling:
         parts = ["decoder layers"]
         if can_compile_decoding(run.engine):
             parts.append("decode step")

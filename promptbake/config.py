@@ -263,7 +263,7 @@ class BakeConfig(BaseModel):
                           "keeps a merged bf16 copy on a CPU, its decode step over a static KV cache. Costs about 1-2 "
                           "minutes of compiling in step 1 on a 2-core CPU (less when torch's on-disk cache has it). "
                           "Unset: on where it was measured to pay, a CPU with bf16 kernels (AVX-512/AMX), a C++ "
-                          "compiler and at least 40 steps, or 16 once an earlier compile of this model put its graphs "
+                          "compiler and at least 40 steps, or 8 once an earlier compile of this model put its graphs "
                           "in torch's cache (promptbake.compile_cache); off elsewhere.")
     gradient_checkpointing: bool = Field(
         False, description="Keep only each decoder layer's input during the student's forward and recompute the rest "

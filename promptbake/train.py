@@ -163,9 +163,9 @@ def compiled_blocks(model, enabled: bool):
 # in step 1 and saved about 6 s per step at the faithful cap on a 2-core AVX-512 CPU (docs/performance.md).
 AUTO_COMPILE_MIN_STEPS = 40
 # ... and from this many when torch's compile cache already holds the model's graphs (promptbake.compile_cache): step 1
-# then cost 22-26 s more than eager, and the quick preset's 16 steps at cap 64 trained 1.08-1.23x faster compiled
-# (benchmarks/short_compile.py, docs/performance.md).
-WARM_COMPILE_MIN_STEPS = 16
+# then cost 7-12 s more than eager at cap 64 (floats specialised, below), and 8 steps trained 1.04-1.21x faster
+# compiled, 16 steps 1.06-1.27x (benchmarks/short_compile.py, docs/performance.md).
+WARM_COMPILE_MIN_STEPS = 8
 
 
 # Python floats in the compiled code (the LoRA scaling) are constants of a run. Traced as symbols (torch's default),
@@ -177,7 +177,7 @@ SPECIALIZE_FLOATS = True
 def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, model=None) -> bool:
     """`torch_compile` as set; unset, on only where it was measured to pay: a CPU with bf16 kernels (on AVX2-only
     CPUs in fp32 it saved 3-4 % of a compile), a C++ compiler for inductor, and a run long enough to repay compiling:
-    40 steps, or 16 when an earlier run compiled the same `model`'s graphs into a cache still in place.
+    40 steps, or 8 when an earlier run compiled the same `model`'s graphs into a cache still in place.
     GPUs were not measured, so they stay eager unless asked."""
     if config.torch_compile is not None:
         return config.torch_compile

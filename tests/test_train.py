@@ -585,7 +585,7 @@ def test_torch_compile_unset_turns_on_only_where_it_was_measured_to_pay(monkeypa
 
 def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_models_graphs(monkeypatch, tmp_path,
                                                                                              tiny_model_dir):
-    """16 steps compile only when an earlier run recorded this model's graphs (same architecture and precision) into
+    """Short runs (8 steps) compile only when an earlier run recorded this model's graphs (same architecture and precision) into
     an inductor cache that is still there; anything else stays as before."""
     from transformers import AutoConfig
 
