@@ -7,6 +7,9 @@ times, in one process: a bf16 `F.linear` on a parameter that requires grad (how 
 weights, the baseline), the same on a plain tensor, the packed weight through oneDNN's op called directly (what
 eager code could do), and through a custom op (what `torch.compile` needs: inductor lowers the oneDNN op only for
 constant weights). It checks that packed results equal plain ones, and sums one token of the model's shapes.
+Each shape's weight is reused call after call and so sits in the CPU's caches; a second table times a whole
+token through all 211 weights, each distinct and so read from memory as decoding reads them, beside one plain
+read of the same bytes (the bandwidth floor).
 Tried and not kept (docs/performance.md): in a training step the sampler packed through the custom op sampled
 no faster. Prints a table and writes JSON.
 
@@ -84,6 +87,24 @@ def main() -> None:
             token["packed, custom op"] += op_us * times
             rows.append({"shape": label, "out": out_f, "in": in_f, "param_us": param_us, "plain_us": plain_us,
                          "direct_us": direct_us, "op_us": op_us, "equal": same})
+        # A whole token as decoding meets it: every weight distinct (270 MB in bf16, far above the caches), so each is
+        # read from memory. Beside it, reading the same bytes once (a sum over them): the bandwidth floor of a token.
+        weights = [(torch.randn(out_f, in_f) * 0.05).bfloat16()
+                   for _, out_f, in_f, per_layer in SHAPES for _ in range(per_layer * LAYERS if per_layer else 1)]
+        params = [torch.nn.Parameter(w) for w in weights]
+        packs = [torch.ops.mkldnn._reorder_linear_weight(w, args.rows) for w in weights]
+        inputs = {n: torch.randn(args.rows, 1, n).bfloat16() for n in {w.shape[1] for w in weights}}
+        flat = torch.randn(sum(w.numel() for w in weights) // 2)  # fp32: as many bytes as the bf16 weights
+        passes = max(3, args.calls // 40)
+        cold = {
+            "parameter": per_call_us(lambda: [F.linear(inputs[p.shape[1]], p) for p in params], passes) / 1e3,
+            "packed, direct": per_call_us(lambda: [direct(inputs[w.shape[1]], k) for w, k in zip(weights, packs)],
+                                          passes) / 1e3,
+            "packed, custom op": per_call_us(lambda: [through_op(inputs[w.shape[1]], k, w.shape[0])
+                                                     for w, k in zip(weights, packs)], passes) / 1e3,
+            "read the weights once": per_call_us(lambda: flat.sum(), passes) / 1e3,
+        }
+        gigabytes = flat.numel() * flat.element_size() / 1e9
     print(f"\nbf16 linear, {args.rows} rows x 1 token, mean of {args.calls} calls (us)\n")
     print("| shape (out x in) | parameter (baseline) | plain tensor | packed, oneDNN op | packed, custom op | equal |")
     print("|---|---|---|---|---|---|")
@@ -94,9 +115,15 @@ def main() -> None:
     print(f"| one token of the model (ms) | {token['parameter'] / 1e3:.1f} | | {token['packed, direct'] / 1e3:.1f} "
           f"({token['parameter'] / token['packed, direct']:.2f}x) | {token['packed, custom op'] / 1e3:.1f} "
           f"({token['parameter'] / token['packed, custom op']:.2f}x) | |")
+    print(f"\none token through all {len(weights)} weights, each distinct ({gigabytes:.2f} GB), mean of {passes} passes\n")
+    print("| one token, weights read from memory | ms | vs parameter |\n|---|---|---|")
+    for label, ms in cold.items():
+        print(f"| {label} | {ms:.1f} | {cold['parameter'] / ms:.2f}x |")
+    print(f"(reading the weights once: {gigabytes / cold['read the weights once'] * 1e3:.1f} GB/s)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": args.rows, "calls": args.calls, "command": " ".join(["python"] + sys.argv),
-                                     "shapes": rows, "token_ms": {k: v / 1e3 for k, v in token.items()}}, indent=1) + "\n")
+                                     "shapes": rows, "token_ms": {k: v / 1e3 for k, v in token.items()},
+                                     "token_from_memory_ms": cold, "weights_gb": gigabytes}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
