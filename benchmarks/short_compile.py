@@ -4,7 +4,8 @@ Runs whole compiles of a prompt (the quick preset by default: 16 steps, cap 64; 
 fresh process so nothing compiled stays in memory between them, with `torch_compile` off and unset ("auto", which
 compiles a short run only when promptbake.compile_cache finds this model's graphs recorded), in alternating order
 over rounds. Prints wall and training seconds, step 1 and the median later step, and what auto chose.
-"compiled-floats-traced" compiles as promptbake did before it specialised Python floats (each graph traced twice).
+"compiled-floats-traced" compiles as promptbake did before it specialised Python floats (each graph traced twice);
+"compiled-mask-skipped" as before training passes always built their attention mask (four layer graphs, not two).
 `--cold` gives every compile an empty compile cache; `--steps` overrides the preset's steps.
 
     python benchmarks/short_compile.py [--prompt prompts/pirate.md] [--rounds 2] [--variants "eager,auto"]
@@ -27,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VARIANTS = {"eager": False, "compiled": True, "auto": None, "compiled-floats-traced": True}
+VARIANTS = {"eager": False, "compiled": True, "auto": None, "compiled-floats-traced": True, "compiled-mask-skipped": True}
 
 
 def one_compile(prompt: Path, variant: str, preset: str, steps: int | None) -> dict:
@@ -37,6 +38,11 @@ def one_compile(prompt: Path, variant: str, preset: str, steps: int | None) -> d
 
     if variant == "compiled-floats-traced":  # before: floats traced as symbols, each graph traced twice
         promptbake.train.SPECIALIZE_FLOATS = False
+    if variant == "compiled-mask-skipped":  # before: unpadded micro-batches got no mask, and the layers more graphs
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        from promptbake.fastdecode import NAME
+        AttentionMaskInterface.register(NAME, sdpa_mask)
     said = []
     overrides = dict(preset=preset, torch_compile=VARIANTS[variant], checkpoint_every=10_000)
     if steps:

@@ -97,8 +97,17 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout:
     return out_BQHD, None  # (batch, query length, heads, head dim), as SDPA's path returns it
 
 
+def training_mask(*args, **kwargs) -> torch.Tensor | None:
+    """SDPA's mask, always built while gradients are on. Unpadded rows would otherwise get no mask (None), and
+    the compiled decoder layers one more graph, forward and backward, for micro-batches that happen to need no
+    padding: two of the four layer graphs a compile traced. The attention is the same either way (causal)."""
+    if torch.is_grad_enabled():
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(NAME, decode_attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionMaskInterface.register(NAME, training_mask)
 
 
 def use_fast_decode(model) -> bool:

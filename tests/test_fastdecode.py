@@ -184,3 +184,36 @@ def test_student_gradients_through_the_model_equal_sdpa(tiny_model_dir):
     for name, grad in grads_ours.items():
         assert torch.isfinite(grad).all(), name
         assert (grad - grads_sdpa[name]).abs().max() < 1e-4 * max(1.0, float(grads_sdpa[name].abs().max())), name
+
+
+def test_unpadded_rows_get_a_causal_mask_while_training_and_none_otherwise(tiny_model_dir):
+    """With gradients on, rows that need no padding still get a mask tensor, so the compiled layers see one kind of
+    call; it is the causal mask, and the model's outputs and gradients are those of the unmasked (None) path."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from promptbake.models import load_model
+
+    build = AttentionMaskInterface()[NAME]
+    ones = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        assert build(batch_size=2, q_length=5, kv_length=5, attention_mask=ones, allow_is_causal_skip=True) is None
+    with torch.enable_grad():
+        mask = build(batch_size=2, q_length=5, kv_length=5, attention_mask=ones, allow_is_causal_skip=True)
+    assert mask is not None and torch.equal(mask[:, 0], torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 5, 5))
+
+    seen = []
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.set_attn_implementation(NAME)
+    layer = model.get_base_model().model.layers[0]
+    layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    loss_masked = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[..., 3].sum()
+    loss_masked.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        loss_none = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[..., 3].sum()
+    assert seen[0] is not None and seen[1] is None
+    assert abs(float(loss_masked) - float(loss_none)) < 1e-5 * abs(float(loss_none))
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
