@@ -98,10 +98,11 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout:
 
 
 def training_mask(*args, **kwargs) -> torch.Tensor | None:
-    """SDPA's mask, always built while gradients are on. Unpadded rows would otherwise get no mask (None), and
-    the compiled decoder layers one more graph, forward and backward, for micro-batches that happen to need no
-    padding: two of the four layer graphs a compile traced. The attention is the same either way (causal)."""
-    if torch.is_grad_enabled():
+    """SDPA's mask, always built on a CPU while gradients are on. Unpadded rows would otherwise get no mask (None),
+    and the compiled decoder layers one more graph, forward and backward, for micro-batches that happen to need no
+    padding: two of the four layer graphs a compile traced. The attention is the same either way (causal).
+    Accelerators keep the skip: there SDPA's flash kernels run causal without a mask, and long masks cost memory."""
+    if torch.is_grad_enabled() and torch.device(kwargs.get("device", "cpu")).type == "cpu":
         kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
 

@@ -201,6 +201,9 @@ def test_unpadded_rows_get_a_causal_mask_while_training_and_none_otherwise(tiny_
     with torch.enable_grad():
         mask = build(batch_size=2, q_length=5, kv_length=5, attention_mask=ones, allow_is_causal_skip=True)
     assert mask is not None and torch.equal(mask[:, 0], torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 5, 5))
+    with torch.enable_grad():  # accelerators keep SDPA's causal path without a mask
+        assert build(batch_size=2, q_length=5, kv_length=5, attention_mask=ones, allow_is_causal_skip=True,
+                     device="meta") is None
 
     seen = []
     ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
