@@ -49,6 +49,9 @@ VARIANTS = {
     # micro-batches of two rows at the 128-token cap).
     "compiled layers + teacher 128 MiB": {"torch_compile": True, "teacher_scoring_bytes": 128 * 2**20},
     "compiled layers + teacher 256 MiB": {"torch_compile": True, "teacher_scoring_bytes": 256 * 2**20},
+    # Not a setting: the output layer tied to the fp32 input embeddings and cast by autocast at every forward (and
+    # the sampler holding its own bf16 copy of the table), as before it was stored in bf16.
+    "compiled layers + fp32 output layer": {"torch_compile": True, "bf16_output_layer": False},
     # oneDNN's kernel cache at a set size, everything compiled: 256 is what promptbake sets on import (unless
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set), 64 was tried and not kept.
     "compiled layers + oneDNN cache 256": {"torch_compile": True, "onednn_cache": 256},
@@ -146,6 +149,10 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
         import promptbake.fastdecode
 
         promptbake.fastdecode.TRAINING_SCORES_BUDGET = settings.pop("training_scores_budget")
+    if "bf16_output_layer" in settings:
+        import promptbake.runtime
+
+        promptbake.runtime.BF16_OUTPUT_LAYER = settings.pop("bf16_output_layer")
     from quality import eager_decoding_only
 
     import promptbake.train

@@ -468,7 +468,28 @@ class HFRolloutEngine:
                 if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
                     self._lora_modules[name] = (module, own[name])
             self._plain = {name: p for name, p in base.named_parameters() if "lora_" not in name}
+            self._share_bf16_output_layer(base)
             self.sync()
+
+    def _share_bf16_output_layer(self, base) -> None:
+        """Read the policy's own bf16 output layer (`store_frozen_linears_in_bf16`) instead of holding a copy.
+
+        The copy's input and output embeddings are one tied bf16 table; where the policy's bf16 output weight
+        holds exactly the bf16 values of its input embeddings, that table is the policy's tensor itself (54 MiB
+        at 49k x 576), and `sync` has nothing to copy for it."""
+        output, own_output = base.get_output_embeddings(), self.model.get_output_embeddings()
+        own_input = self.model.get_input_embeddings()
+        if output is None or own_output is None or output.weight.dtype != torch.bfloat16 \
+                or own_output.weight is not own_input.weight or output.weight.shape != own_input.weight.shape \
+                or not torch.equal(base.get_input_embeddings().weight.to(torch.bfloat16), output.weight):
+            return
+        # requires_grad=True like the copy's other parameters (see __init__); the sampler runs without gradients
+        shared = torch.nn.Parameter(output.weight.detach(), requires_grad=True)
+        own_input.weight = shared
+        own_output.weight = shared
+        for name, param in list(self._plain.items()):
+            if param is output.weight or param is base.get_input_embeddings().weight:
+                del self._plain[name]
 
     @torch.no_grad()
     def sync(self, with_adapter: bool = True) -> None:

@@ -290,6 +290,50 @@ def test_rollout_engine_bf16_copy_matches_peft_model_under_autocast(peft_tiny):
     assert (base_got - ref_base).abs().max() < 0.05 * ref_base.abs().max()
 
 
+def test_rollout_engine_shares_the_students_bf16_output_layer(tiny_model_dir, monkeypatch):
+    """With the student's output layer stored in bf16, the sampler reads that tensor instead of a copy of its own,
+    and samples exactly what a sampler with its own copy samples, through weight updates."""
+    import copy
+
+    import promptbake.runtime
+    from promptbake.models import load_model
+    from promptbake.runtime import store_frozen_linears_in_bf16
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    own_copy = get_peft_model(load_model(tiny_model_dir), lora)
+    shared = copy.deepcopy(own_copy)
+    store_frozen_linears_in_bf16(shared)
+    monkeypatch.setattr(promptbake.runtime, "BF16_OUTPUT_LAYER", False)  # the same projections in bf16, output tied fp32
+    store_frozen_linears_in_bf16(own_copy)
+    assert own_copy.get_output_embeddings().weight.dtype == torch.float32
+    engines = [HFRolloutEngine(own_copy, bf16=True), HFRolloutEngine(shared, bf16=True)]
+    out = shared.get_output_embeddings().weight
+    table = engines[1].model.get_input_embeddings().weight
+    assert table.data_ptr() == out.data_ptr() and table is engines[1].model.get_output_embeddings().weight
+    assert engines[0].model.get_input_embeddings().weight.data_ptr() != own_copy.get_input_embeddings().weight.data_ptr()
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 9, 8]]
+    for update in range(2):
+        if update:
+            with torch.no_grad():
+                for model in (own_copy, shared):
+                    for name, p in model.named_parameters():
+                        if "lora_B" in name:
+                            p.add_(0.25)
+            for engine in engines:
+                engine.sync()
+        drawn = []
+        for engine in engines:
+            torch.manual_seed(7)
+            drawn.append(engine.sample(prompts, max_new_tokens=6, temperature=1.0, eos_ids=[], pad_id=0).response_ids_BT)
+        assert torch.equal(drawn[0], drawn[1])
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        logits = [engine.model(input_ids=ids).logits for engine in engines]
+    assert torch.equal(logits[0], logits[1])
+    assert torch.equal(shared.get_output_embeddings().weight, out)  # syncing never wrote into the student's weight
+
+
 def test_rollout_engine_follows_weight_updates(peft_tiny):
     engine = HFRolloutEngine(peft_tiny, bf16=True)
     ids = torch.tensor([[1, 5, 6, 7]])
@@ -332,6 +376,10 @@ def test_frozen_linears_in_bf16_give_the_autocast_numbers(tiny_model_dir):
     layer = half.base_model.model.model.layers[0].self_attn.q_proj
     assert cast > 0 and layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
     assert fp32.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
+    # the tied output layer gets its own bf16 weight; the lookup table stays fp32
+    assert fp32.get_output_embeddings().weight is fp32.get_input_embeddings().weight
+    assert half.get_output_embeddings().weight.dtype == torch.bfloat16 and not half.get_output_embeddings().weight.requires_grad
+    assert half.get_input_embeddings().weight.dtype == torch.float32
 
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
     grads = []
