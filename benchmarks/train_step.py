@@ -52,6 +52,8 @@ VARIANTS = {
     # Not a setting: the output layer tied to the fp32 input embeddings and cast by autocast at every forward (and
     # the sampler holding its own bf16 copy of the table), as before it was stored in bf16.
     "compiled layers + fp32 output layer": {"torch_compile": True, "bf16_output_layer": False},
+    # Not a setting: the compiled decode step's prefill over the whole bucket width (its padding included), as before.
+    "compiled layers + padded prefill": {"torch_compile": True, "skip_bucket_padding": False},
     # oneDNN's kernel cache at a set size, everything compiled: 256 is what promptbake sets on import (unless
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set), 64 was tried and not kept.
     "compiled layers + oneDNN cache 256": {"torch_compile": True, "onednn_cache": 256},
@@ -149,6 +151,8 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
         import promptbake.fastdecode
 
         promptbake.fastdecode.TRAINING_SCORES_BUDGET = settings.pop("training_scores_budget")
+    if "skip_bucket_padding" in settings:
+        promptbake.rollout.SKIP_BUCKET_PADDING = settings.pop("skip_bucket_padding")
     if "bf16_output_layer" in settings:
         import promptbake.runtime
 

@@ -113,11 +113,17 @@ def test_static_cache_sampling_draws_what_the_eager_sampler_draws(tiny_model_dir
     free = sample(model, prompts, max_new_tokens=30, temperature=1.3, eos_ids=[EOS], pad_id=0, greedy=greedy)
     stops = sorted({row[5 + 4 * r] for r, row in enumerate(free.response_ids_BT.tolist()[:4])})  # rows end at steps 6-18
     runs = []
+    widths = []  # of each forward's input: the static prefill runs the prompts' width (17), not the bucket's (24)
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
     for sampler in ("eager", "static"):
         torch.manual_seed(4)
         kwargs = dict(max_new_tokens=30, temperature=1.3, eos_ids=stops, pad_id=0, greedy=greedy)
+        widths.clear()
         runs.append(sample(model, prompts, **kwargs) if sampler == "eager"
                     else sample_static(model, decode_step, prompts, bucket=8, **kwargs))
+    hook.remove()
+    assert widths[0] == 17 and set(widths[1:]) == {1}
     eager, static = runs
     lengths = eager.response_mask_BT.sum(-1).tolist()
     assert min(lengths) < 20 and len(set(lengths)) > 2, lengths  # rows end at different steps
