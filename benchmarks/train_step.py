@@ -54,6 +54,9 @@ VARIANTS = {
     "compiled layers + fp32 output layer": {"torch_compile": True, "bf16_output_layer": False},
     # Not a setting: the compiled decode step's prefill over the whole bucket width (its padding included), as before.
     "compiled layers + padded prefill": {"torch_compile": True, "skip_bucket_padding": False},
+    # Not a setting: prompts' shared first tokens prefilled by every row (no sharing in the samplers), as before the
+    # static prefill shared them.
+    "compiled layers + no shared prefix": {"torch_compile": True, "min_shared_prefix": 10**9},
     # oneDNN's kernel cache at a set size, everything compiled: 256 is what promptbake sets on import (unless
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set), 64 was tried and not kept.
     "compiled layers + oneDNN cache 256": {"torch_compile": True, "onednn_cache": 256},
@@ -151,6 +154,8 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
         import promptbake.fastdecode
 
         promptbake.fastdecode.TRAINING_SCORES_BUDGET = settings.pop("training_scores_budget")
+    if "min_shared_prefix" in settings:
+        promptbake.rollout.MIN_SHARED_PREFIX = settings.pop("min_shared_prefix")
     if "skip_bucket_padding" in settings:
         promptbake.rollout.SKIP_BUCKET_PADDING = settings.pop("skip_bucket_padding")
     if "bf16_output_layer" in settings:

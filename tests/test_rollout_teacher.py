@@ -131,6 +131,42 @@ def test_static_cache_sampling_draws_what_the_eager_sampler_draws(tiny_model_dir
     assert torch.equal(eager.response_mask_BT, static.response_mask_BT)
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_static_cache_prefill_runs_a_shared_prefix_once(tiny_model_dir, greedy):
+    """Prompts that share their first 20 tokens: the static loop computes them once (one row), then the rows' own
+    tokens (the longest 9 wide, not the bucket's 32), and draws exactly what the eager sampler and a whole-width
+    prefill draw. Float64, as above."""
+    import promptbake.rollout
+    from promptbake.fastdecode import use_fast_decode
+    from promptbake.models import load_model
+
+    model = load_model(tiny_model_dir).double()
+    use_fast_decode(model)
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(3, 40000, (20,), generator=g).tolist()
+    prompts = [head + torch.randint(3, 40000, (n,), generator=g).tolist() for n in (4, 9, 1, 6)]
+    widths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    runs = []
+    for sampler in ("eager", "static", "static, whole width"):
+        torch.manual_seed(5)
+        widths.clear()
+        kwargs = dict(max_new_tokens=12, temperature=1.1, eos_ids=[], pad_id=0, greedy=greedy)
+        if sampler == "eager":
+            runs.append(sample(model, prompts, **kwargs))
+            continue
+        promptbake.rollout.SKIP_BUCKET_PADDING = sampler == "static"
+        try:
+            runs.append(sample_static(model, decode_step, prompts, bucket=32, **kwargs))
+        finally:
+            promptbake.rollout.SKIP_BUCKET_PADDING = True
+        assert widths[:2] == ([(1, 20), (4, 9)] if sampler == "static" else [(4, 32), (4, 1)])
+    hook.remove()
+    for run in runs[1:]:
+        assert torch.equal(runs[0].response_ids_BT, run.response_ids_BT)
+
+
 def test_compiled_decode_step_gives_the_eager_step_and_only_while_asked(peft_tiny):
     """`compiled_decoding` puts a compiled step on the bf16 engine for as long as it is active: its logits are
     the eager step's on the same cache, also after an update of the adapter and a `sync()` (training samples the
