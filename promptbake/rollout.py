@@ -340,8 +340,9 @@ def _prefill_static(model, cache, prompts: list[list[int]], pad_id: int, width: 
         for layer, prefix in zip(cache.layers, prefix_cache.layers):
             layer.keys[:, :, :shared] = prefix.keys
             layer.values[:, :, :shared] = prefix.values
-    logits_BV = model(input_ids=ids_BS.to(device), attention_mask=mask_BW, position_ids=position_ids(mask_BS.to(device), shared),
-                      past_key_values=cache, cache_position=torch.arange(width - S, width, device=device), use_cache=True,
+    logits_BV = model(input_ids=ids_BS.to(device), attention_mask=mask_BW,
+                      position_ids=position_ids(mask_BS.to(device), shared), past_key_values=cache,
+                      cache_position=torch.arange(width - S, width, device=device), use_cache=True,
                       logits_to_keep=1).logits[:, -1, :]
     return logits_BV, mask_BW
 
@@ -363,9 +364,10 @@ def sample_static(
     copy of it).
 
     The cache holds the prompts in a width rounded up to a multiple of `bucket` (`_prefill_static`) plus
-    `max_new_tokens`, and the attention mask keeps that width throughout, so a compiled step sees the same shapes at every token and for every batch
-    of the same size and bucket. Same draws as `sample` (one uniform number per row and token); finished rows stay
-    in the batch (dropping them would change the shapes) and decode padding until every row has ended.
+    `max_new_tokens`, and the attention mask keeps that width throughout, so a compiled step sees the same shapes
+    at every token and for every batch of the same size and bucket. Same draws as `sample` (one uniform number
+    per row and token); finished rows stay in the batch (dropping them would change the shapes) and decode
+    padding until every row has ended.
     """
     from transformers import StaticCache
 
