@@ -7,8 +7,8 @@ phase running at that moment: loading (model, samplers, the teacher's prompt cac
 the student's forward, the loss, the backward pass, gradient clipping, the optimizer step, the sampler's weight
 sync, checkpoint saves and the artifact write ("between phases" is everything else, and the script says which
 phase had just ended when its peak came). Each configuration runs in its own process, so one's heap does not
-carry into the next. A configuration may also set a code switch (`CODE_SWITCHES`, e.g. `bf16_output_layer=false`)
-to measure the code as it was before a change.
+carry into the next. A configuration may also set a code switch (`benchmarks/code_switches.py`, e.g.
+`bf16_output_layer=false`) to measure the code as it was before a change.
 
     python benchmarks/memory.py [--prompt prompts/pirate.md] [--new-tokens 128] [--steps 3]
         [--configs "default,micro_batch_size=2"] [--json results/memory.json]
@@ -68,22 +68,6 @@ class PhaseMeter:
         setattr(owner, name, inside)
 
 
-# Config keys that are not settings but module constants, to measure the code as it was before a change:
-# key -> (module, constant).
-CODE_SWITCHES = {"bf16_output_layer": ("promptbake.runtime", "BF16_OUTPUT_LAYER")}
-
-
-def apply_code_switches(overrides: dict) -> dict:
-    """Set the module constants named in `overrides` and return the remaining (BakeConfig) overrides."""
-    import importlib
-
-    rest = dict(overrides)
-    for key, (module, constant) in CODE_SWITCHES.items():
-        if key in rest:
-            setattr(importlib.import_module(module), constant, rest.pop(key))
-    return rest
-
-
 def parse_overrides(spec: str) -> dict:
     overrides = {}
     for item in filter(None, spec.split("+")):
@@ -113,6 +97,8 @@ def worker(prompt: Path, config: str, new_tokens: int, steps: int, part: str) ->
     from promptbake.rollout import eos_token_ids
     from promptbake.runtime import load_runtime
     from promptbake.spec import load_spec
+
+    from code_switches import apply_code_switches
 
     overrides = apply_code_switches(parse_overrides(config))
     stages["imports"] = rss_gib()

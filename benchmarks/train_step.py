@@ -136,32 +136,13 @@ def worker(prompt: str, variant: str, steps: int, new_tokens: int) -> dict:
     """One variant, a few steps, in this process; prints its JSON."""
     if "onednn_cache" in VARIANTS[variant]:  # read by oneDNN at its first matmul, so before torch runs any
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(VARIANTS[variant]["onednn_cache"])
-    import promptbake.losses
-    import promptbake.rollout
+    from code_switches import apply_code_switches
+
     from promptbake.bake import compile_prompt
 
     settings = dict(VARIANTS[variant])
     settings.pop("onednn_cache", None)
-    if "loss_chunk_bytes" in settings:
-        promptbake.losses.LOSS_CHUNK_BYTES = settings.pop("loss_chunk_bytes")
-    if "packed_layout" in settings:
-        promptbake.rollout.PACKED_LAYOUT = settings.pop("packed_layout")
-    if "teacher_scoring_bytes" in settings:
-        import promptbake.train
-
-        promptbake.train.TEACHER_SCORING_BYTES = settings.pop("teacher_scoring_bytes")
-    if "training_scores_budget" in settings:
-        import promptbake.fastdecode
-
-        promptbake.fastdecode.TRAINING_SCORES_BUDGET = settings.pop("training_scores_budget")
-    if "min_shared_prefix" in settings:
-        promptbake.rollout.MIN_SHARED_PREFIX = settings.pop("min_shared_prefix")
-    if "skip_bucket_padding" in settings:
-        promptbake.rollout.SKIP_BUCKET_PADDING = settings.pop("skip_bucket_padding")
-    if "bf16_output_layer" in settings:
-        import promptbake.runtime
-
-        promptbake.runtime.BF16_OUTPUT_LAYER = settings.pop("bf16_output_layer")
+    settings = apply_code_switches(settings)  # module constants: the code as it was before a change
     from quality import eager_decoding_only
 
     import promptbake.train
