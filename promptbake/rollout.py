@@ -188,6 +188,25 @@ def _prefill(model, cache, prompts: list[list[int]], pad_id: int, offset: int) -
     return logits_BV
 
 
+def shared_prompt_prefix(prompts: list[list[int]]) -> int:
+    """How many first tokens all `prompts` share that a sampler runs once for every row: 0 below
+    `MIN_SHARED_PREFIX`, and every row keeps at least one token of its own (its last, whose logits come next)."""
+    from promptbake.chat import common_prefix_length
+
+    shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_cache(model, tokens: list[int]):
+    """A cache holding the keys and values of `tokens`, run through `model` as one row."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([tokens], device=next(model.parameters()).device), past_key_values=cache,
+          use_cache=True, logits_to_keep=1)
+    return cache
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -212,15 +231,12 @@ def sample(
     """
     from transformers import DynamicCache
 
-    from promptbake.chat import common_prefix_length
     from promptbake.fastdecode import can_share_prefix, shared_prefix
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
-    if shared < MIN_SHARED_PREFIX or not can_share_prefix(model):
-        shared = 0
+    shared = shared_prompt_prefix(prompts) if can_share_prefix(model) else 0
     suffixes = [p[shared:] for p in prompts]
     mask_BL = left_pad(suffixes, pad_id)[1].to(device)
     eos_t = torch.tensor(eos_ids, device=device)
@@ -230,13 +246,10 @@ def sample(
     rows_A = torch.arange(B, device=device)          # the batch rows still decoding, by their index in `prompts`
     done_A = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
-    prefix_cache = DynamicCache(config=model.config)
     with autocast(device, bf16):
-        if shared:
-            model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=prefix_cache,
-                  use_cache=True, logits_to_keep=1)
+        prefix_layers = prefix_cache(model, prompts[0][:shared]).layers if shared else []
+        prefix_kv = [(layer.keys, layer.values) for layer in prefix_layers]
         cache = DynamicCache(config=model.config)
-        prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers] if shared else []
         with shared_prefix(model, prefix_kv) if shared else contextlib.nullcontext():
             logits_AV = _prefill(model, cache, suffixes, pad_id, shared)
             for step in range(max_new_tokens):
@@ -309,35 +322,23 @@ def _prefill_static(model, cache, prompts: list[list[int]], pad_id: int, width: 
     sees what a whole-prompt prefill shows it, for less work: 16 pirate prompts of <= 40 tokens (24 shared) in a
     bucket of 64 ran 24 + 16 x 16 positions instead of 16 x 64. A cache that cannot start its writes later gets
     the whole width, padding included."""
-    from promptbake.chat import common_prefix_length
-
     device = next(model.parameters()).device
     B = len(prompts)
-    shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if B > 1 else 0
-    if shared < MIN_SHARED_PREFIX:
-        shared = 0
+    shared = shared_prompt_prefix(prompts)
     ids_BS, mask_BS = left_pad([p[shared:] for p in prompts], pad_id)
-    S = ids_BS.shape[1]
-    if not _start_static_writes(cache, model, B, width - S):
+    if not _start_static_writes(cache, model, B, width - ids_BS.shape[1]):  # every row its whole prompt, padded
+        shared = 0
         ids_BL, mask_BL = left_pad(prompts, pad_id)
         pad = width - ids_BL.shape[1]
-        ids_BW = torch.cat([torch.full((B, pad), pad_id, dtype=torch.long), ids_BL], dim=1).to(device)
-        mask_BW = torch.cat([torch.zeros(B, pad, dtype=torch.long), mask_BL], dim=1).to(device)
-        logits_BV = model(input_ids=ids_BW, attention_mask=mask_BW, position_ids=position_ids(mask_BW),
-                          past_key_values=cache, cache_position=torch.arange(width, device=device), use_cache=True,
-                          logits_to_keep=1).logits[:, -1, :]
-        return logits_BV, mask_BW
+        ids_BS = torch.cat([torch.full((B, pad), pad_id, dtype=torch.long), ids_BL], dim=1)
+        mask_BS = torch.cat([torch.zeros(B, pad, dtype=torch.long), mask_BL], dim=1)
+    S = ids_BS.shape[1]
     mask_BW = torch.zeros(B, width, dtype=torch.long)
     mask_BW[:, :shared] = 1
     mask_BW[:, width - S:] = mask_BS
     mask_BW = mask_BW.to(device)
     if shared:
-        from transformers import DynamicCache
-
-        prefix_cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=prefix_cache, use_cache=True,
-              logits_to_keep=1)
-        for layer, prefix in zip(cache.layers, prefix_cache.layers):
+        for layer, prefix in zip(cache.layers, prefix_cache(model, prompts[0][:shared]).layers):
             layer.keys[:, :, :shared] = prefix.keys
             layer.values[:, :, :shared] = prefix.values
     logits_BV = model(input_ids=ids_BS.to(device), attention_mask=mask_BW,
@@ -548,18 +549,17 @@ class HFRolloutEngine:
         The copy's input and output embeddings are one tied bf16 table; where the policy's bf16 output weight
         holds exactly the bf16 values of its input embeddings, that table is the policy's tensor itself (54 MiB
         at 49k x 576), and `sync` has nothing to copy for it."""
-        output, own_output = base.get_output_embeddings(), self.model.get_output_embeddings()
-        own_input = self.model.get_input_embeddings()
+        output, table = base.get_output_embeddings(), base.get_input_embeddings().weight
+        own_output, own_input = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         if output is None or own_output is None or output.weight.dtype != torch.bfloat16 \
-                or own_output.weight is not own_input.weight or output.weight.shape != own_input.weight.shape \
-                or not torch.equal(base.get_input_embeddings().weight.to(torch.bfloat16), output.weight):
+                or own_output.weight is not own_input.weight or not torch.equal(table.to(torch.bfloat16), output.weight):
             return
         # requires_grad=True like the copy's other parameters (see __init__); the sampler runs without gradients
         shared = torch.nn.Parameter(output.weight.detach(), requires_grad=True)
         own_input.weight = shared
         own_output.weight = shared
         for name, param in list(self._plain.items()):
-            if param is output.weight or param is base.get_input_embeddings().weight:
+            if param is output.weight or param is table:
                 del self._plain[name]
 
     @torch.no_grad()
