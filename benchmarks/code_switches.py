@@ -17,6 +17,7 @@ CODE_SWITCHES = {
     "min_shared_prefix": ("promptbake.rollout", "MIN_SHARED_PREFIX"),
     "skip_bucket_padding": ("promptbake.rollout", "SKIP_BUCKET_PADDING"),
     "bf16_output_layer": ("promptbake.runtime", "BF16_OUTPUT_LAYER"),
+    "share_student_prefix": ("promptbake.train", "SHARE_STUDENT_PREFIX"),
 }
 
 

@@ -54,9 +54,12 @@ VARIANTS = {
     "compiled layers + fp32 output layer": {"torch_compile": True, "bf16_output_layer": False},
     # Not a setting: the compiled decode step's prefill over the whole bucket width (its padding included), as before.
     "compiled layers + padded prefill": {"torch_compile": True, "skip_bucket_padding": False},
-    # Not a setting: prompts' shared first tokens prefilled by every row (no sharing in the samplers), as before the
+    # Not a setting: prompts' shared first tokens run by every row (no sharing in the samplers or the student's pass), as before the
     # static prefill shared them.
     "compiled layers + no shared prefix": {"torch_compile": True, "min_shared_prefix": 10**9},
+    # Not a setting: the student's training pass runs the prompts' shared first tokens in every row, as before it ran
+    # them once per update.
+    "compiled layers + student prefix per row": {"torch_compile": True, "share_student_prefix": False},
     # oneDNN's kernel cache at a set size, everything compiled: 256 is what promptbake sets on import (unless
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set), 64 was tried and not kept.
     "compiled layers + oneDNN cache 256": {"torch_compile": True, "onednn_cache": 256},

@@ -207,6 +207,48 @@ def prefix_cache(model, tokens: list[int]):
     return cache
 
 
+@dataclass
+class TrainablePrefix:
+    """The first tokens all rows of a training update share, run once through the student with gradients on.
+
+    The rows attend to detached copies of its keys and values (`attended`, per layer, through
+    `fastdecode.shared_prefix`), so each micro-batch's backward stops there and adds into their `.grad`;
+    `backward()` then sends the summed gradient through the prefix's own graph once, instead of once per row."""
+
+    length: int
+    computed: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv heads, P, head dim), with their graph
+    attended: list[tuple[torch.Tensor, torch.Tensor]]  # the same values, leaves that require grad
+
+    def backward(self) -> None:
+        outputs, grads = [], []
+        for pair, leaves in zip(self.computed, self.attended):
+            for out, leaf in zip(pair, leaves):
+                if leaf.grad is not None and out.requires_grad:
+                    outputs.append(out)
+                    grads.append(leaf.grad)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+        self.computed, self.attended = [], []
+
+
+def trainable_prefix(model, prompts: list[list[int]]) -> TrainablePrefix | None:
+    """The shared first tokens of `prompts` (`shared_prompt_prefix`) as a `TrainablePrefix`, or None where there is
+    none or the model's attention cannot attend to one copy (`fastdecode.can_share_prefix`). Run it with gradients on
+    and the caller's autocast; run the rows with `response_logits(..., prefix_len=length, prefix_attended=True)`
+    inside `shared_prefix(model, prefix.attended)`, their backward included (recomputed layers read it again)."""
+    from promptbake.fastdecode import can_share_prefix
+
+    shared = shared_prompt_prefix(prompts) if can_share_prefix(model) else 0
+    if not shared:
+        return None
+    computed = [(layer.keys, layer.values) for layer in prefix_cache(model, prompts[0][:shared]).layers]
+    if not computed or any(keys is None for keys, _ in computed):
+        return None  # the model filled no cache (as with gradient checkpointing on)
+    attended = [(keys.detach().requires_grad_(keys.requires_grad), values.detach().requires_grad_(values.requires_grad))
+                for keys, values in computed]
+    return TrainablePrefix(shared, computed, attended)
+
+
 @torch.no_grad()
 def sample(
     model,

@@ -62,7 +62,9 @@ from promptbake.rollout import (
     packs_rows,
     response_logits,
     rollout_from_lists,
+    trainable_prefix,
 )
+from promptbake.fastdecode import shared_prefix
 from promptbake.teacher import PromptedTeacher
 
 
@@ -194,6 +196,13 @@ def run_compile_key(model, bf16: bool) -> str | None:
     """The compile cache's key for training `model` (None for a model without a config)."""
     model_config = getattr(model, "config", None)
     return compile_key(model_config, bf16) if model_config is not None else None
+
+
+# The student's rows of an update share their first tokens (SmolLM2's chat template adds the same 24-token system
+# turn to every query: over a quarter of a row at the 48-token cap). Their forward and backward run once per update
+# (`rollout.TrainablePrefix`), not once per row. One process only: under DDP its backward would come after the
+# gradients were synced. Not with gradient checkpointing either: transformers then fills no cache.
+SHARE_STUDENT_PREFIX = True
 
 
 def eager_only(enabled: bool):
@@ -484,6 +493,12 @@ def train_student(
                 widths = [micro.response_ids_BT.shape[1] for micro in micros]
                 spans = teacher_spans([len(rows) for rows in groups], widths, len(tokenizer), 2 if bf16 else 4)
                 scored: dict[int, TeacherTargets] = {}  # micro-batch index -> its targets, scored with an earlier one
+                prefix = None
+                if SHARE_STUDENT_PREFIX and world == 1 and not config.hidden_match_query and not config.gradient_checkpointing:
+                    # Eager: through the compiled layers its growing cache would recompile them once per layer.
+                    with autocast(accelerator.device, bf16), eager_only(compiling):
+                        prefix = trainable_prefix(wrapped, [prompts[r] for r in part_rows])
+                P = prefix.length if prefix is not None else 0
                 if prompt_ids_1P is not None:  # once per update, its gradient added to the part's (synced with its last)
                     with accelerator.no_sync(wrapped):
                         prompt_loss = prompt_text_loss(wrapped, prompt_ids_1P, bf16)
@@ -506,11 +521,14 @@ def train_student(
                     del targets
                     teacher_s += time.perf_counter() - t_teacher
                     last = index == len(groups) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+                    # The prefix stays attended through backward, where recomputed layers read it again.
+                    with contextlib.nullcontext() if last else accelerator.no_sync(wrapped), \
+                            shared_prefix(wrapped, prefix.attended) if P else contextlib.nullcontext():
                         with autocast(accelerator.device, bf16), \
                                 recorded_layer_outputs(student_blocks) as student_layers:
-                            row_prompts = [prompts[r] for r in rows]
-                            student_logits_BTV = response_logits(wrapped, row_prompts, micro, pad_id)
+                            row_prompts = [prompts[r][P:] for r in rows]
+                            student_logits_BTV = response_logits(wrapped, row_prompts, micro, pad_id, prefix_len=P,
+                                                                 prefix_attended=bool(P))
                         device = student_logits_BTV.device
                         ids_BT, mask_BT = micro.response_ids_BT.to(device), micro.response_mask_BT.to(device)
                         loss_BT = distill_loss(
@@ -533,7 +551,7 @@ def train_student(
                                                                        future_baseline, config.temperature)
                             objective_loss = micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens
                         if match_hidden:
-                            lengths = [len(p) for p in row_prompts] if packs_rows(device, row_prompts) else None
+                            lengths = [len(p) for p in row_prompts] if packs_rows(device, row_prompts, prefix_len=P) else None
                             student_LBTD = matched(response_states(student_layers, len(student_blocks), T, lengths))
                             scale_LBD = (dimension_scales(teacher_states_LBTD, mask_BT.to(teacher_states_LBTD.device))
                                          if config.hidden_match_scale == "dims" else None)
@@ -554,6 +572,9 @@ def train_student(
                         del teacher_query_LBQD
                     if config.release_memory:
                         release_free_memory()
+                if prefix is not None:
+                    prefix.backward()  # the micro-batches' gradients at the prefix, through its graph once
+                    del prefix
                 if fault_requested("nan_grad", step):  # test hook: a backward that returned NaN at a finite loss
                     params[0].grad.fill_(float("nan"))
                 norm = float(accelerator.clip_grad_norm_(params, config.grad_clip))  # the same on every process

@@ -220,3 +220,64 @@ def test_unpadded_rows_get_a_causal_mask_while_training_and_none_otherwise(tiny_
     assert seen[0] is not None and seen[1] is None
     assert abs(float(loss_masked.detach()) - float(loss_none)) < 1e-5 * abs(float(loss_none))
     assert grads and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_a_trainable_prefix_run_once_gives_the_full_rows_logits_and_gradients(tiny_model_dir):
+    """The student's rows after a shared prefix run once (`rollout.TrainablePrefix`), in two micro-batches whose
+    backward each stops at the prefix, then one backward through it: the same logits and LoRA gradients as every
+    row run whole, in float64 (the attention's softmax is fp32 on both paths: agreement to fp32's rounding)."""
+    from peft import LoraConfig, get_peft_model
+
+    from promptbake.fastdecode import shared_prefix
+    from promptbake.models import load_model
+    from promptbake.rollout import Rollout, response_logits, trainable_prefix
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model_dir).double(),
+                           LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+                                      init_lora_weights=False))
+    model.train()
+    shared = list(range(30, 48))  # 18 tokens: above MIN_SHARED_PREFIX
+    prompts = [shared + [60, 61, 62], shared + [70], shared + [80, 81, 82, 83, 84]]
+    rollout = Rollout(torch.tensor([[5, 6, 7], [8, 9, 0], [10, 11, 12]]), torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]]))
+    groups = [[0, 1], [2]]
+
+    def loss_of(logits_BTV, micro):
+        logp_BTV = torch.log_softmax(logits_BTV, -1)
+        return (logp_BTV.gather(-1, micro.response_ids_BT[..., None])[..., 0] * logp_BTV[..., 3].exp() * micro.response_mask_BT).sum()
+
+    def grads():
+        out = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()
+               if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    whole = []
+    for rows in groups:
+        micro = rollout.select(rows)
+        logits = response_logits(model, [prompts[r] for r in rows], micro, pad_id=0)
+        loss_of(logits, micro).backward()
+        whole.append(logits.detach())
+    want = grads()
+
+    prefix = trainable_prefix(model, prompts)
+    assert prefix is not None and prefix.length == len(shared)
+    got = []
+    for rows in groups:
+        micro = rollout.select(rows)
+        with shared_prefix(model, prefix.attended):
+            logits = response_logits(model, [prompts[r][prefix.length:] for r in rows], micro, pad_id=0,
+                                     prefix_len=prefix.length, prefix_attended=True)
+            loss_of(logits, micro).backward()
+        got.append(logits.detach())
+    before = grads()  # what the micro-batches gave the LoRA weights alone: the prefix's share is still missing
+    prefix.backward()
+    after = grads()
+    for a, b in zip(whole, got):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-6
+    assert want.keys() == after.keys() and want
+    for name, grad in want.items():
+        total = before[name] + after[name]
+        assert (total - grad).abs().max() < 1e-6 * max(1.0, float(grad.abs().max())), name
+    # The prefix's own backward carried a real part of the gradient (the layers' keys and values read it).
+    assert any(after[n].abs().max() > 1e-6 for n in after if "k_proj" in n or "v_proj" in n)

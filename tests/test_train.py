@@ -68,6 +68,40 @@ def test_teacher_scoring_several_micro_batches_at_once_changes_nothing(tmp_path,
         assert alone.grad_norm == pytest.approx(together.grad_norm, rel=1e-4)
 
 
+@pytest.mark.parametrize("updates", [1, 2])
+def test_the_student_prefix_run_once_changes_nothing(tmp_path, tiny_model_dir, monkeypatch, updates):
+    """The student's rows share the chat template's first tokens: run once per update (`SHARE_STUDENT_PREFIX`) or in
+    every row, two steps give the same KL, layers' distance and gradient norm, with one update per step or two. The
+    prefix ran in every update of the shared runs and in none of the others."""
+    import promptbake.train as train
+
+    prompt = write_prompt(tmp_path / "p")
+    lengths = []
+    original = train.trainable_prefix
+
+    def counted(model, prompts):
+        prefix = original(model, prompts)
+        lengths.append(prefix.length if prefix is not None else 0)
+        return prefix
+
+    monkeypatch.setattr(train, "trainable_prefix", counted)
+    logs, runs = [], []
+    for share in (True, False):
+        monkeypatch.setattr(train, "SHARE_STUDENT_PREFIX", share)
+        lengths.clear()
+        result = compile_prompt(prompt, out=tmp_path / f"out-{share}", model=str(tiny_model_dir),
+                                overrides=dict(steps=2, batch_size=6, micro_batch_size=2, heldout=0, max_new_tokens=8,
+                                               precision="fp32", hidden_match_weight=30.0, updates_per_batch=updates))
+        logs.append(result.train.log)
+        runs.append(list(lengths))
+    assert len(runs[0]) == 2 * updates and min(runs[0]) >= 16 and runs[1] == []
+    for shared, whole in zip(*logs):
+        assert shared.response_tokens == whole.response_tokens
+        assert shared.kl == pytest.approx(whole.kl, rel=1e-5)
+        assert shared.hidden_distance > 0 and shared.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-4)
+        assert shared.grad_norm == pytest.approx(whole.grad_norm, rel=1e-4)
+
+
 @pytest.mark.parametrize("kl", ["full", "topk", "sampled"])
 def test_micro_batch_size_does_not_change_loss_or_gradient(tmp_path, tiny_model_dir, kl):
     prompt = write_prompt(tmp_path / "p")
@@ -241,6 +275,8 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_trainin
     from safetensors.torch import load_file
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    import promptbake.train as train
+
     calls = {"grad": 0}
     original = LlamaDecoderLayer.forward
 
@@ -249,6 +285,8 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_trainin
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(LlamaDecoderLayer, "forward", counted)
+    # The shared student prefix runs without checkpointing only; off in both runs, the layers' calls compare.
+    monkeypatch.setattr(train, "SHARE_STUDENT_PREFIX", False)
     prompt = write_prompt(tmp_path / "p")
     logs, adapters, grad_calls = [], [], []
     for recompute in (False, True):
