@@ -60,6 +60,11 @@ VARIANTS = {
     # Not a setting: the student's training pass runs the prompts' shared first tokens in every row, as before it ran
     # them once per update.
     "compiled layers + student prefix per row": {"torch_compile": True, "share_student_prefix": False},
+    # Student micro-batches of a set number of rows, everything compiled (the default: up to 8 rows and 512 tokens;
+    # 2 rows was the default before).
+    "compiled layers + micro-batch 2": {"torch_compile": True, "micro_batch_size": 2},
+    "compiled layers + micro-batch 4": {"torch_compile": True, "micro_batch_size": 4},
+    "compiled layers + micro-batch 8": {"torch_compile": True, "micro_batch_size": 8, "micro_batch_tokens": 10**9},
     # oneDNN's kernel cache at a set size, everything compiled: 256 is what promptbake sets on import (unless
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set), 64 was tried and not kept.
     "compiled layers + oneDNN cache 256": {"torch_compile": True, "onednn_cache": 256},

@@ -168,8 +168,15 @@ class BakeConfig(BaseModel):
                     "study (support, 40 steps, one seed) 2 closed 0.03 more of the held-out KL gap than 1, 4 no more; at 80 "
                     "steps 2 closed no more than 1.")
     micro_batch_size: int = Field(
-        2, gt=0, description="Rows per student forward/backward; bounds memory, not the math. 2 rows took 0.67 GiB less "
-                             "than 4 at the 128-token cap and no longer per step (benchmarks/memory.py).")
+        8, gt=0, description="Most rows per student forward/backward (fewer where micro_batch_tokens binds); bounds "
+                             "memory, not the math.")
+    micro_batch_tokens: int = Field(
+        400, gt=0,
+        description="Most tokens per student forward/backward: rows x the longest row's prompt (after the first tokens "
+                    "all rows share, run once) and response, at least one row. Bounds memory, not the math. At the "
+                    "48-token cap 8 rows of about 60 tokens ran the student's pass 1.44x faster than 2 rows, for 0.54 GiB "
+                    "more peak RSS; at the 128-token cap 3 rows instead of 2 bought no clear speed for 0.31 GiB, so 400 "
+                    "keeps 2 rows there and gives 6 at 48 tokens (benchmarks/train_step.py, docs/performance.md).")
     max_new_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         "auto",
         description=(

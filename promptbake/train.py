@@ -265,10 +265,17 @@ def update_parts(rows: int, updates: int) -> list[list[int]]:
     return [list(range(i * rows // updates, (i + 1) * rows // updates)) for i in range(updates)]
 
 
-def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
-    """Row indices grouped by similar total length, `size` rows per group, so little compute goes to padding."""
+def micro_batches(lengths: list[int], size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Row indices grouped by similar total length, so little compute goes to padding: at most `size` rows per
+    group, and (`max_tokens`) at most that many tokens, rows x the group's longest row, one row at the least."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < size and (max_tokens is None or (len(groups[-1]) + 1) * lengths[i] <= max_tokens):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 # Teacher scoring runs eager, and two rows a call left much of its time to per-call overhead; so consecutive
@@ -487,18 +494,19 @@ def train_student(
             wrapped.train()
             for part_rows, part_tokens in zip(parts, part_tokens_K):
                 total_tokens = max(part_tokens, 1) / world
-                groups = [[part_rows[i] for i in group] for group in micro_batches(
-                    [len(prompts[r]) + response_lens[r] for r in part_rows], config.micro_batch_size)]  # rows of each
-                micros = [rollout.select(rows) for rows in groups]
-                widths = [micro.response_ids_BT.shape[1] for micro in micros]
-                spans = teacher_spans([len(rows) for rows in groups], widths, len(tokenizer), 2 if bf16 else 4)
-                scored: dict[int, TeacherTargets] = {}  # micro-batch index -> its targets, scored with an earlier one
                 prefix = None
                 if SHARE_STUDENT_PREFIX and world == 1 and not config.hidden_match_query and not config.gradient_checkpointing:
                     # Eager: through the compiled layers its growing cache would recompile them once per layer.
                     with autocast(accelerator.device, bf16), eager_only(compiling):
                         prefix = trainable_prefix(wrapped, [prompts[r] for r in part_rows])
                 P = prefix.length if prefix is not None else 0
+                groups = [[part_rows[i] for i in group] for group in micro_batches(
+                    [len(prompts[r]) - P + response_lens[r] for r in part_rows], config.micro_batch_size,
+                    config.micro_batch_tokens)]  # rows of each
+                micros = [rollout.select(rows) for rows in groups]
+                widths = [micro.response_ids_BT.shape[1] for micro in micros]
+                spans = teacher_spans([len(rows) for rows in groups], widths, len(tokenizer), 2 if bf16 else 4)
+                scored: dict[int, TeacherTargets] = {}  # micro-batch index -> its targets, scored with an earlier one
                 if prompt_ids_1P is not None:  # once per update, its gradient added to the part's (synced with its last)
                     with accelerator.no_sync(wrapped):
                         prompt_loss = prompt_text_loss(wrapped, prompt_ids_1P, bf16)

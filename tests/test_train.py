@@ -21,6 +21,15 @@ def test_micro_batches_group_by_length_and_cover_all_rows():
     assert sorted(i for g in groups for i in g) == list(range(5))
 
 
+def test_micro_batches_stop_at_the_token_budget_and_keep_one_row_past_it():
+    lengths = [60, 58, 140, 61, 139, 600, 59, 62]
+    groups = micro_batches(lengths, 8, 256)
+    assert groups == [[1, 6, 0, 3], [7], [4], [2], [5]]  # 4 x 61 fits 256; 5 x 62 does not; 600 alone
+    assert all(len(g) * max(lengths[i] for i in g) <= 256 for g in groups if len(g) > 1)
+    assert micro_batches(lengths, 2, 10_000) == micro_batches(lengths, 2)  # rows bind, not tokens
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+
+
 def test_teacher_spans_group_consecutive_micro_batches_within_the_logits_budget(monkeypatch):
     import promptbake.train as train
 
