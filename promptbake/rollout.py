@@ -235,7 +235,7 @@ def trainable_prefix(model, prompts: list[list[int]]) -> TrainablePrefix | None:
     """The shared first tokens of `prompts` (`shared_prompt_prefix`) as a `TrainablePrefix`, or None where there is
     none or the model's attention cannot attend to one copy (`fastdecode.can_share_prefix`). Run it with gradients on
     and the caller's autocast; run the rows with `response_logits(..., prefix_len=length, prefix_attended=True)`
-    inside `shared_prefix(model, prefix.attended)`, their backward included (recomputed layers read it again)."""
+    inside `shared_prefix(model, prefix.attended)`, then call `backward()` after the rows' own backward passes."""
     from promptbake.fastdecode import can_share_prefix
 
     shared = shared_prompt_prefix(prompts) if can_share_prefix(model) else 0

@@ -43,6 +43,7 @@ from promptbake.averaging import WeightAverage
 from promptbake.checkpoint import (Checkpointing, python_rng_from_json, python_rng_to_json, restore, save_checkpoint,
                                    trainable)
 from promptbake.compile_cache import cache_is_warm, compile_key, remember_compiled
+from promptbake.fastdecode import shared_prefix
 from promptbake.faults import fault_point, fault_requested
 from promptbake.hidden import (common_suffix_length, dimension_scales, hidden_distance, layer_increments, query_states,
                                recorded_layer_outputs, response_states)
@@ -64,7 +65,6 @@ from promptbake.rollout import (
     rollout_from_lists,
     trainable_prefix,
 )
-from promptbake.fastdecode import shared_prefix
 from promptbake.teacher import PromptedTeacher
 
 
@@ -529,7 +529,7 @@ def train_student(
                     del targets
                     teacher_s += time.perf_counter() - t_teacher
                     last = index == len(groups) - 1
-                    # The prefix stays attended through backward, where recomputed layers read it again.
+                    # The prefix stays attended until the micro-batch's backward is done.
                     with contextlib.nullcontext() if last else accelerator.no_sync(wrapped), \
                             shared_prefix(wrapped, prefix.attended) if P else contextlib.nullcontext():
                         with autocast(accelerator.device, bf16), \
