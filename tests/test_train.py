@@ -42,13 +42,39 @@ def test_teacher_spans_group_consecutive_micro_batches_within_the_logits_budget(
     assert teacher_spans([8], [50], 100, 2) == [[0]]  # over budget alone: still scored, by itself
 
 
+def _two_compiles(monkeypatch, tmp_path, tiny_model_dir, prompt, constant: str, values, recorded: list, **overrides):
+    """Two-step compiles of the tiny model with the layers' term, one per value of the module constant
+    `promptbake.train.<constant>`; their logs, and what `recorded` held after each (cleared before each)."""
+    import promptbake.train as train
+
+    logs, seen = [], []
+    for value in values:
+        monkeypatch.setattr(train, constant, value)
+        recorded.clear()
+        result = compile_prompt(prompt, out=tmp_path / f"out-{constant}-{value}", model=str(tiny_model_dir),
+                                overrides=dict(steps=2, batch_size=6, micro_batch_size=2, heldout=0, max_new_tokens=8,
+                                               precision="fp32", hidden_match_weight=30.0, **overrides))
+        logs.append(result.train.log)
+        seen.append(list(recorded))
+    return logs, seen
+
+
+def _assert_same_training(logs_a, logs_b) -> None:
+    """The same tokens, KL, layers' distance and gradient norm at every step."""
+    assert len(logs_a) == len(logs_b)
+    for a, b in zip(logs_a, logs_b):
+        assert a.response_tokens == b.response_tokens
+        assert a.kl == pytest.approx(b.kl, rel=1e-5)
+        assert a.hidden_distance > 0 and a.hidden_distance == pytest.approx(b.hidden_distance, rel=1e-4)
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+
+
 @pytest.mark.parametrize("query", [False, True])
 def test_teacher_scoring_several_micro_batches_at_once_changes_nothing(tmp_path, tiny_model_dir, monkeypatch, query):
     """Micro-batches scored by the teacher in one call (the default's span) or one call each: the same KL, layers'
     distance and gradient over two steps, with the layers' term at the response and (`query`) at the user turn, on
     queries of different lengths. The number of teacher calls shows that both paths ran."""
     import promptbake.teacher as teacher_module
-    import promptbake.train as train
 
     prompt = write_prompt(tmp_path / "p")
     (tmp_path / "p" / "queries.txt").write_text("".join(f"Question {i}:{' why' * (i % 7)} is {i} odd?\n" for i in range(40)))
@@ -60,21 +86,11 @@ def test_teacher_scoring_several_micro_batches_at_once_changes_nothing(tmp_path,
         return original(self, queries, rollout, left_padded)
 
     monkeypatch.setattr(teacher_module.PromptedTeacher, "logits", counted)
-    logs, calls_per_run = [], []
-    for budget in (0, 2**30):  # every micro-batch alone; all of a step's micro-batches in one call
-        monkeypatch.setattr(train, "TEACHER_SCORING_BYTES", budget)
-        calls.clear()
-        result = compile_prompt(prompt, out=tmp_path / f"out-{budget}", model=str(tiny_model_dir),
-                                overrides=dict(steps=2, batch_size=6, micro_batch_size=2, heldout=0, max_new_tokens=8,
-                                               precision="fp32", hidden_match_weight=30.0, hidden_match_query=query))
-        logs.append(result.train.log)
-        calls_per_run.append(list(calls))
+    # Every micro-batch alone; all of a step's micro-batches in one call.
+    logs, calls_per_run = _two_compiles(monkeypatch, tmp_path, tiny_model_dir, prompt, "TEACHER_SCORING_BYTES",
+                                        (0, 2**30), calls, hidden_match_query=query)
     assert calls_per_run == [[2, 2, 2, 2, 2, 2], [6, 6]]
-    for alone, together in zip(*logs):
-        assert alone.response_tokens == together.response_tokens
-        assert alone.kl == pytest.approx(together.kl, rel=1e-5)
-        assert alone.hidden_distance > 0 and alone.hidden_distance == pytest.approx(together.hidden_distance, rel=1e-4)
-        assert alone.grad_norm == pytest.approx(together.grad_norm, rel=1e-4)
+    _assert_same_training(*logs)
 
 
 @pytest.mark.parametrize("updates", [1, 2])
@@ -94,21 +110,10 @@ def test_the_student_prefix_run_once_changes_nothing(tmp_path, tiny_model_dir, m
         return prefix
 
     monkeypatch.setattr(train, "trainable_prefix", counted)
-    logs, runs = [], []
-    for share in (True, False):
-        monkeypatch.setattr(train, "SHARE_STUDENT_PREFIX", share)
-        lengths.clear()
-        result = compile_prompt(prompt, out=tmp_path / f"out-{share}", model=str(tiny_model_dir),
-                                overrides=dict(steps=2, batch_size=6, micro_batch_size=2, heldout=0, max_new_tokens=8,
-                                               precision="fp32", hidden_match_weight=30.0, updates_per_batch=updates))
-        logs.append(result.train.log)
-        runs.append(list(lengths))
+    logs, runs = _two_compiles(monkeypatch, tmp_path, tiny_model_dir, prompt, "SHARE_STUDENT_PREFIX", (True, False),
+                               lengths, updates_per_batch=updates)
     assert len(runs[0]) == 2 * updates and min(runs[0]) >= 16 and runs[1] == []
-    for shared, whole in zip(*logs):
-        assert shared.response_tokens == whole.response_tokens
-        assert shared.kl == pytest.approx(whole.kl, rel=1e-5)
-        assert shared.hidden_distance > 0 and shared.hidden_distance == pytest.approx(whole.hidden_distance, rel=1e-4)
-        assert shared.grad_norm == pytest.approx(whole.grad_norm, rel=1e-4)
+    _assert_same_training(*logs)
 
 
 @pytest.mark.parametrize("kl", ["full", "topk", "sampled"])
