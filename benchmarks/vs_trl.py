@@ -82,7 +82,7 @@ def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "settings": s}
 
 
-def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool) -> dict:
+def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: int | None = None) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -95,6 +95,7 @@ def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool) -> dict:
     from promptbake.spec import load_spec
 
     s = common_settings(steps)
+    rows = micro_batch or s["micro_batch_size"]  # rows per device per pass
     spec = load_spec(prompt_copy)
     queries = load_queries(spec.queries_path)
     dataset = Dataset.from_list([{"prompt": q.messages, "privileged_context": spec.system_prompt} for q in queries])
@@ -103,7 +104,7 @@ def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool) -> dict:
     torch.manual_seed(SEED)
     args = SDFTConfig(
         output_dir=str(out / "trl-work"), max_steps=steps, seed=SEED, use_cpu=not torch.cuda.is_available(), bf16=bf16,
-        per_device_train_batch_size=s["micro_batch_size"], gradient_accumulation_steps=s["batch_size"] // s["micro_batch_size"],
+        per_device_train_batch_size=rows, gradient_accumulation_steps=s["batch_size"] // rows,
         num_generations=1, max_completion_length=s["max_new_tokens"], temperature=s["temperature"],
         learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=s["weight_decay"],
         max_grad_norm=s["grad_clip"], distillation_mode="full_logits", distillation_alpha=1.0, distillation_is_clip=None,
@@ -185,6 +186,9 @@ def main() -> None:
                         help="promptbake's torch_compile (auto: on for 40+ steps on bf16 CPUs, or 8+ once the compile "
                              "cache is warm); with "
                              "it on, step 1 carries the compile and the table shows it apart from the steady state")
+    parser.add_argument("--trl-micro-batch", type=int, default=0,
+                        help="TRL's rows per device per pass (0: promptbake's micro_batch_size, 8, which is TRL's own "
+                             "default; runs before 2026-12-06 used 2)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vs_trl.json")
     parser.add_argument("--worker", nargs=3, metavar=("WHO", "PROMPT_COPY", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=2, metavar=("PROMPT", "ADAPTERS_JSON"), help=argparse.SUPPRESS)
@@ -194,7 +198,7 @@ def main() -> None:
         who, prompt_copy, out = args.worker
         compile_flag = {"auto": None, "on": True, "off": False}[args.torch_compile]
         fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag)) if who == "promptbake" else (
-            lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16"))
+            lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16", micro_batch=args.trl_micro_batch or None))
         print("RESULT " + json.dumps(fn(Path(prompt_copy), Path(out), args.steps)))
         return
     if args.measure:
@@ -211,14 +215,15 @@ def main() -> None:
             out = tmp / f"{who}-{rnd}"
             print(f"round {rnd + 1}: {who} ...", flush=True)
             runs[who].append(_call("--steps", str(args.steps), "--max-new-tokens", str(CAP), "--trl-precision", args.trl_precision,
-                                   "--torch-compile", args.torch_compile, "--worker", who, str(prompt_copy), str(out)))
+                                   "--torch-compile", args.torch_compile, "--trl-micro-batch", str(args.trl_micro_batch),
+                                   "--worker", who, str(prompt_copy), str(out)))
             adapters[f"{who}-{rnd}"] = str(out)
     print("measuring held-out KL ...", flush=True)
     kls = _call("--max-new-tokens", str(CAP), "--measure", str(args.prompt), json.dumps(adapters))
 
     report: dict = {"machine": f"{os.cpu_count()} cores, {sys.platform}", "steps": args.steps, "rounds": args.rounds,
                     "prompt": str(args.prompt), "heldout_queries": len(heldout), "trl_precision": args.trl_precision,
-                    "torch_compile": args.torch_compile,
+                    "torch_compile": args.torch_compile, "trl_micro_batch": args.trl_micro_batch or None,
                     "settings": runs["promptbake"][0]["settings"], "kl_base": kls["base"], "trainers": {}}
     print(f"\n{args.steps} steps x 16 queries x <= {report['settings']['max_new_tokens']} tokens, {args.rounds} round(s); "
           f"held-out reverse KL to the prompted teacher on {len(heldout)} queries (base model: {kls['base']:.4f})")
