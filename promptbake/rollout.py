@@ -197,14 +197,15 @@ def shared_prompt_prefix(prompts: list[list[int]]) -> int:
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
-def prefix_cache(model, tokens: list[int]):
-    """A cache holding the keys and values of `tokens`, run through `model` as one row."""
+def prefix_kv(model, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values of `tokens` per layer, each (1, kv heads, len(tokens), head dim), run through `model` as
+    one row: what `fastdecode.shared_prefix` attends to, or what a cache copies in."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([tokens], device=next(model.parameters()).device), past_key_values=cache,
           use_cache=True, logits_to_keep=1)
-    return cache
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 @dataclass
@@ -223,7 +224,7 @@ class TrainablePrefix:
         outputs, grads = [], []
         for pair, leaves in zip(self.computed, self.attended):
             for out, leaf in zip(pair, leaves):
-                if leaf.grad is not None and out.requires_grad:
+                if leaf.grad is not None:  # a leaf requires grad only where its output does
                     outputs.append(out)
                     grads.append(leaf.grad)
         if outputs:
@@ -241,7 +242,7 @@ def trainable_prefix(model, prompts: list[list[int]]) -> TrainablePrefix | None:
     shared = shared_prompt_prefix(prompts) if can_share_prefix(model) else 0
     if not shared:
         return None
-    computed = [(layer.keys, layer.values) for layer in prefix_cache(model, prompts[0][:shared]).layers]
+    computed = prefix_kv(model, prompts[0][:shared])
     if not computed or any(keys is None for keys, _ in computed):
         return None  # the model filled no cache (as with gradient checkpointing on)
     attended = [(keys.detach().requires_grad_(keys.requires_grad), values.detach().requires_grad_(values.requires_grad))
@@ -289,10 +290,8 @@ def sample(
     done_A = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
     with autocast(device, bf16):
-        prefix_layers = prefix_cache(model, prompts[0][:shared]).layers if shared else []
-        prefix_kv = [(layer.keys, layer.values) for layer in prefix_layers]
         cache = DynamicCache(config=model.config)
-        with shared_prefix(model, prefix_kv) if shared else contextlib.nullcontext():
+        with shared_prefix(model, prefix_kv(model, prompts[0][:shared])) if shared else contextlib.nullcontext():
             logits_AV = _prefill(model, cache, suffixes, pad_id, shared)
             for step in range(max_new_tokens):
                 token_A, done_A = _next_tokens(logits_AV, done_A, rows_A, B, temperature=temperature, greedy=greedy,
@@ -380,9 +379,9 @@ def _prefill_static(model, cache, prompts: list[list[int]], pad_id: int, width: 
     mask_BW[:, width - S:] = mask_BS
     mask_BW = mask_BW.to(device)
     if shared:
-        for layer, prefix in zip(cache.layers, prefix_cache(model, prompts[0][:shared]).layers):
-            layer.keys[:, :, :shared] = prefix.keys
-            layer.values[:, :, :shared] = prefix.values
+        for layer, (keys, values) in zip(cache.layers, prefix_kv(model, prompts[0][:shared])):
+            layer.keys[:, :, :shared] = keys
+            layer.values[:, :, :shared] = values
     logits_BV = model(input_ids=ids_BS.to(device), attention_mask=mask_BW,
                       position_ids=position_ids(mask_BS.to(device), shared), past_key_values=cache,
                       cache_position=torch.arange(width - S, width, device=device), use_cache=True,

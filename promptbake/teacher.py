@@ -16,7 +16,7 @@ from promptbake.chat import ChatRenderer, common_prefix_length
 from promptbake.fastdecode import can_share_prefix, shared_prefix
 from promptbake.losses import teacher_sampled_logprobs
 from promptbake.queries import Query
-from promptbake.rollout import Rollout, adapter_enabled, autocast, response_logits
+from promptbake.rollout import Rollout, adapter_enabled, autocast, prefix_kv, response_logits
 
 
 def query_key(query: Query) -> tuple:
@@ -78,9 +78,7 @@ class PromptedTeacher:
     def _prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The prompt prefix's keys and values per layer, for one row; computed on first use."""
         if self._prefix_kv is None:
-            ids = torch.tensor([self.prefix_ids], device=self._device())
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            self._prefix_kv = prefix_kv(self.model, self.prefix_ids)
         return self._prefix_kv
 
     def _prefix_cache(self, batch: int) -> DynamicCache | None:
