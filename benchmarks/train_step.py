@@ -54,16 +54,16 @@ VARIANTS = {
     "compiled layers + fp32 output layer": {"torch_compile": True, "bf16_output_layer": False},
     # Not a setting: the compiled decode step's prefill over the whole bucket width (its padding included), as before.
     "compiled layers + padded prefill": {"torch_compile": True, "skip_bucket_padding": False},
-    # Not a setting: prompts' shared first tokens run by every row (no sharing in the samplers or the student's pass), as before the
-    # static prefill shared them.
+    # Not a setting: prompts' shared first tokens run by every row (no sharing in the samplers or the student's
+    # pass), as before the static prefill shared them.
     "compiled layers + no shared prefix": {"torch_compile": True, "min_shared_prefix": 10**9},
     # Not a setting: the student's training pass runs the prompts' shared first tokens in every row, as before it ran
     # them once per update.
     "compiled layers + student prefix per row": {"torch_compile": True, "share_student_prefix": False},
-    # Student micro-batches of a set number of rows, everything compiled (the default: up to 8 rows and 512 tokens;
-    # 2 rows was the default before).
-    "compiled layers + micro-batch 2": {"torch_compile": True, "micro_batch_size": 2},
-    "compiled layers + micro-batch 4": {"torch_compile": True, "micro_batch_size": 4},
+    # Student micro-batches of a set number of rows whatever their tokens, everything compiled (the default: up to 8
+    # rows and 400 tokens; 2 rows was the default before).
+    "compiled layers + micro-batch 2": {"torch_compile": True, "micro_batch_size": 2, "micro_batch_tokens": 10**9},
+    "compiled layers + micro-batch 4": {"torch_compile": True, "micro_batch_size": 4, "micro_batch_tokens": 10**9},
     "compiled layers + micro-batch 8": {"torch_compile": True, "micro_batch_size": 8, "micro_batch_tokens": 10**9},
     # oneDNN's kernel cache at a set size, everything compiled: 256 is what promptbake sets on import (unless
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set), 64 was tried and not kept.

@@ -82,7 +82,7 @@ def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "settings": s}
 
 
-def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: int | None = None) -> dict:
+def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: int = 0) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -95,7 +95,7 @@ def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: i
     from promptbake.spec import load_spec
 
     s = common_settings(steps)
-    rows = micro_batch or s["micro_batch_size"]  # rows per device per pass
+    rows = micro_batch or s["micro_batch_size"]  # rows per device per pass (0: promptbake's)
     spec = load_spec(prompt_copy)
     queries = load_queries(spec.queries_path)
     dataset = Dataset.from_list([{"prompt": q.messages, "privileged_context": spec.system_prompt} for q in queries])
@@ -135,7 +135,8 @@ def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: i
     trainer.train()
     trainer.model.save_pretrained(str(out))
     return {"step_seconds": seconds, "step_tokens": tokens,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "settings": s}
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "settings": {**s, "micro_batch_size": rows}}
 
 
 def measure(prompt: Path, adapters: dict[str, str]) -> dict:
@@ -198,7 +199,7 @@ def main() -> None:
         who, prompt_copy, out = args.worker
         compile_flag = {"auto": None, "on": True, "off": False}[args.torch_compile]
         fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag)) if who == "promptbake" else (
-            lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16", micro_batch=args.trl_micro_batch or None))
+            lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16", micro_batch=args.trl_micro_batch))
         print("RESULT " + json.dumps(fn(Path(prompt_copy), Path(out), args.steps)))
         return
     if args.measure:
