@@ -18,6 +18,7 @@ CODE_SWITCHES = {
     "skip_bucket_padding": ("promptbake.rollout", "SKIP_BUCKET_PADDING"),
     "bf16_output_layer": ("promptbake.runtime", "BF16_OUTPUT_LAYER"),
     "share_student_prefix": ("promptbake.train", "SHARE_STUDENT_PREFIX"),
+    "compile_policy_decoding": ("promptbake.rollout", "COMPILE_POLICY_DECODING"),
 }
 
 

@@ -62,6 +62,9 @@ VARIANTS = {
     "compiled layers + student prefix per row": {"torch_compile": True, "share_student_prefix": False},
     # Student micro-batches of a set number of rows whatever their tokens, everything compiled (the default: up to 8
     # rows and 400 tokens; 2 rows was the default before).
+    # Not a setting: without bf16 (fp32, no merged copy), the sampler eager, as before its decode step compiled
+    # through the policy.
+    "compiled layers + eager fp32 decoding": {"torch_compile": True, "compile_policy_decoding": False},
     "compiled layers + micro-batch 2": {"torch_compile": True, "micro_batch_size": 2, "micro_batch_tokens": 10**9},
     "compiled layers + micro-batch 4": {"torch_compile": True, "micro_batch_size": 4, "micro_batch_tokens": 10**9},
     "compiled layers + micro-batch 8": {"torch_compile": True, "micro_batch_size": 8, "micro_batch_tokens": 10**9},

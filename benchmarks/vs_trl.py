@@ -14,10 +14,12 @@ both minimise the same KL and the held-out numbers compare like with like.
 Each trainer runs in its own process (peak RSS is its own), in alternating order over rounds. Then one
 measuring process computes the held-out reverse KL to the prompted teacher of the base model and of each
 adapter with promptbake's own `kl_to_teacher` (same queries, same sampling seed).
+Rounds repeat one training seed (timing); `--seeds` gives each round its own, so the held-out KLs show how far
+the two trainers' results lie apart against the spread of each over seeds.
 
 TRL is a benchmark-only dependency: `pip install -e ".[bench]"` (see the Makefile's `bench-trl`).
 
-    python benchmarks/vs_trl.py [--steps 8] [--rounds 1] [--prompt prompts/pirate.md]
+    python benchmarks/vs_trl.py [--steps 8] [--rounds 1] [--prompt prompts/pirate.md] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -68,21 +70,21 @@ def common_settings(steps: int) -> dict:
                 lora_r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, lora_targets=list(c.lora_targets))
 
 
-def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool | None = None) -> dict:
+def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool | None = None, seed: int = SEED) -> dict:
     from promptbake.bake import compile_prompt
 
     s = common_settings(steps)
     result = compile_prompt(prompt_copy, out=out, overrides=dict(steps=steps, max_new_tokens=s["max_new_tokens"], heldout=0,
-                                                                  checkpoint_every=10_000, seed=SEED, torch_compile=torch_compile,
+                                                                  checkpoint_every=10_000, seed=seed, torch_compile=torch_compile,
                                                                   # TRL's SDFT: reverse KL only, no layer term
                                                                   forward_kl_weight=0.0, hidden_match_weight=0.0),
                             force=True)
     log = result.train.log
     return {"step_seconds": [e.seconds for e in log], "step_tokens": [e.response_tokens for e in log],
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "settings": s}
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "settings": s, "seed": seed}
 
 
-def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: int = 0) -> dict:
+def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: int = 0, seed: int = SEED) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -101,9 +103,9 @@ def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: i
     dataset = Dataset.from_list([{"prompt": q.messages, "privileged_context": spec.system_prompt} for q in queries])
     runtime = load_runtime(resolve_model(None), precision="fp32")  # the plain base; TRL adds its LoRA and precision
     tokenizer, model = runtime.tokenizer, runtime.model
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     args = SDFTConfig(
-        output_dir=str(out / "trl-work"), max_steps=steps, seed=SEED, use_cpu=not torch.cuda.is_available(), bf16=bf16,
+        output_dir=str(out / "trl-work"), max_steps=steps, seed=seed, use_cpu=not torch.cuda.is_available(), bf16=bf16,
         per_device_train_batch_size=rows, gradient_accumulation_steps=s["batch_size"] // rows,
         num_generations=1, max_completion_length=s["max_new_tokens"], temperature=s["temperature"],
         learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=s["weight_decay"],
@@ -136,7 +138,7 @@ def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: i
     trainer.model.save_pretrained(str(out))
     return {"step_seconds": seconds, "step_tokens": tokens,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "settings": {**s, "micro_batch_size": rows}}
+            "settings": {**s, "micro_batch_size": rows}, "seed": seed}
 
 
 def measure(prompt: Path, adapters: dict[str, str]) -> dict:
@@ -190,6 +192,10 @@ def main() -> None:
     parser.add_argument("--trl-micro-batch", type=int, default=0,
                         help="TRL's rows per device per pass (0: promptbake's micro_batch_size, 8, which is TRL's own "
                              "default; runs before 2026-12-06 used 2)")
+    parser.add_argument("--seeds", default="",
+                        help="comma list of training seeds, one round each (overrides --rounds); the held-out split and "
+                             "its sampling stay fixed, so the spread of each trainer's KL over seeds is its own noise")
+    parser.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vs_trl.json")
     parser.add_argument("--worker", nargs=3, metavar=("WHO", "PROMPT_COPY", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=2, metavar=("PROMPT", "ADAPTERS_JSON"), help=argparse.SUPPRESS)
@@ -198,8 +204,9 @@ def main() -> None:
     if args.worker:
         who, prompt_copy, out = args.worker
         compile_flag = {"auto": None, "on": True, "off": False}[args.torch_compile]
-        fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag)) if who == "promptbake" else (
-            lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16", micro_batch=args.trl_micro_batch))
+        fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag, seed=args.seed)) if who == "promptbake" else (
+            lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16", micro_batch=args.trl_micro_batch,
+                                    seed=args.seed))
         print("RESULT " + json.dumps(fn(Path(prompt_copy), Path(out), args.steps)))
         return
     if args.measure:
@@ -210,21 +217,23 @@ def main() -> None:
     prompt_copy, heldout = split_files(args.prompt, tmp)
     runs: dict[str, list[dict]] = {"promptbake": [], "trl": []}
     adapters: dict[str, str] = {}
-    for rnd in range(args.rounds):
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [SEED] * args.rounds
+    args.rounds = len(seeds)
+    for rnd, seed in enumerate(seeds):
         order = ["promptbake", "trl"] if rnd % 2 == 0 else ["trl", "promptbake"]
         for who in order:
             out = tmp / f"{who}-{rnd}"
-            print(f"round {rnd + 1}: {who} ...", flush=True)
+            print(f"round {rnd + 1} (seed {seed}): {who} ...", flush=True)
             runs[who].append(_call("--steps", str(args.steps), "--max-new-tokens", str(CAP), "--trl-precision", args.trl_precision,
                                    "--torch-compile", args.torch_compile, "--trl-micro-batch", str(args.trl_micro_batch),
-                                   "--worker", who, str(prompt_copy), str(out)))
+                                   "--seed", str(seed), "--worker", who, str(prompt_copy), str(out)))
             adapters[f"{who}-{rnd}"] = str(out)
     print("measuring held-out KL ...", flush=True)
     kls = _call("--max-new-tokens", str(CAP), "--measure", str(args.prompt), json.dumps(adapters))
 
     report: dict = {"machine": f"{os.cpu_count()} cores, {sys.platform}", "steps": args.steps, "rounds": args.rounds,
                     "prompt": str(args.prompt), "heldout_queries": len(heldout), "trl_precision": args.trl_precision,
-                    "torch_compile": args.torch_compile, "trl_micro_batch": args.trl_micro_batch or None,
+                    "torch_compile": args.torch_compile, "trl_micro_batch": args.trl_micro_batch or None, "seeds": seeds,
                     "settings": runs["promptbake"][0]["settings"], "kl_base": kls["base"], "trainers": {}}
     print(f"\n{args.steps} steps x 16 queries x <= {report['settings']['max_new_tokens']} tokens, {args.rounds} round(s); "
           f"held-out reverse KL to the prompted teacher on {len(heldout)} queries (base model: {kls['base']:.4f})")
@@ -242,6 +251,14 @@ def main() -> None:
     pb, trl = report["trainers"]["promptbake"], report["trainers"]["trl"]
     report["tokens_per_s_ratio"] = pb["tokens_per_s"] / trl["tokens_per_s"]
     print(f"promptbake / TRL tokens/s: {report['tokens_per_s_ratio']:.2f}x")
+    if len(set(seeds)) > 1:  # per seed, the same queries and held-out samples: a paired difference
+        diffs = [kls[f"promptbake-{i}"] - kls[f"trl-{i}"] for i in range(len(seeds))]
+        report["heldout_kl_by_seed"] = {who: [kls[f"{who}-{i}"] for i in range(len(seeds))] for who in runs}
+        report["heldout_kl_diff"] = {"mean": statistics.mean(diffs), "stdev": statistics.stdev(diffs), "by_seed": diffs}
+        for who in runs:
+            print(f"held-out KL {who:11} by seed {seeds}: " + ", ".join(f"{k:.4f}" for k in report["heldout_kl_by_seed"][who]))
+        print(f"promptbake - TRL held-out KL: {statistics.mean(diffs):+.4f} (sd {statistics.stdev(diffs):.4f} over "
+              f"{len(seeds)} seeds; negative is promptbake closer to the teacher)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

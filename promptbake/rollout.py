@@ -420,7 +420,10 @@ def sample_static(
     T = max_new_tokens
     W = -(-L // bucket) * bucket
     cache = StaticCache(config=model.config, max_cache_len=W + T)
-    logits_BV, mask_BW = _prefill_static(model, cache, prompts, pad_id, W)
+    # Eager even where `model`'s own layers are compiled (the policy while it trains, sampled without a merged copy):
+    # each prompt width and each cache layer's first write would be a new graph of theirs.
+    with torch.compiler.set_stance("force_eager"):
+        logits_BV, mask_BW = _prefill_static(model, cache, prompts, pad_id, W)
     mask_BS = torch.zeros(B, W + T, dtype=torch.long, device=device)
     mask_BS[:, :W] = mask_BW
     next_pos_B1 = mask_BW.sum(-1, keepdim=True) - 1
@@ -565,7 +568,7 @@ class HFRolloutEngine:
         self.bf16 = bf16
         self.model = None
         self.with_adapter = True
-        self.step = None  # set by `compiled_decoding`: the merged copy's decode step, compiled
+        self.step = None  # set by `compiled_decoding`: the decode step, compiled (see `can_compile_decoding`)
         if bf16 and merged_copy:
             from transformers import AutoModelForCausalLM
 
@@ -622,9 +625,9 @@ class HFRolloutEngine:
             target.weight.copy_(weight)
 
     def sample(self, prompts: list[list[int]], **kwargs) -> Rollout:
-        if self.model is not None and self.step is not None:
+        if self.step is not None and (self.model is not None or self.with_adapter):
             kwargs.pop("drop_finished", None)  # the static cache keeps every row to the end
-            return sample_static(self.model, self.step, prompts, **kwargs)
+            return sample_static(self.model if self.model is not None else self.policy, self.step, prompts, **kwargs)
         if self.model is not None:
             return sample(self.model, prompts, bf16=False, **kwargs)
         if self.with_adapter or not hasattr(self.policy, "disable_adapter"):  # a plain model has no adapter to turn off
@@ -633,19 +636,31 @@ class HFRolloutEngine:
             return sample(self.policy, prompts, bf16=self.bf16, **kwargs)
 
 
+# Without bf16 there is no merged copy, and `compiled_decoding` compiles the decode step through the policy itself,
+# its LoRA branches live (False: that engine keeps the eager sampler, as before; benchmarks/train_step.py, "compiled
+# layers + eager fp32 decoding").
+COMPILE_POLICY_DECODING = True
+
+
 def can_compile_decoding(engine) -> bool:
-    """Whether `compiled_decoding` compiles this engine's decode step: an in-process engine with a merged copy on a CPU."""
-    return isinstance(engine, HFRolloutEngine) and engine.model is not None \
-        and next(engine.model.parameters()).device.type == "cpu"
+    """Whether `compiled_decoding` compiles this engine's decode step: an in-process engine on a CPU, with its merged
+    bf16 copy, or in fp32 through the policy itself."""
+    if not isinstance(engine, HFRolloutEngine):
+        return False
+    model = engine.model if engine.model is not None else (engine.policy if COMPILE_POLICY_DECODING and not engine.bf16
+                                                           else None)
+    return model is not None and next(model.parameters()).device.type == "cpu"
 
 
 @contextlib.contextmanager
 def compiled_decoding(engine, enabled: bool):
     """While active, `engine` samples through one compiled decode step over a static KV cache (`sample_static`);
-    yields whether it does. Only the merged bf16 copy on a CPU: there the step's small element-wise ops and casts
-    are most of a token's cost, and compiling them made decoding 16 rows x 128 tokens 1.6x faster after a compile
-    of about a minute (benchmarks/compiled_decode.py, docs/performance.md). Training turns it on with
-    `torch_compile`; measurement and evals keep the eager sampler, whose batches change shape from call to call."""
+    yields whether it does. Only on a CPU (`can_compile_decoding`): there the step's small element-wise ops and
+    casts are most of a token's cost. Through the merged bf16 copy, compiling made decoding 16 rows x 128 tokens
+    1.6x faster after a compile of about a minute (benchmarks/compiled_decode.py); in fp32 through the policy, whose
+    LoRA branches then run inside the compiled step too, 16 rows x 48 tokens 1.55x faster with no copy held
+    (docs/performance.md). Sampling with the adapter off stays eager. Training turns it on with `torch_compile`;
+    measurement and evals keep the eager sampler, whose batches change shape from call to call."""
     on = enabled and can_compile_decoding(engine)
     if on:
         engine.step = torch.compile(decode_step, dynamic=False)

@@ -200,8 +200,56 @@ def test_compiled_decode_step_gives_the_eager_step_and_only_while_asked(peft_tin
     assert (eager_after - eager).abs().max() > 0.2 * eager.abs().max()  # the update moved the logits
     torch.testing.assert_close(compiled_after, eager_after, atol=0.05 * eager_after.abs().max().item(), rtol=0)
     assert rollout.response_ids_BT.shape == (2, 6) and bool(rollout.response_mask_BT.all())
+
+
+def test_fp32_compiled_decode_step_runs_the_policy_with_its_live_adapter(peft_tiny, monkeypatch):
+    """Without bf16 there is no merged copy: the compiled step runs the PEFT policy itself. Its logits are the eager
+    step's, also after an optimizer-like update of the adapter with no `sync()` (the LoRA weights are the graph's
+    inputs, not constants), its greedy tokens are the eager sampler's, and with the adapter off the engine samples
+    the base eagerly."""
+    import promptbake.rollout
+    from transformers import StaticCache
+
+    model = peft_tiny
+    prompts = [[1, 5, 6, 7, 8], [1, 9]]
+    ids_BL, mask_BL = left_pad(prompts, 0)
+
+    def step_args():
+        cache = StaticCache(config=model.config, max_cache_len=12)
+        model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=(mask_BL.cumsum(-1) - 1).clamp(min=0),
+              past_key_values=cache, cache_position=torch.arange(5), use_cache=True)
+        mask_BS = torch.cat([mask_BL, torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], dim=1)
+        return torch.tensor([[40], [41]]), mask_BS, torch.tensor([[5], [2]]), cache, torch.tensor([5])
+
+    engine = HFRolloutEngine(model, bf16=False)
+    assert engine.model is None
+    kwargs = dict(max_new_tokens=6, eos_ids=[-1], pad_id=0, greedy=True, temperature=1.0)
+    with torch.no_grad():
+        eager = decode_step(model, *step_args())
+        greedy_eager = sample(model, prompts, **kwargs)
+        with compiled_decoding(engine, True) as on:
+            assert on and engine.step is not None
+            compiled = engine.step(model, *step_args())
+            greedy_compiled = engine.sample(prompts, **kwargs)
+            for name, param in model.named_parameters():  # an update of the adapter, as an optimizer step makes
+                if "lora_B" in name:
+                    param.add_(torch.randn_like(param))
+            eager_after = decode_step(model, *step_args())
+            compiled_after = engine.step(model, *step_args())
+            engine.sync(with_adapter=False)
+            base_from_engine = engine.sample(prompts, **kwargs)
+            engine.sync()
+        with model.disable_adapter():
+            base_eager = sample(model, prompts, **kwargs)
+    assert engine.step is None  # eager again afterwards
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert (eager_after - eager).abs().max() > 0.2 * eager.abs().max()  # the update moved the logits
+    torch.testing.assert_close(compiled_after, eager_after, rtol=1e-4, atol=1e-5)
+    assert torch.equal(greedy_compiled.response_ids_BT, greedy_eager.response_ids_BT)
+    assert torch.equal(base_from_engine.response_ids_BT, base_eager.response_ids_BT)
+    monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", False)
     with compiled_decoding(HFRolloutEngine(peft_tiny, bf16=False), True) as on:
-        assert not on  # no merged copy to compile: the eager sampler through the PEFT model
+        assert not on  # the switch off: the eager sampler through the PEFT model, as before
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed layout", "left-padded layout"])
