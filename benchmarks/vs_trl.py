@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--trl-precision", choices=["bf16", "fp32"], default="bf16",
                         help="TRL's mixed precision (promptbake uses its own default, bf16 on CPUs that have it).")
     parser.add_argument("--torch-compile", choices=["auto", "on", "off"], default="auto",
-                        help="promptbake's torch_compile (auto: on for 40+ steps on bf16 CPUs, or 8+ once the compile "
+                        help="promptbake's torch_compile (auto: on for 40+ steps on CPUs, or 8+ once the compile "
                              "cache is warm); with "
                              "it on, step 1 carries the compile and the table shows it apart from the steady state")
     parser.add_argument("--trl-micro-batch", type=int, default=0,

@@ -266,12 +266,13 @@ class BakeConfig(BaseModel):
     )
     torch_compile: bool | None = Field(
         None, description="torch.compile the student's decoder layers for the training forward and backward (one "
-                          "compile serves every layer), the default objective's per-token loss and, where the sampler "
-                          "keeps a merged bf16 copy on a CPU, its decode step over a static KV cache. Costs about 1-2 "
-                          "minutes of compiling in step 1 on a 2-core CPU (less when torch's on-disk cache has it). "
-                          "Unset: on where it was measured to pay, a CPU with bf16 kernels (AVX-512/AMX), a C++ "
-                          "compiler and at least 40 steps, or 8 once an earlier compile of this model put its graphs "
-                          "in torch's cache (promptbake.compile_cache); off elsewhere.")
+                          "compile serves every layer), the default objective's per-token loss and, on a CPU, the "
+                          "sampler's decode step over a static KV cache (through its merged bf16 copy, or in fp32 "
+                          "through the policy itself). Costs about 1-2 minutes of compiling in step 1 on a 2-core CPU "
+                          "(less when torch's on-disk cache has it). Unset: on where it was measured to pay, a CPU "
+                          "(bf16 on AVX-512/AMX, fp32 on AVX2), a C++ compiler and at least 40 steps, or 8 once an "
+                          "earlier compile of this model put its graphs in torch's cache (promptbake.compile_cache); "
+                          "off elsewhere.")
     gradient_checkpointing: bool = Field(
         False, description="Keep only each decoder layer's input during the student's forward and recompute the rest "
                            "in the backward pass: the student's activations (most of a step's peak memory) shrink to "

@@ -162,7 +162,8 @@ def compiled_blocks(model, enabled: bool):
 
 
 # torch_compile unset turns on from this many steps: compiling the layers and the decode step costs about 1-2 minutes
-# in step 1 and saved about 6 s per step at the faithful cap on a 2-core AVX-512 CPU (docs/performance.md).
+# in step 1 and saved about 6 s per step at the faithful cap on a 2-core AVX-512 CPU in bf16; in fp32 on a 2-core AVX2
+# CPU, about 2 minutes cold for 1.4x the tokens per second at that cap (docs/performance.md).
 AUTO_COMPILE_MIN_STEPS = 40
 # ... and from this many when torch's compile cache already holds the model's graphs (promptbake.compile_cache): step 1
 # then cost 7-12 s more than eager at cap 64 (floats specialised, below), and 8 steps trained 1.04-1.21x faster
@@ -177,14 +178,14 @@ SPECIALIZE_FLOATS = True
 
 
 def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, model=None) -> bool:
-    """`torch_compile` as set; unset, on only where it was measured to pay: a CPU with bf16 kernels (on AVX2-only
-    CPUs in fp32 it saved 3-4 % of a compile), a C++ compiler for inductor, and a run long enough to repay compiling:
-    40 steps, or 8 when an earlier run compiled the same `model`'s graphs into a cache still in place.
+    """`torch_compile` as set; unset, on only where it was measured to pay: a CPU (bf16 on AVX-512; fp32 on AVX2,
+    where the decode step compiles through the policy), a C++ compiler for inductor, and a run long enough to repay
+    compiling: 40 steps, or 8 when an earlier run compiled the same `model`'s graphs into a cache still in place.
     GPUs were not measured, so they stay eager unless asked."""
     if config.torch_compile is not None:
         return config.torch_compile
     compiler = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("clang++")
-    if device.type != "cpu" or not bf16 or compiler is None or config.steps < WARM_COMPILE_MIN_STEPS:
+    if device.type != "cpu" or compiler is None or config.steps < WARM_COMPILE_MIN_STEPS:
         return False
     if config.steps >= AUTO_COMPILE_MIN_STEPS:
         return True

@@ -164,23 +164,29 @@ def test_static_cache_prefill_runs_a_shared_prefix_once(tiny_model_dir, greedy, 
         assert torch.equal(runs[0].response_ids_BT, run.response_ids_BT)
 
 
+def _decode_step_args(model, prompts: list[list[int]]) -> tuple:
+    """`decode_step`'s arguments for one new token per row after `prompts` (two rows, five slots) were prefilled into a
+    fresh static cache of 12 slots."""
+    from transformers import StaticCache
+
+    ids_BL, mask_BL = left_pad(prompts, 0)
+    cache = StaticCache(config=model.config, max_cache_len=12)
+    model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=(mask_BL.cumsum(-1) - 1).clamp(min=0),
+          past_key_values=cache, cache_position=torch.arange(5), use_cache=True)
+    mask_BS = torch.cat([mask_BL, torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], dim=1)
+    return torch.tensor([[40], [41]]), mask_BS, torch.tensor([[5], [2]]), cache, torch.tensor([5])
+
+
 def test_compiled_decode_step_gives_the_eager_step_and_only_while_asked(peft_tiny):
     """`compiled_decoding` puts a compiled step on the bf16 engine for as long as it is active: its logits are
     the eager step's on the same cache, also after an update of the adapter and a `sync()` (training samples the
     current policy, not the one the step was compiled with), and the engine samples through the static cache."""
-    from transformers import StaticCache
-
     engine = HFRolloutEngine(peft_tiny, bf16=True)
     model = engine.model
     prompts = [[1, 5, 6, 7, 8], [1, 9]]
-    ids_BL, mask_BL = left_pad(prompts, 0)
 
     def step_args():
-        cache = StaticCache(config=model.config, max_cache_len=12)
-        model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=(mask_BL.cumsum(-1) - 1).clamp(min=0),
-              past_key_values=cache, cache_position=torch.arange(5), use_cache=True)
-        mask_BS = torch.cat([mask_BL, torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], dim=1)
-        return torch.tensor([[40], [41]]), mask_BS, torch.tensor([[5], [2]]), cache, torch.tensor([5])
+        return _decode_step_args(model, prompts)
 
     with torch.no_grad():
         eager = decode_step(model, *step_args()).float()
@@ -208,18 +214,12 @@ def test_fp32_compiled_decode_step_runs_the_policy_with_its_live_adapter(peft_ti
     inputs, not constants), its greedy tokens are the eager sampler's, and with the adapter off the engine samples
     the base eagerly."""
     import promptbake.rollout
-    from transformers import StaticCache
 
     model = peft_tiny
     prompts = [[1, 5, 6, 7, 8], [1, 9]]
-    ids_BL, mask_BL = left_pad(prompts, 0)
 
     def step_args():
-        cache = StaticCache(config=model.config, max_cache_len=12)
-        model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=(mask_BL.cumsum(-1) - 1).clamp(min=0),
-              past_key_values=cache, cache_position=torch.arange(5), use_cache=True)
-        mask_BS = torch.cat([mask_BL, torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], dim=1)
-        return torch.tensor([[40], [41]]), mask_BS, torch.tensor([[5], [2]]), cache, torch.tensor([5])
+        return _decode_step_args(model, prompts)
 
     engine = HFRolloutEngine(model, bf16=False)
     assert engine.model is None
