@@ -658,8 +658,8 @@ def compiled_decoding(engine, enabled: bool):
     yields whether it does. Only on a CPU (`can_compile_decoding`): there the step's small element-wise ops and
     casts are most of a token's cost. Through the merged bf16 copy, compiling made decoding 16 rows x 128 tokens
     1.6x faster after a compile of about a minute (benchmarks/compiled_decode.py); in fp32 through the policy, whose
-    LoRA branches then run inside the compiled step too, 16 rows x 48 tokens 1.55x faster with no copy held
-    (docs/performance.md). Sampling with the adapter off stays eager. Training turns it on with `torch_compile`;
+    LoRA branches then run inside the compiled step too, 16 rows x 48 tokens 1.55x faster alone and 1.26x inside a
+    training step, with no copy held (docs/performance.md). Sampling with the adapter off stays eager. Training turns it on with `torch_compile`;
     measurement and evals keep the eager sampler, whose batches change shape from call to call."""
     on = enabled and can_compile_decoding(engine)
     if on:
