@@ -322,7 +322,7 @@ def train(run: CompileRun, resume, kl_before: float | None, main: bool = True) -
     run.resumed_from_step = resume.step if resume else None
     eval_cap = config.eval_max_new_tokens or run.cap
     # decided once here, where the start message says it, and handed to training as set
-    compiling = use_torch_compile(config, rt.bf16, rt.device, rt.model)
+    compiling = use_torch_compile(config.model_copy(update={"max_new_tokens": run.cap}), rt.bf16, rt.device, rt.model)
     run_config = config.model_copy(update={"max_new_tokens": run.cap, "eval_max_new_tokens": eval_cap,
                                            "torch_compile": compiling})
     first = resume.step + 1 if resume else 1

@@ -5,8 +5,11 @@ a long run repays; with the cache warm it costs about 25 s more than an eager st
 sooner compiled (docs/performance.md). torch cannot say in advance whether its cache will hit, so promptbake
 records, after the first compiled step of a run, what that run compiled: the torch version, the CPU's kernels, the
 model's architecture and the precision, and where inductor kept its cache. A later run with the same record and the
-cache folder still in place counts as warm. The response cap is left out: the layers compile for any length, and the
-decode step's graph for a new cap cost about 22 s more in step 1, which a 16-step run at cap 64 still repaid.
+cache folder still in place counts as warm. In bf16 the response cap is left out: the layers compile for any length,
+and the merged copy's decode step for a new cap cost about 22 s more in step 1, which a 16-step run at cap 64 still
+repaid. In fp32 the decode step compiles through the policy, LoRA branches included, and a new cap cost about 114 s:
+an 8-step run at a cap the cache did not hold ran 0.77x eager, at one it held 1.15x (docs/performance.md), so there
+the cap is part of the key.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ def inductor_cache_dir() -> Path | None:
     return Path(default_cache_dir()).absolute()
 
 
-def compile_key(model_config, bf16: bool) -> str:
-    """What decides the compiled graphs of a run: torch, the CPU's kernels, the architecture and the precision."""
+def compile_key(model_config, bf16: bool, cap: int | None = None) -> str:
+    """What decides the compiled graphs of a run: torch, the CPU's kernels, the architecture and the precision, and
+    where given the response cap (the decode step's static cache length)."""
     import torch
 
     arch = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
     arch = {k: v for k, v in arch.items() if not k.startswith("_") and k not in RUNTIME_FIELDS}
-    what = [torch.__version__, torch.backends.cpu.get_cpu_capability(), arch, bool(bf16)]
+    what = [torch.__version__, torch.backends.cpu.get_cpu_capability(), arch, bool(bf16)] + ([cap] if cap else [])
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -189,14 +189,16 @@ def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, mode
         return False
     if config.steps >= AUTO_COMPILE_MIN_STEPS:
         return True
-    key = run_compile_key(model, bf16)
+    key = run_compile_key(model, bf16, config.max_new_tokens)
     return key is not None and cache_is_warm(key)
 
 
-def run_compile_key(model, bf16: bool) -> str | None:
-    """The compile cache's key for training `model` (None for a model without a config)."""
+def run_compile_key(model, bf16: bool, cap: int | str | None = None) -> str | None:
+    """The compile cache's key for training `model` (None for a model without a config); in fp32 it holds the response
+    `cap` too (promptbake.compile_cache says why)."""
     model_config = getattr(model, "config", None)
-    return compile_key(model_config, bf16) if model_config is not None else None
+    cap = cap if isinstance(cap, int) and not bf16 else None
+    return compile_key(model_config, bf16, cap) if model_config is not None else None
 
 
 # The student's rows of an update share their first tokens (SmolLM2's chat template adds the same 24-token system
@@ -453,7 +455,7 @@ def train_student(
     started = time.perf_counter()
     compiled = contextlib.ExitStack()
     compiling = use_torch_compile(config, bf16, accelerator.device, policy)
-    compiled_key = run_compile_key(policy, bf16) if compiling and accelerator.device.type == "cpu" else None
+    compiled_key = run_compile_key(policy, bf16, config.max_new_tokens) if compiling and accelerator.device.type == "cpu" else None
     if compiling:
         compiled.enter_context(torch._dynamo.config.patch(specialize_float=SPECIALIZE_FLOATS))
     compiled.enter_context(compiled_blocks(policy, compiling))

@@ -637,8 +637,8 @@ def test_torch_compile_unset_turns_on_only_where_it_was_measured_to_pay(monkeypa
 
 def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_models_graphs(monkeypatch, tmp_path,
                                                                                              tiny_model_dir):
-    """Short runs (8 steps) compile only when an earlier run recorded this model's graphs (same architecture and precision) into
-    an inductor cache that is still there; anything else stays as before."""
+    """Short runs (8 steps) compile only when an earlier run recorded this model's graphs (same architecture and precision,
+    in fp32 the same response cap) into an inductor cache that is still there; anything else stays as before."""
     from transformers import AutoConfig
 
     from promptbake.compile_cache import inductor_cache_dir, remember_compiled
@@ -660,6 +660,11 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     assert not use_torch_compile(short, bf16=True, device=cpu)  # no model to key on
     assert not use_torch_compile(BakeConfig(steps=WARM_COMPILE_MIN_STEPS - 1), bf16=True, device=cpu, model=model)
     assert not use_torch_compile(short, bf16=False, device=cpu, model=model)
+    at_96, at_64 = (short.model_copy(update={"max_new_tokens": cap}) for cap in (96, 64))
+    remember_compiled(run_compile_key(model, bf16=False, cap=96))  # fp32: the decode step's cap is part of the key
+    assert use_torch_compile(at_96, bf16=False, device=cpu, model=model)
+    assert not use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # a new cap recompiles the decode step
+    assert use_torch_compile(at_64, bf16=True, device=cpu, model=model)  # bf16: cheap to recompile, any cap counts
     assert not use_torch_compile(short.model_copy(update={"torch_compile": False}), bf16=True, device=cpu, model=model)
     model.config.use_cache = not model.config.use_cache  # what a run flips is not the architecture
     model.config.dtype = torch.bfloat16
