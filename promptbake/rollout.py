@@ -659,8 +659,9 @@ def compiled_decoding(engine, enabled: bool):
     casts are most of a token's cost. Through the merged bf16 copy, compiling made decoding 16 rows x 128 tokens
     1.6x faster after a compile of about a minute (benchmarks/compiled_decode.py); in fp32 through the policy, whose
     LoRA branches then run inside the compiled step too, 16 rows x 48 tokens 1.55x faster alone and 1.26x inside a
-    training step, with no copy held (docs/performance.md). Sampling with the adapter off stays eager. Training turns it on with `torch_compile`;
-    measurement and evals keep the eager sampler, whose batches change shape from call to call."""
+    training step, with no copy held (docs/performance.md). Sampling with the adapter off stays eager. Training turns
+    it on with `torch_compile`; measurement and evals keep the eager sampler, whose batches change shape from call to
+    call."""
     on = enabled and can_compile_decoding(engine)
     if on:
         engine.step = torch.compile(decode_step, dynamic=False)

@@ -455,7 +455,8 @@ def train_student(
     started = time.perf_counter()
     compiled = contextlib.ExitStack()
     compiling = use_torch_compile(config, bf16, accelerator.device, policy)
-    compiled_key = run_compile_key(policy, bf16, config.max_new_tokens) if compiling and accelerator.device.type == "cpu" else None
+    on_cpu = accelerator.device.type == "cpu"
+    compiled_key = run_compile_key(policy, bf16, config.max_new_tokens) if compiling and on_cpu else None
     if compiling:
         compiled.enter_context(torch._dynamo.config.patch(specialize_float=SPECIALIZE_FLOATS))
     compiled.enter_context(compiled_blocks(policy, compiling))
