@@ -33,6 +33,9 @@ VARIANTS = {
     "no prefix cache": {"prefix_cache": False},
     "no bf16 sampler copy": {"sampler_copy": False},
     "fp32 everywhere": {"precision": "fp32"},
+    # fp32 with everything compiled (the setting on CPUs without native bf16: AVX2, or AVX-512 without AVX512_BF16)
+    "fp32 compiled": {"precision": "fp32", "torch_compile": True},
+    "bf16 compiled": {"precision": "bf16", "torch_compile": True},
     "no heap trim": {"release_memory": False},
     "torch.compile layers": {"torch_compile": True},  # the setting: decoder layers, the sampler's decode step, the loss
     # Not settings: torch_compile with the sampler's decode step eager, as before compiled decoding; with the loss

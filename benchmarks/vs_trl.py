@@ -183,8 +183,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=CAP, help="response cap of both trainers")
     parser.add_argument("--prompt", type=Path, default=REPO / "prompts" / "pirate.md")
-    parser.add_argument("--trl-precision", choices=["bf16", "fp32"], default="bf16",
-                        help="TRL's mixed precision (promptbake uses its own default, bf16 on CPUs that have it).")
+    parser.add_argument("--trl-precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="TRL's mixed precision (auto: bf16 where promptbake's own default picks it, on CPUs with "
+                             "bf16 instructions; runs before 2026-12-07 passed bf16 or fp32 by hand)")
     parser.add_argument("--torch-compile", choices=["auto", "on", "off"], default="auto",
                         help="promptbake's torch_compile (auto: on for 40+ steps on CPUs, or 8+ once the compile "
                              "cache is warm); with "
@@ -201,6 +202,12 @@ def main() -> None:
     parser.add_argument("--measure", nargs=2, metavar=("PROMPT", "ADAPTERS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     CAP = args.max_new_tokens
+    if args.trl_precision == "auto":
+        import torch
+
+        from promptbake.runtime import use_bf16
+
+        args.trl_precision = "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32"
     if args.worker:
         who, prompt_copy, out = args.worker
         compile_flag = {"auto": None, "on": True, "off": False}[args.torch_compile]

@@ -250,7 +250,8 @@ class BakeConfig(BaseModel):
         None, gt=0, description="Greedy answer length for check pass rates on held-out queries; default: the response cap.")
     seed: int = Field(0, description="Seeds the split, sampling and LoRA init.")
     precision: Precision = Field(
-        "auto", description="auto: bf16 autocast where the hardware has fast bf16 (AMX/AVX-512 CPUs, CUDA), else fp32."
+        "auto", description="auto: bf16 autocast where the hardware has fast bf16 (CPUs with AVX512_BF16 or AMX, CUDA), "
+                      "else fp32 (AVX-512 alone is not enough)."
     )
     prefix_cache: bool = Field(True, description="Compute the teacher's system-prompt KV cache once and reuse it.")
     rollout: Literal["hf", "vllm"] = Field(
@@ -270,7 +271,7 @@ class BakeConfig(BaseModel):
                           "sampler's decode step over a static KV cache (through its merged bf16 copy, or in fp32 "
                           "through the policy itself). Costs about 1-2 minutes of compiling in step 1 on a 2-core CPU "
                           "(less when torch's on-disk cache has it). Unset: on where it was measured to pay, a CPU "
-                          "(bf16 on AVX-512/AMX, fp32 on AVX2), a C++ compiler and at least 40 steps, or 8 once an "
+                          "(in bf16 or fp32, as `precision` resolves), a C++ compiler and at least 40 steps, or 8 once an "
                           "earlier compile of this model put its graphs in torch's cache (promptbake.compile_cache); "
                           "off elsewhere.")
     gradient_checkpointing: bool = Field(

@@ -23,8 +23,20 @@ from promptbake.rollout import HFRolloutEngine
 from promptbake.teacher import PromptedTeacher
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX).
+
+    AVX-512 alone is not enough: torch reports the same capability ("AVX512") for an AMD EPYC with AVX512_BF16 and
+    for an Intel Xeon without it, and on that Xeon a bf16 multiply of a training micro-batch ran at 0.31x fp32's speed
+    (benchmarks/precision.py). A torch without the checks falls back to its capability level."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(check is None for check in checks):
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    return any(check() for check in checks if check is not None)
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast only where it is fast: CUDA with bf16, or CPUs with AMX/AVX-512.
+    """bf16 autocast only where it is fast: CUDA with bf16, or CPUs with bf16 instructions (`cpu_has_native_bf16`).
 
     An unknown value is an error rather than a silent fp32: a typo must not change what a run measures."""
     if precision not in PRECISIONS:
@@ -33,7 +45,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    return cpu_has_native_bf16()
 
 
 def default_device() -> torch.device:

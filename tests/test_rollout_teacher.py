@@ -583,6 +583,25 @@ def test_grouped_prefill_gives_the_padded_batch_numbers(tiny_model_dir, shared, 
     assert torch.equal(outs[0].response_ids_BT, outs[1].response_ids_BT)
 
 
+def test_auto_precision_wants_bf16_instructions_not_just_avx512(monkeypatch):
+    """torch reports "AVX512" both for CPUs with bf16 instructions and for an Intel Xeon without them, where bf16
+    training matmuls ran at 0.31x fp32; `auto` must follow the instructions, not the capability level."""
+    from promptbake import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value)
+        assert runtime.use_bf16("auto", cpu) is expected, (avx512_bf16, amx)
+        assert runtime.use_bf16("bf16", cpu) and not runtime.use_bf16("fp32", cpu)  # explicit settings win
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert runtime.use_bf16("auto", cpu)  # a torch without the checks: its capability level decides
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not runtime.use_bf16("auto", cpu)
+
+
 def test_unknown_precision_is_an_error_not_a_silent_fp32():
     """A library caller's typo ('bf-16') used to fall through to fp32 and change what a run measured."""
     from promptbake.errors import PromptbakeError
