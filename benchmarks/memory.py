@@ -117,7 +117,8 @@ def worker(prompt: Path, config: str, new_tokens: int, steps: int, part: str) ->
     prompts = [renderer.student_ids(q.messages) for q in queries]
     rollout = engine.sample(prompts, max_new_tokens=new_tokens, temperature=1.0, eos_ids=eos_token_ids(runtime.tokenizer),
                             pad_id=runtime.tokenizer.pad_token_id)
-    scored = teacher.logits(queries[: settings.micro_batch_size], rollout.select(list(range(settings.micro_batch_size))))
+    rows = settings.student_rows(runtime.bf16)
+    scored = teacher.logits(queries[:rows], rollout.select(list(range(rows))))
     del scored, rollout
     release_free_memory()
     stages["+ one batch sampled and scored, heap trimmed"] = rss_gib()

@@ -104,7 +104,9 @@ def main() -> None:
     gemm_s = kinds.get("matrix multiplies", 0.0)
 
     config = result.manifest.config
-    rows = config["micro_batch_size"]
+    from promptbake.config import BakeConfig
+
+    rows = BakeConfig(**config).student_rows(result.manifest.precision == "bf16")
     seq = int(tokens / config["batch_size"]) + 60  # response + a typical student prompt
     shapes = {"student q/o proj (bf16)": (rows * seq, 576, 576), "student MLP up (bf16)": (rows * seq, 576, 1536),
               "student lm_head (bf16)": (rows * 48, 576, 49152), "large square 2048 (bf16)": (2048, 2048, 2048)}

@@ -36,6 +36,10 @@ VARIANTS = {
     # fp32 with everything compiled (the setting on CPUs without native bf16: AVX2, or AVX-512 without AVX512_BF16)
     "fp32 compiled": {"precision": "fp32", "torch_compile": True},
     "bf16 compiled": {"precision": "bf16", "torch_compile": True},
+    "fp32 compiled + micro-batch 2": {"precision": "fp32", "torch_compile": True, "micro_batch_size": 2,
+                                      "micro_batch_tokens": 10**9},
+    # fp32 with the rows bf16 takes (up to 8 rows and 400 tokens: six at the 48-token cap), as before 2026-12-07
+    "fp32 compiled + micro-batch 8": {"precision": "fp32", "torch_compile": True, "micro_batch_size": 8},
     "no heap trim": {"release_memory": False},
     "torch.compile layers": {"torch_compile": True},  # the setting: decoder layers, the sampler's decode step, the loss
     # Not settings: torch_compile with the sampler's decode step eager, as before compiled decoding; with the loss

@@ -97,7 +97,7 @@ def run_trl(prompt_copy: Path, out: Path, steps: int, bf16: bool, micro_batch: i
     from promptbake.spec import load_spec
 
     s = common_settings(steps)
-    rows = micro_batch or s["micro_batch_size"]  # rows per device per pass (0: promptbake's)
+    rows = micro_batch or s["micro_batch_size"] or 8  # rows per device per pass (0: promptbake's; unset there, 8)
     spec = load_spec(prompt_copy)
     queries = load_queries(spec.queries_path)
     dataset = Dataset.from_list([{"prompt": q.messages, "privileged_context": spec.system_prompt} for q in queries])
@@ -191,8 +191,8 @@ def main() -> None:
                              "cache is warm); with "
                              "it on, step 1 carries the compile and the table shows it apart from the steady state")
     parser.add_argument("--trl-micro-batch", type=int, default=0,
-                        help="TRL's rows per device per pass (0: promptbake's micro_batch_size, 8, which is TRL's own "
-                             "default; runs before 2026-12-06 used 2)")
+                        help="TRL's rows per device per pass (0: promptbake's micro_batch_size where set, else 8, "
+                             "TRL's own default and promptbake's in bf16; runs before 2026-12-06 used 2)")
     parser.add_argument("--seeds", default="",
                         help="comma list of training seeds, one round each (overrides --rounds); the held-out split and "
                              "its sampling stay fixed, so the spread of each trainer's KL over seeds is its own noise")

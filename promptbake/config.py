@@ -24,6 +24,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Student rows per micro-batch when `micro_batch_size` is unset. bf16: eight (six at the 48-token cap, where
+# micro_batch_tokens binds), the student's pass 1.25x against two for 0.37 GiB. fp32: two; six ran a step no faster on
+# a 2-core Xeon without bf16 instructions, for 0.57 GiB more (docs/performance.md).
+DEFAULT_MICRO_BATCH_ROWS_BF16 = 8
+DEFAULT_MICRO_BATCH_ROWS_FP32 = 2
+
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list: config, runtime and eval check against it
 
@@ -167,16 +173,18 @@ class BakeConfig(BaseModel):
                     "same sampling and teacher time; the later parts' samples are then slightly off-policy. In the quality "
                     "study (support, 40 steps, one seed) 2 closed 0.03 more of the held-out KL gap than 1, 4 no more; at 80 "
                     "steps 2 closed no more than 1.")
-    micro_batch_size: int = Field(
-        8, gt=0, description="Most rows per student forward/backward (fewer where micro_batch_tokens binds); bounds "
-                             "memory, not the math.")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Most rows per student forward/backward (fewer where micro_batch_tokens binds); bounds "
+                                "memory, not the math. Unset: 8 with bf16, 2 without (fp32 activations take twice the "
+                                "bytes: at the 48-token cap six fp32 rows ran a step no faster than two, for 0.57 GiB "
+                                "more peak RSS; benchmarks/train_step.py, docs/performance.md).")
     micro_batch_tokens: int = Field(
         400, gt=0,
         description="Most tokens per student forward/backward: rows x the longest row's prompt (after the first tokens "
                     "all rows share, run once) and response, at least one row. Bounds memory, not the math. At the "
                     "48-token cap 8 rows of about 60 tokens ran the student's pass 1.44x faster than 2 rows, for 0.54 GiB "
                     "more peak RSS; at the 128-token cap 3 rows instead of 2 bought no clear speed for 0.31 GiB, so 400 "
-                    "keeps 2 rows there and gives 6 at 48 tokens (benchmarks/train_step.py, docs/performance.md).")
+                    "keeps 2 rows there and gives 6 at 48 tokens with bf16 (benchmarks/train_step.py, docs/performance.md).")
     max_new_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         "auto",
         description=(
@@ -366,6 +374,12 @@ class BakeConfig(BaseModel):
             if self.temperature != 1.0:
                 raise ValueError("a served teacher (teacher_url) scores at temperature 1; set temperature 1.0")
         return self
+
+    def student_rows(self, bf16: bool) -> int:
+        """`micro_batch_size`, or where it is unset the rows measured to pay in this precision."""
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        return DEFAULT_MICRO_BATCH_ROWS_BF16 if bf16 else DEFAULT_MICRO_BATCH_ROWS_FP32
 
     @classmethod
     def from_layers(cls, *layers: dict) -> "BakeConfig":

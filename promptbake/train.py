@@ -505,7 +505,7 @@ def train_student(
                         prefix = trainable_prefix(wrapped, [prompts[r] for r in part_rows])
                 P = prefix.length if prefix is not None else 0
                 groups = [[part_rows[i] for i in group] for group in micro_batches(
-                    [len(prompts[r]) - P + response_lens[r] for r in part_rows], config.micro_batch_size,
+                    [len(prompts[r]) - P + response_lens[r] for r in part_rows], config.student_rows(bf16),
                     config.micro_batch_tokens)]  # rows of each
                 micros = [rollout.select(rows) for rows in groups]
                 widths = [micro.response_ids_BT.shape[1] for micro in micros]

@@ -615,6 +615,29 @@ def test_updates_per_batch_makes_that_many_optimizer_updates_from_one_batch(tmp_
         BakeConfig(batch_size=4, updates_per_batch=5)
 
 
+def test_student_rows_unset_follow_the_precision_and_a_set_value_wins(tmp_path, tiny_model_dir, monkeypatch):
+    """micro_batch_size unset: 8 rows with bf16, 2 in fp32 (six fp32 rows ran a step no faster than two, for 0.57 GiB
+    more). The spy sees the rows the compile's micro-batches were grouped by."""
+    import promptbake.train as train
+
+    sizes: list[int] = []
+    grouping = train.micro_batches
+
+    def spy(lengths, size, max_tokens=None):
+        sizes.append(size)
+        return grouping(lengths, size, max_tokens)
+
+    monkeypatch.setattr(train, "micro_batches", spy)
+    prompt = write_prompt(tmp_path / "p")
+    for precision, rows, expected in [("fp32", None, 2), ("bf16", None, 8), ("fp32", 3, 3)]:
+        sizes.clear()
+        overrides = dict(steps=1, batch_size=4, heldout=0, max_new_tokens=8, precision=precision, micro_batch_size=rows)
+        result = compile_prompt(prompt, out=tmp_path / f"{precision}-{rows}", model=str(tiny_model_dir),
+                                overrides=overrides)
+        assert result.manifest.precision == precision
+        assert sizes and set(sizes) == {expected}, (precision, rows, sizes)
+
+
 def test_torch_compile_unset_turns_on_only_where_it_was_measured_to_pay(monkeypatch):
     """Unset: a CPU (bf16 or fp32) with a C++ compiler and a long run; an explicit value always wins."""
     from promptbake.config import BakeConfig
