@@ -198,17 +198,6 @@ def test_cross_size_teacher_sharing_the_tokenizer(tmp_path, tiny_model_dir):
     assert result.manifest.heldout_kl_before > 0
 
 
-def _avx512_without_bf16() -> bool:
-    from promptbake.runtime import cpu_has_native_bf16
-
-    return torch.backends.cpu.get_cpu_capability() == "AVX512" and not cpu_has_native_bf16()
-
-
-# Open (2026-12-07, docs/performance.md): on a 2-core Intel Xeon with AVX-512 but no bf16 instructions, compiled and
-# eager fp32 differ by more than rounding here (step 1's gradient norm by 0.85 %, step 2's KL by up to 3 %; also at
-# ed5c240), and compiled adapters measured a higher held-out KL than eager ones on three seeds. Strict elsewhere.
-@pytest.mark.xfail(_avx512_without_bf16(), strict=False,
-                   reason="compiled fp32 differs from eager beyond rounding on AVX-512 CPUs without bf16: open")
 @pytest.mark.parametrize("hidden_match_weight", [0.0, 30.0])
 def test_torch_compile_gives_the_eager_loss_and_gradient(tmp_path, tiny_model_dir, hidden_match_weight):
     """Compiling the decoder layers changes speed, not the math: same per-step KL and gradient norm as eager, also
