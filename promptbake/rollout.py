@@ -646,7 +646,7 @@ COMPILE_POLICY_DECODING = False
 
 def can_compile_decoding(engine) -> bool:
     """Whether `compiled_decoding` compiles this engine's decode step: an in-process engine on a CPU, with its merged
-    bf16 copy, or in fp32 through the policy itself."""
+    bf16 copy, or in fp32 through the policy itself where `COMPILE_POLICY_DECODING` is on (off by default)."""
     if not isinstance(engine, HFRolloutEngine):
         return False
     model = engine.model if engine.model is not None else (engine.policy if COMPILE_POLICY_DECODING and not engine.bf16
