@@ -196,6 +196,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="",
                         help="comma list of training seeds, one round each (overrides --rounds); the held-out split and "
                              "its sampling stay fixed, so the spread of each trainer's KL over seeds is its own noise")
+    parser.add_argument("--eager-too", action="store_true",
+                        help="also train promptbake with torch_compile off on every seed (the row 'promptbake eager'), "
+                             "so that whether compiling moves the held-out KL is measured in the same run")
     parser.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vs_trl.json")
     parser.add_argument("--worker", nargs=3, metavar=("WHO", "PROMPT_COPY", "OUT"), help=argparse.SUPPRESS)
@@ -211,7 +214,8 @@ def main() -> None:
     if args.worker:
         who, prompt_copy, out = args.worker
         compile_flag = {"auto": None, "on": True, "off": False}[args.torch_compile]
-        fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag, seed=args.seed)) if who == "promptbake" else (
+        compile_flag = False if who == "promptbake-eager" else compile_flag
+        fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag, seed=args.seed)) if who.startswith("promptbake") else (
             lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16", micro_batch=args.trl_micro_batch,
                                     seed=args.seed))
         print("RESULT " + json.dumps(fn(Path(prompt_copy), Path(out), args.steps)))
@@ -222,12 +226,12 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="vs-trl-"))
     prompt_copy, heldout = split_files(args.prompt, tmp)
-    runs: dict[str, list[dict]] = {"promptbake": [], "trl": []}
+    runs: dict[str, list[dict]] = {"promptbake": [], "trl": []} | ({"promptbake-eager": []} if args.eager_too else {})
     adapters: dict[str, str] = {}
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [SEED] * args.rounds
     args.rounds = len(seeds)
     for rnd, seed in enumerate(seeds):
-        order = ["promptbake", "trl"] if rnd % 2 == 0 else ["trl", "promptbake"]
+        order = list(runs) if rnd % 2 == 0 else list(runs)[::-1]
         for who in order:
             out = tmp / f"{who}-{rnd}"
             print(f"round {rnd + 1} (seed {seed}): {who} ...", flush=True)
@@ -244,7 +248,7 @@ def main() -> None:
                     "settings": runs["promptbake"][0]["settings"], "kl_base": kls["base"], "trainers": {}}
     print(f"\n{args.steps} steps x 16 queries x <= {report['settings']['max_new_tokens']} tokens, {args.rounds} round(s); "
           f"held-out reverse KL to the prompted teacher on {len(heldout)} queries (base model: {kls['base']:.4f})")
-    print(f"{'trainer':11} {'s/step':>7} {'tok/s':>6} {'step 1 s':>8} {'peak RSS GiB':>12} {'held-out KL':>11}")
+    print(f"{'trainer':16} {'s/step':>7} {'tok/s':>6} {'step 1 s':>8} {'peak RSS GiB':>12} {'held-out KL':>11}")
     for who, rs in runs.items():
         # step 1 carries one-off warm-up in both trainers; the median of the rest is the steady state
         secs = [x for r in rs for x in (r["step_seconds"][1:] or r["step_seconds"])]
@@ -254,7 +258,7 @@ def main() -> None:
                "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
                "heldout_kl": statistics.mean(kls[f"{who}-{i}"] for i in range(len(rs))), "runs": rs}
         report["trainers"][who] = row
-        print(f"{who:11} {row['s_per_step']:>7.2f} {row['tokens_per_s']:>6.1f} {row['first_step_s']:>8.1f} {row['peak_rss_gb']:>12.2f} {row['heldout_kl']:>11.4f}")
+        print(f"{who.replace('-', ' '):16} {row['s_per_step']:>7.2f} {row['tokens_per_s']:>6.1f} {row['first_step_s']:>8.1f} {row['peak_rss_gb']:>12.2f} {row['heldout_kl']:>11.4f}")
     pb, trl = report["trainers"]["promptbake"], report["trainers"]["trl"]
     report["tokens_per_s_ratio"] = pb["tokens_per_s"] / trl["tokens_per_s"]
     print(f"promptbake / TRL tokens/s: {report['tokens_per_s_ratio']:.2f}x")
@@ -262,10 +266,18 @@ def main() -> None:
         diffs = [kls[f"promptbake-{i}"] - kls[f"trl-{i}"] for i in range(len(seeds))]
         report["heldout_kl_by_seed"] = {who: [kls[f"{who}-{i}"] for i in range(len(seeds))] for who in runs}
         report["heldout_kl_diff"] = {"mean": statistics.mean(diffs), "stdev": statistics.stdev(diffs), "by_seed": diffs}
+        if args.eager_too:
+            by_seed = [kls[f"promptbake-{i}"] - kls[f"promptbake-eager-{i}"] for i in range(len(seeds))]
+            report["heldout_kl_compiled_minus_eager"] = {"mean": statistics.mean(by_seed),
+                                                        "stdev": statistics.stdev(by_seed), "by_seed": by_seed}
         for who in runs:
-            print(f"held-out KL {who:11} by seed {seeds}: " + ", ".join(f"{k:.4f}" for k in report["heldout_kl_by_seed"][who]))
+            print(f"held-out KL {who:16} by seed {seeds}: " + ", ".join(f"{k:.4f}" for k in report["heldout_kl_by_seed"][who]))
         print(f"promptbake - TRL held-out KL: {statistics.mean(diffs):+.4f} (sd {statistics.stdev(diffs):.4f} over "
               f"{len(seeds)} seeds; negative is promptbake closer to the teacher)")
+        if args.eager_too:
+            d = report["heldout_kl_compiled_minus_eager"]
+            print(f"promptbake compiled - eager held-out KL: {d['mean']:+.4f} (sd {d['stdev']:.4f}; by seed "
+                  + ", ".join(f"{x:+.4f}" for x in d["by_seed"]) + ")")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

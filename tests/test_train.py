@@ -684,10 +684,18 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     assert not use_torch_compile(BakeConfig(steps=WARM_COMPILE_MIN_STEPS - 1), bf16=True, device=cpu, model=model)
     assert not use_torch_compile(short, bf16=False, device=cpu, model=model)
     at_96, at_64 = (short.model_copy(update={"max_new_tokens": cap}) for cap in (96, 64))
-    remember_compiled(run_compile_key(model, bf16=False, cap=96))  # fp32: the decode step's cap is part of the key
+    import promptbake.rollout
+
+    monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", True)
+    remember_compiled(run_compile_key(model, bf16=False, cap=96))  # fp32 decode step in the policy: the cap is in the key
     assert use_torch_compile(at_96, bf16=False, device=cpu, model=model)
     assert not use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # a new cap recompiles the decode step
     assert use_torch_compile(at_64, bf16=True, device=cpu, model=model)  # bf16: cheap to recompile, any cap counts
+    monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", False)  # the default: fp32 decoding stays eager
+    assert run_compile_key(model, bf16=False, cap=96) == run_compile_key(model, bf16=False, cap=64)
+    assert not use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # only the cap-keyed record so far
+    remember_compiled(run_compile_key(model, bf16=False, cap=96))
+    assert use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # no decode step compiled: any cap counts
     assert not use_torch_compile(short.model_copy(update={"torch_compile": False}), bf16=True, device=cpu, model=model)
     model.config.use_cache = not model.config.use_cache  # what a run flips is not the architecture
     model.config.dtype = torch.bfloat16
