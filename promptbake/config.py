@@ -276,8 +276,8 @@ class BakeConfig(BaseModel):
     torch_compile: bool | None = Field(
         None, description="torch.compile the student's decoder layers for the training forward and backward (one "
                           "compile serves every layer), the default objective's per-token loss and, on a CPU, the "
-                          "sampler's decode step over a static KV cache (through its merged bf16 copy; in fp32 the sampler "
-                          "stays eager). Costs about 1-2 minutes of compiling in step 1 on a 2-core CPU "
+                          "sampler's decode step over a static KV cache (through its merged bf16 copy, or in fp32 "
+                          "through the policy itself). Costs about 1-2 minutes of compiling in step 1 on a 2-core CPU "
                           "(less when torch's on-disk cache has it). Unset: on where it was measured to pay, a CPU "
                           "(in bf16 or fp32, as `precision` resolves), a C++ compiler and at least 40 steps, or 8 once an "
                           "earlier compile of this model put its graphs in torch's cache (promptbake.compile_cache); "

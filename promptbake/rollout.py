@@ -637,16 +637,17 @@ class HFRolloutEngine:
 
 
 # Without bf16 there is no merged copy; True: `compiled_decoding` compiles the decode step through the policy itself,
-# its LoRA branches live (sampling 1.26x on AVX2). Off since 2026-12-07: inside training, with the policy's layers
-# compiled too, it made a compile differ from eager beyond rounding (tests/test_train.py's compiled-against-eager check:
-# step 1's gradient norm 0.85 % apart on an AVX-512 Xeon, identical with it off) and compiled adapters measured a
-# higher held-out KL than eager ones on three seeds of three; not explained yet (docs/performance.md).
-COMPILE_POLICY_DECODING = False
+# its LoRA branches live (sampling 1.26x on AVX2). Off for part of 2026-12-07, after a compiled training run on an
+# AVX-512 Xeon drew other tokens than an eager one. What that was (benchmarks/decode_agreement.py): on equal inputs the
+# compiled step's logits are the eager step's to rounding (SmolLM2: within 1e-4 of logits up to 30), and where the
+# two draws part, they part between neighbouring token ids, the uniform number having fallen within 3e-7 of the
+# boundary between them in the cumulative distribution. Any change of rounding does that to a sampled trajectory.
+COMPILE_POLICY_DECODING = True
 
 
 def can_compile_decoding(engine) -> bool:
     """Whether `compiled_decoding` compiles this engine's decode step: an in-process engine on a CPU, with its merged
-    bf16 copy, or in fp32 through the policy itself where `COMPILE_POLICY_DECODING` is on (off by default)."""
+    bf16 copy, or in fp32 through the policy itself (`COMPILE_POLICY_DECODING`)."""
     if not isinstance(engine, HFRolloutEngine):
         return False
     model = engine.model if engine.model is not None else (engine.policy if COMPILE_POLICY_DECODING and not engine.bf16

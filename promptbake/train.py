@@ -179,7 +179,7 @@ SPECIALIZE_FLOATS = True
 
 def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, model=None) -> bool:
     """`torch_compile` as set; unset, on only where it was measured to pay: a CPU (bf16 where it has bf16
-    instructions; fp32 elsewhere), a C++ compiler for inductor, and a run long enough to repay
+    instructions; fp32 elsewhere, where the decode step compiles through the policy), a C++ compiler for inductor, and a run long enough to repay
     compiling: 40 steps, or 8 when an earlier run compiled the same `model`'s graphs into a cache still in place.
     GPUs were not measured, so they stay eager unless asked."""
     if config.torch_compile is not None:
@@ -195,7 +195,7 @@ def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, mode
 
 def run_compile_key(model, bf16: bool, cap: int | str | None = None) -> str | None:
     """The compile cache's key for training `model` (None for a model without a config); where fp32 decoding compiles
-    through the policy (`rollout.COMPILE_POLICY_DECODING`, off by default) it holds the response `cap` too
+    through the policy (`rollout.COMPILE_POLICY_DECODING`, the default) it holds the response `cap` too
     (promptbake.compile_cache says why)."""
     from promptbake import rollout
 

@@ -215,7 +215,7 @@ def test_fp32_compiled_decode_step_runs_the_policy_with_its_live_adapter(peft_ti
     the base eagerly."""
     import promptbake.rollout
 
-    monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", True)  # off by default since 2026-12-07
+    monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", True)
     model = peft_tiny
     prompts = [[1, 5, 6, 7, 8], [1, 9]]
 

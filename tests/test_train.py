@@ -201,23 +201,72 @@ def test_cross_size_teacher_sharing_the_tokenizer(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("hidden_match_weight", [0.0, 30.0])
 def test_torch_compile_gives_the_eager_loss_and_gradient(tmp_path, tiny_model_dir, hidden_match_weight):
     """Compiling the decoder layers changes speed, not the math: same per-step KL and gradient norm as eager, also
-    when the layers' outputs are read by hooks inside the compiled code (hidden_match_weight)."""
+    when the layers' outputs are read by hooks inside the compiled code (hidden_match_weight).
+
+    Both train their first two steps on the same fixed answers (the teacher's, `teacher_sample_steps`), which are
+    compared; the third samples its own. Sampled answers would not compare,
+    since a compiled sampler rounds differently and a draw that lands within rounding of a token boundary takes the
+    neighbouring token (benchmarks/decode_agreement.py). The compiled sampler is checked on its own logits below."""
     prompt = write_prompt(tmp_path / "p")
     logs = []
     for compiled in (False, True):
         result = compile_prompt(
             prompt, out=tmp_path / f"out{compiled}", model=str(tiny_model_dir),
-            overrides=dict(steps=2, batch_size=4, heldout=0, max_new_tokens=10, precision="fp32", torch_compile=compiled,
-                           hidden_match_weight=hidden_match_weight),
+            overrides=dict(steps=3, batch_size=4, heldout=0, max_new_tokens=10, precision="fp32", torch_compile=compiled,
+                           hidden_match_weight=hidden_match_weight, teacher_sample_steps=2),
         )
         logs.append(result.train.log)
     eager, compiled = logs
-    for a, b in zip(eager, compiled):
+    assert len(eager) == len(compiled) == 3
+    for a, b in zip(eager[:2], compiled[:2]):
         assert a.response_tokens == b.response_tokens
         # fused kernels reorder fp32 sums: KLs near 1e-3 agree to ~1e-6 absolute, not to 1e-4 relative
         assert a.kl == pytest.approx(b.kl, rel=1e-3, abs=1e-5)
         assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-3)
         assert a.hidden_distance == (pytest.approx(b.hidden_distance, rel=1e-3) if hidden_match_weight else None)
+
+
+def test_fp32_compile_samples_with_the_eager_steps_logits(tmp_path, tiny_model_dir, monkeypatch):
+    """Inside an fp32 compiled training run (the policy's layers compiled for the training pass too), the decode step
+    compiled through the policy gives the eager step's logits on the same inputs, at every sampling call, after
+    optimizer steps as well; a stale or wrong graph would be far off. Each call's batch is drawn twice from one random
+    state, eagerly and compiled, and compared while both were fed the same tokens."""
+    import promptbake.rollout as rollout
+
+    monkeypatch.setattr(rollout, "COMPILE_POLICY_DECODING", True)
+    plain = rollout.sample_static
+    compared: list[tuple[int, float, float]] = []  # (decode steps on equal inputs, largest logit difference, scale)
+
+    def recording(step, store):
+        def call(model, input_ids_B1, *rest):
+            logits_BV = step(model, input_ids_B1, *rest)
+            store.append((input_ids_B1.clone(), logits_BV.clone()))
+            return logits_BV
+        return call
+
+    def both_ways(model, step, prompts, **kw):
+        eager_calls, compiled_calls = [], []
+        state = torch.get_rng_state()
+        with torch.compiler.set_stance("force_eager"):
+            plain(model, recording(rollout.decode_step, eager_calls), prompts, **kw)
+        torch.set_rng_state(state)
+        out = plain(model, recording(step, compiled_calls), prompts, **kw)
+        pairs = []
+        for (ids_e, logits_e), (ids_c, logits_c) in zip(eager_calls, compiled_calls):
+            if not torch.equal(ids_e, ids_c):
+                break
+            pairs.append(float((logits_e - logits_c).abs().max()))
+        compared.append((len(pairs), max(pairs, default=0.0), float(eager_calls[0][1].abs().max())))
+        return out
+
+    monkeypatch.setattr(rollout, "sample_static", both_ways)
+    result = compile_prompt(write_prompt(tmp_path / "p"), out=tmp_path / "out", model=str(tiny_model_dir),
+                            overrides=dict(steps=3, batch_size=4, heldout=0, max_new_tokens=10, precision="fp32",
+                                           torch_compile=True))
+    assert len(result.train.log) == 3 and len(compared) == 3  # every step sampled through the compiled step
+    for steps_equal, largest, scale in compared:
+        assert steps_equal >= 1 and scale > 0.1
+        assert largest <= 1e-5 * max(1.0, scale)  # rounding: 2.4e-7 to 2.7e-7 measured on AVX2 (logits up to 1.25)
 
 
 def test_bf16_compile_samples_through_the_compiled_decode_step(tmp_path, tiny_model_dir, monkeypatch):
@@ -691,7 +740,7 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     assert use_torch_compile(at_96, bf16=False, device=cpu, model=model)
     assert not use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # a new cap recompiles the decode step
     assert use_torch_compile(at_64, bf16=True, device=cpu, model=model)  # bf16: cheap to recompile, any cap counts
-    monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", False)  # the default: fp32 decoding stays eager
+    monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", False)  # switched off: fp32 decoding stays eager
     assert run_compile_key(model, bf16=False, cap=96) == run_compile_key(model, bf16=False, cap=64)
     assert not use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # only the cap-keyed record so far
     remember_compiled(run_compile_key(model, bf16=False, cap=96))
