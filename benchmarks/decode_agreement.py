@@ -47,34 +47,15 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "default"], default="tiny")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--json", type=Path, default=REPO / "results" / "decode_agreement.json")
-    args = p.parse_args(argv)
-
+def sampling_twice(calls: list[dict], echo: bool = False):
+    """A stand-in for `rollout.sample_static` that draws each batch twice from one random state, through the eager
+    `decode_step` and then through the step it was given, appends a comparison to `calls` and returns the second
+    draw (the run goes on with it, as it would by itself)."""
     import torch
 
     import promptbake.rollout as rollout
-    from promptbake.bake import compile_prompt
 
-    work = Path(tempfile.mkdtemp(prefix="decode-agreement-"))
-    if args.model == "tiny":
-        model = str(tiny_model(work / "model"))
-        queries = work / "queries.txt"
-        queries.write_text("".join(f"Question number {i}: what is {i} plus {i}?\n" for i in range(40)))
-        prompt = work / "prompt.md"
-        prompt.write_text("---\nqueries: queries.txt\n---\nYou are a pirate. Say ahoy.\n")
-        overrides = dict(batch_size=4, max_new_tokens=10)
-    else:
-        model, prompt = None, REPO / "prompts" / "pirate.md"
-        overrides = dict(batch_size=16, max_new_tokens=48)
-    overrides.update(steps=args.steps, heldout=0, precision="fp32", torch_compile=True, checkpoint_every=10_000)
-
-    rollout.COMPILE_POLICY_DECODING = True
     plain_sample_static = rollout.sample_static
-    calls: list[dict] = []
 
     def recording(step, store):
         def call(model, input_ids_B1, *rest):
@@ -115,11 +96,44 @@ def main(argv=None) -> None:
                                     "cdf_shift_at_eager_token": float((pe[r].cumsum(-1) - pc[r].cumsum(-1))[ids_e[r]].abs())}
                                    for r in rows]
         calls.append(row)
-        print(f"call {row['call']}: tokens equal {same}; {agreed} decode steps on equal inputs, max |logit difference| "
-              f"{row['max_abs_logit_diff']:.3g} (logits up to {row['logit_scale']:.3g})"
-              + (f"; parted at decode step {first_other}: {row.get('parting_rows')}" if first_other else ""), flush=True)
-        return compiled  # the run goes on with the compiled step's draws, as it would by itself
+        if echo:
+            print(f"call {row['call']}: tokens equal {same}; {agreed} decode steps on equal inputs, max |logit difference| "
+                  f"{row['max_abs_logit_diff']:.3g} (logits up to {row['logit_scale']:.3g})"
+                  + (f"; parted at decode step {first_other}: {row.get('parting_rows')}" if first_other else ""), flush=True)
+        return compiled
 
+    return both_ways
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "default"], default="tiny")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--json", type=Path, default=REPO / "results" / "decode_agreement.json")
+    args = p.parse_args(argv)
+
+    import torch
+
+    import promptbake.rollout as rollout
+    from promptbake.bake import compile_prompt
+
+    work = Path(tempfile.mkdtemp(prefix="decode-agreement-"))
+    if args.model == "tiny":
+        model = str(tiny_model(work / "model"))
+        queries = work / "queries.txt"
+        queries.write_text("".join(f"Question number {i}: what is {i} plus {i}?\n" for i in range(40)))
+        prompt = work / "prompt.md"
+        prompt.write_text("---\nqueries: queries.txt\n---\nYou are a pirate. Say ahoy.\n")
+        overrides = dict(batch_size=4, max_new_tokens=10)
+    else:
+        model, prompt = None, REPO / "prompts" / "pirate.md"
+        overrides = dict(batch_size=16, max_new_tokens=48)
+    overrides.update(steps=args.steps, heldout=0, precision="fp32", torch_compile=True, checkpoint_every=10_000)
+
+    rollout.COMPILE_POLICY_DECODING = True
+    plain_sample_static = rollout.sample_static
+    calls: list[dict] = []
+    both_ways = sampling_twice(calls, echo=True)
     rollout.sample_static = both_ways
     try:
         result = compile_prompt(prompt, out=work / "out", model=model, overrides=overrides, force=True)

@@ -232,41 +232,19 @@ def test_fp32_compile_samples_with_the_eager_steps_logits(tmp_path, tiny_model_d
     optimizer steps as well; a stale or wrong graph would be far off. Each call's batch is drawn twice from one random
     state, eagerly and compiled, and compared while both were fed the same tokens."""
     import promptbake.rollout as rollout
+    from benchmarks.decode_agreement import sampling_twice
 
     monkeypatch.setattr(rollout, "COMPILE_POLICY_DECODING", True)
-    plain = rollout.sample_static
-    compared: list[tuple[int, float, float]] = []  # (decode steps on equal inputs, largest logit difference, scale)
-
-    def recording(step, store):
-        def call(model, input_ids_B1, *rest):
-            logits_BV = step(model, input_ids_B1, *rest)
-            store.append((input_ids_B1.clone(), logits_BV.clone()))
-            return logits_BV
-        return call
-
-    def both_ways(model, step, prompts, **kw):
-        eager_calls, compiled_calls = [], []
-        state = torch.get_rng_state()
-        with torch.compiler.set_stance("force_eager"):
-            plain(model, recording(rollout.decode_step, eager_calls), prompts, **kw)
-        torch.set_rng_state(state)
-        out = plain(model, recording(step, compiled_calls), prompts, **kw)
-        pairs = []
-        for (ids_e, logits_e), (ids_c, logits_c) in zip(eager_calls, compiled_calls):
-            if not torch.equal(ids_e, ids_c):
-                break
-            pairs.append(float((logits_e - logits_c).abs().max()))
-        compared.append((len(pairs), max(pairs, default=0.0), float(eager_calls[0][1].abs().max())))
-        return out
-
-    monkeypatch.setattr(rollout, "sample_static", both_ways)
+    compared: list[dict] = []
+    monkeypatch.setattr(rollout, "sample_static", sampling_twice(compared))
     result = compile_prompt(write_prompt(tmp_path / "p"), out=tmp_path / "out", model=str(tiny_model_dir),
                             overrides=dict(steps=3, batch_size=4, heldout=0, max_new_tokens=10, precision="fp32",
                                            torch_compile=True))
     assert len(result.train.log) == 3 and len(compared) == 3  # every step sampled through the compiled step
-    for steps_equal, largest, scale in compared:
-        assert steps_equal >= 1 and scale > 0.1
-        assert largest <= 1e-5 * max(1.0, scale)  # rounding: 2.4e-7 to 2.7e-7 measured on AVX2 (logits up to 1.25)
+    for call in compared:
+        assert call["decode_steps_agreed"] >= 1 and call["logit_scale"] > 0.1
+        # rounding: 2.4e-7 to 2.7e-7 measured on AVX2 (logits up to 1.25)
+        assert call["max_abs_logit_diff"] <= 1e-5 * max(1.0, call["logit_scale"])
 
 
 def test_bf16_compile_samples_through_the_compiled_decode_step(tmp_path, tiny_model_dir, monkeypatch):
