@@ -213,8 +213,7 @@ def main() -> None:
         args.trl_precision = "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32"
     if args.worker:
         who, prompt_copy, out = args.worker
-        compile_flag = {"auto": None, "on": True, "off": False}[args.torch_compile]
-        compile_flag = False if who == "promptbake-eager" else compile_flag
+        compile_flag = False if who == "promptbake-eager" else {"auto": None, "on": True, "off": False}[args.torch_compile]
         fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag, seed=args.seed)) if who.startswith("promptbake") else (
             lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16", micro_batch=args.trl_micro_batch,
                                     seed=args.seed))

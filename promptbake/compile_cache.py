@@ -8,8 +8,8 @@ model's architecture and the precision, and where inductor kept its cache. A lat
 cache folder still in place counts as warm. In bf16 the response cap is left out: the layers compile for any length,
 and the merged copy's decode step for a new cap cost about 22 s more in step 1, which a 16-step run at cap 64 still
 repaid. In fp32 the decode step compiles through the policy (`rollout.COMPILE_POLICY_DECODING`), LoRA branches
-included, and a new cap cost about 114 s: an 8-step run at a cap the
-cache did not hold ran 0.77x eager, at one it held 1.15x (docs/performance.md), so there the cap is part of the key.
+included, and a new cap cost about 114 s: an 8-step run at a cap the cache did not hold ran 0.77x eager, at one it
+held 1.15x (docs/performance.md), so there the cap is part of the key.
 """
 
 from __future__ import annotations

@@ -645,13 +645,18 @@ class HFRolloutEngine:
 COMPILE_POLICY_DECODING = True
 
 
+def compiles_policy_decoding(bf16: bool) -> bool:
+    """Whether a CPU sampler's decode step compiles through the policy itself: without bf16 (so no merged copy)
+    while `COMPILE_POLICY_DECODING` is on. The compile cache's key depends on it too (`train.run_compile_key`)."""
+    return COMPILE_POLICY_DECODING and not bf16
+
+
 def can_compile_decoding(engine) -> bool:
     """Whether `compiled_decoding` compiles this engine's decode step: an in-process engine on a CPU, with its merged
     bf16 copy, or in fp32 through the policy itself (`COMPILE_POLICY_DECODING`)."""
     if not isinstance(engine, HFRolloutEngine):
         return False
-    model = engine.model if engine.model is not None else (engine.policy if COMPILE_POLICY_DECODING and not engine.bf16
-                                                           else None)
+    model = engine.model if engine.model is not None else (engine.policy if compiles_policy_decoding(engine.bf16) else None)
     return model is not None and next(model.parameters()).device.type == "cpu"
 
 

@@ -194,13 +194,13 @@ def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, mode
 
 
 def run_compile_key(model, bf16: bool, cap: int | str | None = None) -> str | None:
-    """The compile cache's key for training `model` (None for a model without a config); where fp32 decoding compiles
-    through the policy (`rollout.COMPILE_POLICY_DECODING`, the default) it holds the response `cap` too
+    """The compile cache's key for training `model` (None for a model without a config); where the decode step compiles
+    through the policy (fp32, `rollout.compiles_policy_decoding`) it holds the response `cap` too
     (promptbake.compile_cache says why)."""
-    from promptbake import rollout
+    from promptbake.rollout import compiles_policy_decoding
 
     model_config = getattr(model, "config", None)
-    cap = cap if isinstance(cap, int) and not bf16 and rollout.COMPILE_POLICY_DECODING else None
+    cap = cap if isinstance(cap, int) and compiles_policy_decoding(bf16) else None
     return compile_key(model_config, bf16, cap) if model_config is not None else None
 
 
