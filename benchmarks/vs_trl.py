@@ -70,14 +70,16 @@ def common_settings(steps: int) -> dict:
                 lora_r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, lora_targets=list(c.lora_targets))
 
 
-def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool | None = None, seed: int = SEED) -> dict:
+def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool | None = None, seed: int = SEED,
+                   extra: dict | None = None) -> dict:
     from promptbake.bake import compile_prompt
 
     s = common_settings(steps)
     result = compile_prompt(prompt_copy, out=out, overrides=dict(steps=steps, max_new_tokens=s["max_new_tokens"], heldout=0,
                                                                   checkpoint_every=10_000, seed=seed, torch_compile=torch_compile,
                                                                   # TRL's SDFT: reverse KL only, no layer term
-                                                                  forward_kl_weight=0.0, hidden_match_weight=0.0),
+                                                                  forward_kl_weight=0.0, hidden_match_weight=0.0)
+                            | (extra or {}),
                             force=True)
     log = result.train.log
     return {"step_seconds": [e.seconds for e in log], "step_tokens": [e.response_tokens for e in log],
@@ -168,6 +170,21 @@ def measure(prompt: Path, adapters: dict[str, str]) -> dict:
     return kls
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME:KEY=VALUE,KEY=VALUE' -> (NAME, {KEY: VALUE}), each value read as YAML (numbers, booleans, words)."""
+    name, _, settings = text.partition(":")
+    if not name or not settings:
+        sys.exit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    pairs = [item.split("=", 1) for item in settings.split(",")]
+    if any(len(pair) != 2 for pair in pairs):
+        sys.exit(f"--variant {text!r}: every setting is KEY=VALUE")
+    return name, {key.strip(): yaml.safe_load(value) for key, value in pairs}
+
+
+def paired(by_seed: list[float]) -> dict:
+    return {"mean": statistics.mean(by_seed), "stdev": statistics.stdev(by_seed), "by_seed": by_seed}
+
+
 def _call(*argv: str) -> dict:
     proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -199,7 +216,11 @@ def main() -> None:
     parser.add_argument("--eager-too", action="store_true",
                         help="also train promptbake with torch_compile off on every seed (the row 'promptbake eager'), "
                              "so that whether compiling moves the held-out KL is measured in the same run")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="also train promptbake with these settings on every seed (the row 'promptbake NAME'), e.g. "
+                             "answers:loss_average=answers; its held-out KL is compared with promptbake's and TRL's by seed")
     parser.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
+    parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vs_trl.json")
     parser.add_argument("--worker", nargs=3, metavar=("WHO", "PROMPT_COPY", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=2, metavar=("PROMPT", "ADAPTERS_JSON"), help=argparse.SUPPRESS)
@@ -214,7 +235,8 @@ def main() -> None:
     if args.worker:
         who, prompt_copy, out = args.worker
         compile_flag = False if who == "promptbake-eager" else {"auto": None, "on": True, "off": False}[args.torch_compile]
-        fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag, seed=args.seed)) if who.startswith("promptbake") else (
+        fn = (lambda p, o, n: run_promptbake(p, o, n, torch_compile=compile_flag, seed=args.seed,
+                                             extra=json.loads(args.extra))) if who.startswith("promptbake") else (
             lambda p, o, n: run_trl(p, o, n, bf16=args.trl_precision == "bf16", micro_batch=args.trl_micro_batch,
                                     seed=args.seed))
         print("RESULT " + json.dumps(fn(Path(prompt_copy), Path(out), args.steps)))
@@ -226,6 +248,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vs-trl-"))
     prompt_copy, heldout = split_files(args.prompt, tmp)
     runs: dict[str, list[dict]] = {"promptbake": [], "trl": []} | ({"promptbake-eager": []} if args.eager_too else {})
+    variants = dict(parse_variant(v) for v in args.variant)
+    runs |= {f"promptbake-{name}": [] for name in variants}
     adapters: dict[str, str] = {}
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [SEED] * args.rounds
     args.rounds = len(seeds)
@@ -236,7 +260,8 @@ def main() -> None:
             print(f"round {rnd + 1} (seed {seed}): {who} ...", flush=True)
             runs[who].append(_call("--steps", str(args.steps), "--max-new-tokens", str(CAP), "--trl-precision", args.trl_precision,
                                    "--torch-compile", args.torch_compile, "--trl-micro-batch", str(args.trl_micro_batch),
-                                   "--seed", str(seed), "--worker", who, str(prompt_copy), str(out)))
+                                   "--seed", str(seed), "--extra", json.dumps(variants.get(who.removeprefix("promptbake-"), {})),
+                                   "--worker", who, str(prompt_copy), str(out)))
             adapters[f"{who}-{rnd}"] = str(out)
     print("measuring held-out KL ...", flush=True)
     kls = _call("--max-new-tokens", str(CAP), "--measure", str(args.prompt), json.dumps(adapters))
@@ -244,7 +269,8 @@ def main() -> None:
     report: dict = {"machine": f"{os.cpu_count()} cores, {sys.platform}", "steps": args.steps, "rounds": args.rounds,
                     "prompt": str(args.prompt), "heldout_queries": len(heldout), "trl_precision": args.trl_precision,
                     "torch_compile": args.torch_compile, "trl_micro_batch": args.trl_micro_batch or None, "seeds": seeds,
-                    "settings": runs["promptbake"][0]["settings"], "kl_base": kls["base"], "trainers": {}}
+                    "settings": runs["promptbake"][0]["settings"], "variants": variants, "kl_base": kls["base"],
+                    "trainers": {}}
     print(f"\n{args.steps} steps x 16 queries x <= {report['settings']['max_new_tokens']} tokens, {args.rounds} round(s); "
           f"held-out reverse KL to the prompted teacher on {len(heldout)} queries (base model: {kls['base']:.4f})")
     print(f"{'trainer':16} {'s/step':>7} {'tok/s':>6} {'step 1 s':>8} {'peak RSS GiB':>12} {'held-out KL':>11}")
@@ -269,6 +295,11 @@ def main() -> None:
             by_seed = [kls[f"promptbake-{i}"] - kls[f"promptbake-eager-{i}"] for i in range(len(seeds))]
             report["heldout_kl_compiled_minus_eager"] = {"mean": statistics.mean(by_seed),
                                                         "stdev": statistics.stdev(by_seed), "by_seed": by_seed}
+        for name in variants:
+            who = f"promptbake-{name}"
+            report.setdefault("heldout_kl_variant_diffs", {})[name] = {
+                against: paired([kls[f"{who}-{i}"] - kls[f"{against}-{i}"] for i in range(len(seeds))])
+                for against in ("promptbake", "trl")}
         for who in runs:
             print(f"held-out KL {who:16} by seed {seeds}: " + ", ".join(f"{k:.4f}" for k in report["heldout_kl_by_seed"][who]))
         print(f"promptbake - TRL held-out KL: {statistics.mean(diffs):+.4f} (sd {statistics.stdev(diffs):.4f} over "
@@ -277,6 +308,10 @@ def main() -> None:
             d = report["heldout_kl_compiled_minus_eager"]
             print(f"promptbake compiled - eager held-out KL: {d['mean']:+.4f} (sd {d['stdev']:.4f}; by seed "
                   + ", ".join(f"{x:+.4f}" for x in d["by_seed"]) + ")")
+        for name, diffs_by in report.get("heldout_kl_variant_diffs", {}).items():
+            for against, d in diffs_by.items():
+                print(f"promptbake {name} - {against} held-out KL: {d['mean']:+.4f} (sd {d['stdev']:.4f}; by seed "
+                      + ", ".join(f"{x:+.4f}" for x in d["by_seed"]) + ")")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -229,6 +229,11 @@ class BakeConfig(BaseModel):
         description="Write the adapter as an exponential moving average of the weights over the steps (bias-corrected, "
                     "so about the last 1/(1-ema_decay) steps) instead of the last step's; 0: off. Training is unchanged "
                     "(the average is a shadow copy), so it costs no samples, only a few MB.")
+    loss_average: Literal["tokens", "answers"] = Field(
+        "tokens",
+        description="How an update's per-token losses are averaged. tokens: over all its response tokens, so a long "
+                    "answer weighs as much as its length (the held-out KL is this mean). answers: each answer's tokens "
+                    "first, then over answers, so every answer weighs the same, as TRL's SDFT trainer does.")
     lr_schedule: Literal["constant", "cosine", "wsd"] = Field(
         "constant", description="After warm-up: constant; cosine decay from lr towards 0 over `steps`; or wsd (warm-up, "
                                 "stable, decay): constant, then linear decay to 0 over the last fifth of `steps`.")

@@ -220,6 +220,20 @@ def _distill_loss(method, kl, student_logits_BTV, teacher, ids_BT, temperature, 
     return loss.per_token(student_logp_BTV, teacher, ids_BT, topk)
 
 
+def token_weights(mask_BT: torch.Tensor, average: str, part_tokens: int, part_answers: int, world: int = 1) -> torch.Tensor:
+    """Weights (weight_BT) that turn a micro-batch's per-token loss into its share of its update's mean:
+    `(loss_BT * weight_BT).sum()` over the update's micro-batches adds up to the mean over its `part_tokens` response
+    tokens ("tokens") or, "answers", to the mean over its `part_answers` answers of each answer's mean over its own
+    tokens (an empty answer counts with a loss of 0). Both counts are over all processes; DDP averages the gradients
+    over the `world` processes, so each scales its share by `world`."""
+    mask_BT = mask_BT.float()
+    if average == "tokens":
+        return mask_BT * (world / max(part_tokens, 1))
+    if average == "answers":
+        return mask_BT / mask_BT.sum(-1, keepdim=True).clamp(min=1.0) * (world / max(part_answers, 1))
+    raise ValueError(f"unknown loss average {average!r}")
+
+
 def future_divergence_surrogate(student_logits_BTV: torch.Tensor, ids_BT: torch.Tensor, cost_BT: torch.Tensor,
                                 mask_BT: torch.Tensor, baseline: float, temperature: float) -> torch.Tensor:
     """Per-token surrogate (surrogate_BT) whose gradient is the part of a sequence-level divergence's gradient that

@@ -30,7 +30,7 @@ HOW_FAR = {"steps"}
 # Settings added after bakes were made, at the value that reproduces those bakes: left out of the key there, so
 # adding a knob does not make every earlier bake look out of date.
 NEUTRAL_WHEN = {"hidden_match_scale": "none", "hidden_match_target": "states", "lora_init": "zero", "optimizer": "adamw",
-                "teacher_sample_steps": 0}
+                "teacher_sample_steps": 0, "loss_average": "tokens"}
 
 
 def key_config(config: BakeConfig, exclude: set[str]) -> dict:

@@ -51,6 +51,7 @@ from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
 from promptbake.losses import (compiled_loss, distill_loss, future_divergence_surrogate, loss_compiles, stop_kl,
+                               token_weights,
                                token_loss)
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
@@ -497,9 +498,11 @@ def train_student(
             parts = update_parts(len(batch), config.updates_per_batch)
             part_tokens_K = accelerator.reduce(torch.tensor([sum(response_lens[r] for r in rows) for rows in parts],
                                                             device=accelerator.device), "sum").tolist()
+            part_answers_K = accelerator.reduce(torch.tensor([len(rows) for rows in parts], device=accelerator.device),
+                                                "sum").tolist()
             step_tokens = sum(part_tokens_K)
             wrapped.train()
-            for part_rows, part_tokens in zip(parts, part_tokens_K):
+            for part_rows, part_tokens, part_answers in zip(parts, part_tokens_K, part_answers_K):
                 total_tokens = max(part_tokens, 1) / world
                 prefix = None
                 if SHARE_STUDENT_PREFIX and world == 1 and not config.hidden_match_query and not config.gradient_checkpointing:
@@ -552,36 +555,38 @@ def train_student(
                             ids_BT, temperature=config.temperature, topk=config.topk,
                             forward_weight=config.forward_kl_weight,
                         )
-                        # Sum over this micro-batch / tokens of the whole part: the gradients add up to the part's mean.
-                        micro_loss = (loss_BT * mask_BT).sum() / total_tokens
+                        # This micro-batch's share of the part's mean: the gradients add up to the part's mean.
+                        weight_BT = token_weights(mask_BT, config.loss_average, part_tokens, part_answers, world)
+                        micro_loss = (loss_BT * weight_BT).sum()
                         objective_loss = micro_loss
                         if config.stop_kl_weight:  # where the answer ends, weighed apart from what it says
                             stop_BT = stop_kl(student_logits_BTV, teacher_out.to(device), eos_ids, config.temperature,
                                               config.forward_kl_weight)
-                            objective_loss = objective_loss + config.stop_kl_weight * (stop_BT * mask_BT).sum() / total_tokens
+                            objective_loss = objective_loss + config.stop_kl_weight * (stop_BT * weight_BT).sum()
                             stop_sum += float((stop_BT.detach() * mask_BT).sum()) / max(step_tokens, 1)
                             del stop_BT
                         if config.future_kl_weight and not on_teacher_samples:  # a term of the student's sampling
                             surrogate_BT = future_divergence_surrogate(student_logits_BTV, ids_BT, loss_BT, mask_BT,
                                                                        future_baseline, config.temperature)
-                            objective_loss = micro_loss + config.future_kl_weight * surrogate_BT.sum() / total_tokens
+                            objective_loss = micro_loss + config.future_kl_weight * (surrogate_BT * weight_BT).sum()
                         if match_hidden:
                             lengths = [len(p) for p in row_prompts] if packs_rows(device, row_prompts, prefix_len=P) else None
                             student_LBTD = matched(response_states(student_layers, len(student_blocks), T, lengths))
                             scale_LBD = (dimension_scales(teacher_states_LBTD, mask_BT.to(teacher_states_LBTD.device))
                                          if config.hidden_match_scale == "dims" else None)
                             distance_BT = hidden_distance(student_LBTD, teacher_states_LBTD, scale_LBD)
-                            micro_distance = (distance_BT * mask_BT).sum() / total_tokens
+                            micro_distance = (distance_BT * weight_BT).sum()
                             if config.hidden_match_query:  # logged: the response tokens' distance alone, as without it
                                 student_query_LBQD, _ = query_states(student_layers, len(student_blocks), T, suffix, lengths)
                                 distance_BQ = hidden_distance(matched(student_query_LBQD), teacher_query_LBQD, scale_LBD)
                                 objective_loss = objective_loss + config.hidden_match_weight * (
                                     distance_BQ * query_mask_BQ.to(device)).sum() / total_tokens
                             objective_loss = objective_loss + config.hidden_match_weight * micro_distance
-                            hidden_sum += float(micro_distance.detach()) * part_tokens / max(step_tokens, 1) / world
+                            hidden_sum += float((distance_BT.detach() * mask_BT).sum()) / max(step_tokens, 1)
                         del student_layers
                         accelerator.backward(objective_loss)
-                    loss_sum += float(micro_loss.detach()) * part_tokens / max(step_tokens, 1) / world
+                    # Logged as the mean over the step's tokens, whatever the average trained on.
+                    loss_sum += float((loss_BT.detach() * mask_BT).sum()) / max(step_tokens, 1)
                     del teacher_out, student_logits_BTV, loss_BT, teacher_states_LBTD
                     if config.hidden_match_query:
                         del teacher_query_LBQD

@@ -512,3 +512,35 @@ def test_stop_weight_needs_the_teachers_logits():
             BakeConfig(stop_kl_weight=3.0, **bad)
     with pytest.raises(ValueError):
         BakeConfig(stop_kl_weight=-1.0)
+
+
+@pytest.mark.parametrize("average", ["tokens", "answers"])
+def test_token_weights_over_micro_batches_and_processes_give_the_updates_mean(average):
+    """The weighted sums of any split of an update's rows into micro-batches, and into two processes whose shares DDP
+    averages, add up to the mean over its tokens, or over its answers of each answer's own token mean (looped here)."""
+    from promptbake.losses import token_weights
+
+    g = torch.Generator().manual_seed(3)
+    loss_BT = torch.rand(6, 5, generator=g, dtype=torch.float64)
+    lengths = [5, 1, 3, 0, 2, 4]
+    mask_BT = torch.tensor([[t < n for t in range(5)] for n in lengths])
+    if average == "tokens":
+        expected = sum(float(loss_BT[b, :n].sum()) for b, n in enumerate(lengths)) / sum(lengths)
+    else:
+        expected = sum(float(loss_BT[b, :n].sum()) / max(n, 1) for b, n in enumerate(lengths)) / len(lengths)
+    tokens, answers = int(mask_BT.sum()), len(lengths)
+    one_process = sum(float((loss_BT[rows] * token_weights(mask_BT[rows], average, tokens, answers)).sum())
+                      for rows in ([0, 3], [1], [2, 4, 5]))
+    two_processes = sum(float((loss_BT[rows] * token_weights(mask_BT[rows], average, tokens, answers, world=2)).sum())
+                        for rows in ([0, 1, 2], [3, 4, 5])) / 2
+    assert one_process == pytest.approx(expected, rel=1e-6) and two_processes == pytest.approx(expected, rel=1e-6)
+    if average == "answers":  # the short answer's tokens weigh more than the long one's
+        weight_BT = token_weights(mask_BT, average, tokens, answers)
+        assert weight_BT[1, 0] == pytest.approx(5 * weight_BT[0, 0])
+
+
+def test_token_weights_refuse_an_unknown_average():
+    from promptbake.losses import token_weights
+
+    with pytest.raises(ValueError, match="unknown loss average"):
+        token_weights(torch.ones(1, 2), "rows", 2, 1)

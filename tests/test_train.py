@@ -386,7 +386,7 @@ def test_forward_kl_weight_reaches_the_training_loss(tmp_path, tiny_model_dir):
     assert logs[1.0].grad_norm != logs[0.0].grad_norm
 
 
-def term_off_and_on(tmp_path, model_dir, field: str, on, off=0.0, **fixed):
+def term_off_and_on(tmp_path, model_dir, field: str, on, off=0.0, max_new_tokens=8, **fixed):
     """Two steps of the tiny model from one seed with the setting `field` at `off` (8 rows per micro-batch), and at `on`
     with 1 and with 8 rows per micro-batch: the three runs' step logs (off, split, whole). Every extra loss term not
     named in `fixed` is off (the default layers' term would dominate the gradient)."""
@@ -396,7 +396,7 @@ def term_off_and_on(tmp_path, model_dir, field: str, on, off=0.0, **fixed):
         settings = {"future_kl_weight": 0.0, "hidden_match_weight": 0.0, **fixed, field: value}
         result = compile_prompt(prompt, out=tmp_path / f"out{value}-{micro}", model=str(model_dir),
                                 overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0,
-                                               max_new_tokens=8, precision="fp32", **settings))
+                                               max_new_tokens=max_new_tokens, precision="fp32", **settings))
         assert result.manifest.config[field] == value
         logs.append(result.train.log)
     return logs
@@ -412,6 +412,20 @@ def test_future_kl_term_changes_the_gradient_not_the_logged_loss_and_micro_batch
     assert whole.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
     assert split.kl == pytest.approx(whole.kl, rel=1e-4) and split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
     assert split_log[1].grad_norm == pytest.approx(whole_log[1].grad_norm, rel=1e-3)  # step 2: baseline = step 1's loss
+
+
+def test_answer_average_changes_the_gradient_not_the_logged_loss_and_micro_batching_keeps_it(tmp_path,
+                                                                                            tiny_stopping_model_dir):
+    """Same seed, so the same step-1 samples of unequal lengths: the logged loss is the mean over tokens either way,
+    averaging each answer first moves the gradient, and one row per micro-batch gives what eight do."""
+    tokens_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_stopping_model_dir, "loss_average", "answers", off="tokens",
+                                                        max_new_tokens=24)
+    tokens, split, whole = tokens_log[0], split_log[0], whole_log[0]
+    assert tokens.response_tokens < 4 * 24  # some answers ended early, so the two averages differ
+    assert tokens.response_tokens == whole.response_tokens and tokens.kl == pytest.approx(whole.kl, rel=1e-6)
+    assert whole.grad_norm != pytest.approx(tokens.grad_norm, rel=1e-3)
+    assert split.kl == pytest.approx(whole.kl, rel=1e-4) and split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
+    assert split_log[1].kl == pytest.approx(whole_log[1].kl, rel=1e-3)
 
 
 def test_hidden_match_term_changes_the_gradient_not_the_logged_loss_and_micro_batching_keeps_it(tmp_path, tiny_model_dir):
