@@ -19,6 +19,7 @@ CODE_SWITCHES = {
     "bf16_output_layer": ("promptbake.runtime", "BF16_OUTPUT_LAYER"),
     "share_student_prefix": ("promptbake.train", "SHARE_STUDENT_PREFIX"),
     "compile_policy_decoding": ("promptbake.rollout", "COMPILE_POLICY_DECODING"),
+    "query_epochs": ("promptbake.train", "QUERY_EPOCHS"),
 }
 
 

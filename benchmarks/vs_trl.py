@@ -20,6 +20,7 @@ the two trainers' results lie apart against the spread of each over seeds.
 TRL is a benchmark-only dependency: `pip install -e ".[bench]"` (see the Makefile's `bench-trl`).
 
     python benchmarks/vs_trl.py [--steps 8] [--rounds 1] [--prompt prompts/pirate.md] [--seeds 0,1,2]
+        [--variant NAME:KEY=VALUE[,KEY=VALUE]] [--skip-trl]
 """
 
 from __future__ import annotations
@@ -72,9 +73,11 @@ def common_settings(steps: int) -> dict:
 
 def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool | None = None, seed: int = SEED,
                    extra: dict | None = None) -> dict:
+    from code_switches import apply_code_switches
     from promptbake.bake import compile_prompt
 
     s = common_settings(steps)
+    extra = apply_code_switches(extra or {})  # a variant may name a code switch (benchmarks/code_switches.py)
     result = compile_prompt(prompt_copy, out=out, overrides=dict(steps=steps, max_new_tokens=s["max_new_tokens"], heldout=0,
                                                                   checkpoint_every=10_000, seed=seed, torch_compile=torch_compile,
                                                                   # TRL's SDFT: reverse KL only, no layer term
@@ -219,6 +222,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="also train promptbake with these settings on every seed (the row 'promptbake NAME'), e.g. "
                              "answers:loss_average=answers; its held-out KL is compared with promptbake's and TRL's by seed")
+    parser.add_argument("--skip-trl", action="store_true",
+                        help="train promptbake's rows alone (with --variant: a promptbake change measured over seeds, "
+                             "without TRL's time)")
     parser.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vs_trl.json")
@@ -247,7 +253,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="vs-trl-"))
     prompt_copy, heldout = split_files(args.prompt, tmp)
-    runs: dict[str, list[dict]] = {"promptbake": [], "trl": []} | ({"promptbake-eager": []} if args.eager_too else {})
+    runs: dict[str, list[dict]] = ({"promptbake": []} | ({} if args.skip_trl else {"trl": []})
+                                   | ({"promptbake-eager": []} if args.eager_too else {}))
     variants = dict(parse_variant(v) for v in args.variant)
     runs |= {f"promptbake-{name}": [] for name in variants}
     adapters: dict[str, str] = {}
@@ -284,13 +291,15 @@ def main() -> None:
                "heldout_kl": statistics.mean(kls[f"{who}-{i}"] for i in range(len(rs))), "runs": rs}
         report["trainers"][who] = row
         print(f"{who.replace('-', ' '):16} {row['s_per_step']:>7.2f} {row['tokens_per_s']:>6.1f} {row['first_step_s']:>8.1f} {row['peak_rss_gb']:>12.2f} {row['heldout_kl']:>11.4f}")
-    pb, trl = report["trainers"]["promptbake"], report["trainers"]["trl"]
-    report["tokens_per_s_ratio"] = pb["tokens_per_s"] / trl["tokens_per_s"]
-    print(f"promptbake / TRL tokens/s: {report['tokens_per_s_ratio']:.2f}x")
+    with_trl = "trl" in runs
+    if with_trl:
+        pb, trl = report["trainers"]["promptbake"], report["trainers"]["trl"]
+        report["tokens_per_s_ratio"] = pb["tokens_per_s"] / trl["tokens_per_s"]
+        print(f"promptbake / TRL tokens/s: {report['tokens_per_s_ratio']:.2f}x")
     if len(set(seeds)) > 1:  # per seed, the same queries and held-out samples: a paired difference
-        diffs = [kls[f"promptbake-{i}"] - kls[f"trl-{i}"] for i in range(len(seeds))]
         report["heldout_kl_by_seed"] = {who: [kls[f"{who}-{i}"] for i in range(len(seeds))] for who in runs}
-        report["heldout_kl_diff"] = {"mean": statistics.mean(diffs), "stdev": statistics.stdev(diffs), "by_seed": diffs}
+        if with_trl:
+            report["heldout_kl_diff"] = paired([kls[f"promptbake-{i}"] - kls[f"trl-{i}"] for i in range(len(seeds))])
         if args.eager_too:
             by_seed = [kls[f"promptbake-{i}"] - kls[f"promptbake-eager-{i}"] for i in range(len(seeds))]
             report["heldout_kl_compiled_minus_eager"] = {"mean": statistics.mean(by_seed),
@@ -299,11 +308,13 @@ def main() -> None:
             who = f"promptbake-{name}"
             report.setdefault("heldout_kl_variant_diffs", {})[name] = {
                 against: paired([kls[f"{who}-{i}"] - kls[f"{against}-{i}"] for i in range(len(seeds))])
-                for against in ("promptbake", "trl")}
+                for against in ("promptbake", "trl") if against in runs}
         for who in runs:
             print(f"held-out KL {who:16} by seed {seeds}: " + ", ".join(f"{k:.4f}" for k in report["heldout_kl_by_seed"][who]))
-        print(f"promptbake - TRL held-out KL: {statistics.mean(diffs):+.4f} (sd {statistics.stdev(diffs):.4f} over "
-              f"{len(seeds)} seeds; negative is promptbake closer to the teacher)")
+        if with_trl:
+            d = report["heldout_kl_diff"]
+            print(f"promptbake - TRL held-out KL: {d['mean']:+.4f} (sd {d['stdev']:.4f} over "
+                  f"{len(seeds)} seeds; negative is promptbake closer to the teacher)")
         if args.eager_too:
             d = report["heldout_kl_compiled_minus_eager"]
             print(f"promptbake compiled - eager held-out KL: {d['mean']:+.4f} (sd {d['stdev']:.4f}; by seed "

@@ -21,6 +21,24 @@ def test_micro_batches_group_by_length_and_cover_all_rows():
     assert sorted(i for g in groups for i in g) == list(range(5))
 
 
+def test_step_queries_train_every_query_once_per_epoch_and_depend_on_the_step_alone():
+    from promptbake.train import step_queries
+
+    queries = [f"q{i}" for i in range(10)]
+    batches = [step_queries(queries, 3, seed=7, step=s) for s in range(1, 7)]  # three batches an epoch, one query left
+    for epoch in (batches[:3], batches[3:]):
+        seen = [q for batch in epoch for q in batch]
+        assert len(seen) == 9 and len(set(seen)) == 9
+    assert [q for b in batches[:3] for q in b] != [q for b in batches[3:] for q in b]  # a fresh order each epoch
+    assert step_queries(queries, 3, seed=7, step=5) == batches[4]  # a resumed compile draws what the first one would
+    assert step_queries(queries, 3, seed=8, step=1) != batches[0]
+    counts = {q: 0 for q in queries}
+    for s in range(1, 301):  # 100 epochs: each query is left out of some, but trained about as often as any other
+        for q in step_queries(queries, 3, seed=7, step=s):
+            counts[q] += 1
+    assert sum(counts.values()) == 900 and max(counts.values()) <= 100 and min(counts.values()) >= 75
+
+
 def test_micro_batches_stop_at_the_token_budget_and_keep_one_row_past_it():
     lengths = [60, 58, 140, 61, 139, 600, 59, 62]
     groups = micro_batches(lengths, 8, 256)
@@ -386,7 +404,7 @@ def test_forward_kl_weight_reaches_the_training_loss(tmp_path, tiny_model_dir):
     assert logs[1.0].grad_norm != logs[0.0].grad_norm
 
 
-def term_off_and_on(tmp_path, model_dir, field: str, on, off=0.0, max_new_tokens=8, **fixed):
+def term_off_and_on(tmp_path, model_dir, field: str, on, off=0.0, max_new_tokens=8, batch_size=4, **fixed):
     """Two steps of the tiny model from one seed with the setting `field` at `off` (8 rows per micro-batch), and at `on`
     with 1 and with 8 rows per micro-batch: the three runs' step logs (off, split, whole). Every extra loss term not
     named in `fixed` is off (the default layers' term would dominate the gradient)."""
@@ -395,7 +413,7 @@ def term_off_and_on(tmp_path, model_dir, field: str, on, off=0.0, max_new_tokens
     for value, micro in ((off, 8), (on, 1), (on, 8)):
         settings = {"future_kl_weight": 0.0, "hidden_match_weight": 0.0, **fixed, field: value}
         result = compile_prompt(prompt, out=tmp_path / f"out{value}-{micro}", model=str(model_dir),
-                                overrides=dict(steps=2, batch_size=4, micro_batch_size=micro, heldout=0,
+                                overrides=dict(steps=2, batch_size=batch_size, micro_batch_size=micro, heldout=0,
                                                max_new_tokens=max_new_tokens, precision="fp32", **settings))
         assert result.manifest.config[field] == value
         logs.append(result.train.log)
@@ -419,9 +437,9 @@ def test_answer_average_changes_the_gradient_not_the_logged_loss_and_micro_batch
     """Same seed, so the same step-1 samples of unequal lengths: the logged loss is the mean over tokens either way,
     averaging each answer first moves the gradient, and one row per micro-batch gives what eight do."""
     tokens_log, split_log, whole_log = term_off_and_on(tmp_path, tiny_stopping_model_dir, "loss_average", "answers", off="tokens",
-                                                        max_new_tokens=24)
+                                                        max_new_tokens=48, batch_size=8)
     tokens, split, whole = tokens_log[0], split_log[0], whole_log[0]
-    assert tokens.response_tokens < 4 * 24  # some answers ended early, so the two averages differ
+    assert tokens.response_tokens < 0.8 * 8 * 48  # many answers ended early, so the two averages differ
     assert tokens.response_tokens == whole.response_tokens and tokens.kl == pytest.approx(whole.kl, rel=1e-6)
     assert whole.grad_norm != pytest.approx(tokens.grad_norm, rel=1e-3)
     assert split.kl == pytest.approx(whole.kl, rel=1e-4) and split.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
