@@ -82,7 +82,7 @@ def run_promptbake(prompt_copy: Path, out: Path, steps: int, torch_compile: bool
                                                                   checkpoint_every=10_000, seed=seed, torch_compile=torch_compile,
                                                                   # TRL's SDFT: reverse KL only, no layer term
                                                                   forward_kl_weight=0.0, hidden_match_weight=0.0)
-                            | (extra or {}),
+                            | extra,
                             force=True)
     log = result.train.log
     return {"step_seconds": [e.seconds for e in log], "step_tokens": [e.response_tokens for e in log],

@@ -51,8 +51,7 @@ from promptbake.config import BakeConfig
 from promptbake.errors import PromptbakeError
 from promptbake.lengths import hit_cap
 from promptbake.losses import (compiled_loss, distill_loss, future_divergence_surrogate, loss_compiles, stop_kl,
-                               token_weights,
-                               token_loss)
+                               token_loss, token_weights)
 from promptbake.memory import release_free_memory
 from promptbake.queries import Query
 from promptbake.rollout import (
