@@ -184,8 +184,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, {key.strip(): yaml.safe_load(value) for key, value in pairs}
 
 
-def paired(by_seed: list[float]) -> dict:
+def paired(kls: dict, who: str, against: str, rounds: int) -> dict:
+    """`who`'s held-out KL minus `against`'s, seed by seed (same queries and held-out samples), with mean and sd."""
+    by_seed = [kls[f"{who}-{i}"] - kls[f"{against}-{i}"] for i in range(rounds)]
     return {"mean": statistics.mean(by_seed), "stdev": statistics.stdev(by_seed), "by_seed": by_seed}
+
+
+def paired_text(d: dict) -> str:
+    return f"{d['mean']:+.4f} (sd {d['stdev']:.4f}; by seed " + ", ".join(f"{x:+.4f}" for x in d["by_seed"]) + ")"
 
 
 def _call(*argv: str) -> dict:
@@ -299,15 +305,12 @@ def main() -> None:
     if len(set(seeds)) > 1:  # per seed, the same queries and held-out samples: a paired difference
         report["heldout_kl_by_seed"] = {who: [kls[f"{who}-{i}"] for i in range(len(seeds))] for who in runs}
         if with_trl:
-            report["heldout_kl_diff"] = paired([kls[f"promptbake-{i}"] - kls[f"trl-{i}"] for i in range(len(seeds))])
+            report["heldout_kl_diff"] = paired(kls, "promptbake", "trl", len(seeds))
         if args.eager_too:
-            by_seed = [kls[f"promptbake-{i}"] - kls[f"promptbake-eager-{i}"] for i in range(len(seeds))]
-            report["heldout_kl_compiled_minus_eager"] = {"mean": statistics.mean(by_seed),
-                                                        "stdev": statistics.stdev(by_seed), "by_seed": by_seed}
+            report["heldout_kl_compiled_minus_eager"] = paired(kls, "promptbake", "promptbake-eager", len(seeds))
         for name in variants:
-            who = f"promptbake-{name}"
             report.setdefault("heldout_kl_variant_diffs", {})[name] = {
-                against: paired([kls[f"{who}-{i}"] - kls[f"{against}-{i}"] for i in range(len(seeds))])
+                against: paired(kls, f"promptbake-{name}", against, len(seeds))
                 for against in ("promptbake", "trl") if against in runs}
         for who in runs:
             print(f"held-out KL {who:16} by seed {seeds}: " + ", ".join(f"{k:.4f}" for k in report["heldout_kl_by_seed"][who]))
@@ -316,13 +319,10 @@ def main() -> None:
             print(f"promptbake - TRL held-out KL: {d['mean']:+.4f} (sd {d['stdev']:.4f} over "
                   f"{len(seeds)} seeds; negative is promptbake closer to the teacher)")
         if args.eager_too:
-            d = report["heldout_kl_compiled_minus_eager"]
-            print(f"promptbake compiled - eager held-out KL: {d['mean']:+.4f} (sd {d['stdev']:.4f}; by seed "
-                  + ", ".join(f"{x:+.4f}" for x in d["by_seed"]) + ")")
+            print("promptbake compiled - eager held-out KL: " + paired_text(report["heldout_kl_compiled_minus_eager"]))
         for name, diffs_by in report.get("heldout_kl_variant_diffs", {}).items():
             for against, d in diffs_by.items():
-                print(f"promptbake {name} - {against} held-out KL: {d['mean']:+.4f} (sd {d['stdev']:.4f}; by seed "
-                      + ", ".join(f"{x:+.4f}" for x in d["by_seed"]) + ")")
+                print(f"promptbake {name} - {against} held-out KL: " + paired_text(d))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -179,8 +179,9 @@ SPECIALIZE_FLOATS = True
 
 def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, model=None) -> bool:
     """`torch_compile` as set; unset, on only where it was measured to pay: a CPU (bf16 where it has bf16
-    instructions; fp32 elsewhere, where the decode step compiles through the policy), a C++ compiler for inductor, and a run long enough to repay
-    compiling: 40 steps, or 8 when an earlier run compiled the same `model`'s graphs into a cache still in place.
+    instructions; fp32 elsewhere, where the decode step compiles through the policy), a C++ compiler for inductor,
+    and a run long enough to repay compiling: 40 steps, or 8 when an earlier run compiled the same `model`'s graphs
+    into a cache still in place.
     GPUs were not measured, so they stay eager unless asked."""
     if config.torch_compile is not None:
         return config.torch_compile
