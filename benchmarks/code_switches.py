@@ -20,6 +20,7 @@ CODE_SWITCHES = {
     "share_student_prefix": ("promptbake.train", "SHARE_STUDENT_PREFIX"),
     "compile_policy_decoding": ("promptbake.rollout", "COMPILE_POLICY_DECODING"),
     "query_epochs": ("promptbake.train", "QUERY_EPOCHS"),
+    "weight_first_linears": ("promptbake.fastdecode", "WEIGHT_FIRST_LINEARS"),
 }
 
 

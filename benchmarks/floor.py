@@ -7,9 +7,10 @@ rows per step) and its model's shapes, at rates measured here and now:
   teacher scoring the responses (query + response over the cached prompt) and of the student's forward and
   backward (2 + 2 FLOPs per weight per token: the base is frozen, so the backward only computes input
   gradients; LoRA's own products are under 1 % and left out), plus attention over each token's context;
-  all at the best bf16 matmul rate measured on the step's own shapes;
-- memory: decoding reads every weight once per decode step (the rows of a batch share that read), at the
-  read bandwidth measured by summing a tensor far larger than the caches.
+  all at the best matmul rate measured on the step's own shapes, in the bake's own precision (bf16 where
+  the CPU has bf16 instructions, fp32 where it does not: bf16 without them is emulated and far slower);
+- memory: decoding reads every weight once per decode step (the rows of a batch share that read; 2 bytes
+  each from the bf16 sampler copy, 4 from the fp32 policy), at the read bandwidth measured by summing a tensor far larger than the caches.
 
 A decode step is counted for every position up to the longest response of its step (the cap when a row hit
 it). The floor is a lower bound of an ideal engine on this machine, not a prediction: the ratio says how far
@@ -31,13 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def matmul_rate(shapes: list[tuple[int, int, int]], seconds: float = 1.0) -> dict[str, float]:
-    """bf16 FLOP/s for each (M, K, N) product, best of repeated runs."""
+def matmul_rate(shapes: list[tuple[int, int, int]], dtype, seconds: float = 1.0) -> dict[str, float]:
+    """FLOP/s for each (M, K, N) product in `dtype`, best of repeated runs."""
     import torch
 
     rates = {}
     for m, k, n in shapes:
-        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         torch.matmul(a, b)  # warm-up (kernel selection)
         best, spent = float("inf"), 0.0
         while spent < seconds:
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    import torch
     from transformers import AutoConfig
 
     from promptbake.artifact import read_manifest
@@ -87,7 +89,10 @@ def main() -> None:
     kv_dim = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
     # Weights that take part in matrix multiplies per token: attention, MLP and the output head.
     matmul_params = layers * (2 * d * d + 2 * d * kv_dim + 3 * d * ffn) + d * vocab
-    weight_bytes = 2 * (matmul_params + (0 if cfg.tie_word_embeddings else d * vocab))  # bf16 sampler copy
+    bf16 = manifest.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    # bf16: the sampler's merged copy; fp32: the policy itself, whose tied output layer is the embeddings' table
+    weight_bytes = (2 if bf16 else 4) * (matmul_params + (0 if cfg.tie_word_embeddings else d * vocab))
     queries = load_queries(Path(manifest.queries_file))
     renderer = ChatRenderer.for_tokenizer(tokenizer, "", cfg.max_position_embeddings)
     query_tokens = statistics.mean(len(renderer.student_ids(q.messages)) for q in queries)  # what the student sees
@@ -111,7 +116,7 @@ def main() -> None:
             + attention(prefill + tokens, prompt_tokens + (query_tokens + mean_len) / 2)
         flops["student"] += 2 * 2 * matmul_params * (prefill + tokens) + 2 * attention(prefill + tokens, (query_tokens + mean_len) / 2)
     shapes = [(4 * int(query_tokens + cap), d, ffn), (4 * int(query_tokens + cap), ffn, d), (4 * cap, d, vocab), (16, d, ffn)]
-    rates = matmul_rate(shapes)
+    rates = matmul_rate(shapes, dtype)
     rate = max(rates.values())
     bandwidth = read_bandwidth()
     reads_s = decode_steps * weight_bytes / bandwidth
@@ -128,12 +133,12 @@ def main() -> None:
         "bake": str(args.bake), "steps": len(log), "response_cap": cap, "response_tokens": sum(e["response_tokens"] for e in log),
         "decode_steps": decode_steps, "weight_reads_s": reads_s, "matmul_params": matmul_params, "weight_bytes": weight_bytes,
         "mean_student_prompt_tokens": query_tokens, "system_prompt_tokens": prompt_tokens,
-        "bf16_matmul_flops_per_s": rates, "best_bf16_flops_per_s": rate, "read_bytes_per_s": bandwidth,
+        "precision": manifest.precision, "matmul_flops_per_s": rates, "best_matmul_flops_per_s": rate, "read_bytes_per_s": bandwidth,
         "flops": flops, "floor_s": floor, "floor_total_s": floor_s, "measured_s": measured, "train_s": train_s,
         "train_vs_floor": train_s / floor_s, "compile_total_s": manifest.timings.get("total_s"),
     }
     print(f"{args.bake}: {len(log)} steps, {report['response_tokens']:,} response tokens, cap {cap}, "
-          f"{decode_steps:,} decode steps; bf16 matmul {rate / 1e9:.0f} GFLOP/s (best of {len(rates)} shapes), "
+          f"{decode_steps:,} decode steps; {manifest.precision} matmul {rate / 1e9:.0f} GFLOP/s (best of {len(rates)} shapes), "
           f"read {bandwidth / 1e9:.1f} GB/s\n")
     print(f"| phase | FLOPs | floor s | measured s | measured / floor |\n|---|---|---|---|---|")
     for name, seconds in floor.items():

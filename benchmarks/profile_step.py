@@ -8,12 +8,12 @@ Three parts, one process:
    softmax, casts, other ATen ops, and what is left outside ATen: Python, generate's bookkeeping), and
    the matrix multiplies' FLOPs, so the rate they ran at is known.
    The profiler itself slows the step (every operation is recorded); the shares are what to read.
-3. The rate bf16 matrix multiplies of the student's own shapes reach alone on this CPU (no model around
+3. The rate matrix multiplies of the student's own shapes reach alone on this CPU, in the bake's precision (no model around
    them), and of a large square one: the ceiling for the step's largest share.
 
     python benchmarks/profile_step.py [--steps 4] [--torch-compile] [--out benchmarks/results/profile_step.json]
 
-With `--torch-compile` (the default compile's setting on bf16 CPUs) step 1, which compiles, is left out of the
+With `--torch-compile` (what the default compile turns on) step 1, which compiles, is left out of the
 profile and of the medians.
 """
 
@@ -46,9 +46,9 @@ def kind_of(name: str) -> str:
     return "other ATen ops"
 
 
-def gemm_rate(m: int, k: int, n: int, repeats: int = 20) -> float:
-    """GFLOP/s of a bf16 (m x k) @ (k x n) on this CPU, best of `repeats`."""
-    a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 20) -> float:
+    """GFLOP/s of a (m x k) @ (k x n) in `dtype` on this CPU, best of `repeats`."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -106,11 +106,14 @@ def main() -> None:
     config = result.manifest.config
     from promptbake.config import BakeConfig
 
-    rows = BakeConfig(**config).student_rows(result.manifest.precision == "bf16")
+    precision = result.manifest.precision
+    rows = BakeConfig(**config).student_rows(precision == "bf16")
     seq = int(tokens / config["batch_size"]) + 60  # response + a typical student prompt
-    shapes = {"student q/o proj (bf16)": (rows * seq, 576, 576), "student MLP up (bf16)": (rows * seq, 576, 1536),
-              "student lm_head (bf16)": (rows * 48, 576, 49152), "large square 2048 (bf16)": (2048, 2048, 2048)}
-    rates = {name: gemm_rate(*shape) for name, shape in shapes.items()}
+    shapes = {"student q/o proj": (rows * seq, 576, 576), "student MLP up": (rows * seq, 576, 1536),
+              "student lm_head": (rows * 48, 576, 49152), "decode MLP up, 16 rows": (16, 576, 1536),
+              "large square 2048": (2048, 2048, 2048)}
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rates = {name: gemm_rate(*shape, dtype) for name, shape in shapes.items()}
 
     print(f"\nOPCD step on the default model, pirate prompt, {config['batch_size']} queries x <= {config['max_new_tokens']} tokens, "
           f"{torch.get_num_threads()} threads, {len(log)} steps profiled ({wall:.1f} s)\n")
@@ -126,7 +129,7 @@ def main() -> None:
         print(f"{t['op'][:42]:<42}{t['calls']:>9}{t['self_seconds']:>9.2f}{t['self_seconds'] / t['calls'] * 1e6:>9.0f}")
     achieved = gemm_flops / max(gemm_s, 1e-9) / 1e9
     print(f"\nmatrix multiplies in the steps: {gemm_flops / 1e12:.2f} TFLOP in {gemm_s:.1f} s = {achieved:.0f} GFLOP/s")
-    print(f"{'bf16 matmul alone':<34}{'shape (m,k,n)':>22}{'GFLOP/s':>10}")
+    print(f"{precision + ' matmul alone':<34}{'shape (m,k,n)':>22}{'GFLOP/s':>10}")
     for name, shape in shapes.items():
         print(f"{name:<34}{str(shape):>22}{rates[name]:>10.0f}")
 
@@ -134,7 +137,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "steps": len(log), "threads": torch.get_num_threads(), "step_seconds_median": step_s, "response_tokens_median": tokens,
         "phase_seconds_median": phases, "profiled_wall_seconds": wall, "seconds_by_kind": kinds, "top_ops": top_ops,
-        "gemm_tflop": gemm_flops / 1e12, "gemm_gflops_achieved": achieved,
+        "precision": precision, "gemm_tflop": gemm_flops / 1e12, "gemm_gflops_achieved": achieved,
         "gemm_gflops_alone": {name: {"shape": shape, "gflops": rates[name]} for name, shape in shapes.items()},
     }, indent=2))
     print(f"\nwrote {args.out}")

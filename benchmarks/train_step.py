@@ -72,6 +72,8 @@ VARIANTS = {
     # Not a setting: without bf16 (fp32, no merged copy), the sampler eager, as before its decode step compiled
     # through the policy.
     "compiled layers + eager fp32 decoding": {"torch_compile": True, "compile_policy_decoding": False},
+    # Not a setting: fp32 decoding's linears as `F.linear` takes them (x @ W.T), as before they ran weight first.
+    "fp32 compiled + x-first linears": {"precision": "fp32", "torch_compile": True, "weight_first_linears": False},
     "compiled layers + micro-batch 2": {"torch_compile": True, "micro_batch_size": 2, "micro_batch_tokens": 10**9},
     "compiled layers + micro-batch 4": {"torch_compile": True, "micro_batch_size": 4, "micro_batch_tokens": 10**9},
     "compiled layers + micro-batch 8": {"torch_compile": True, "micro_batch_size": 8, "micro_batch_tokens": 10**9},

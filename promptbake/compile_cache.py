@@ -41,7 +41,7 @@ def inductor_cache_dir() -> Path | None:
     return Path(default_cache_dir()).absolute()
 
 
-def compile_key(model_config, bf16: bool, cap: int | None = None) -> str:
+def compile_key(model_config, bf16: bool, cap: int | str | None = None) -> str:
     """What decides the compiled graphs of a run: torch, the CPU's kernels, the architecture and the precision, and
     where given the response cap (the decode step's static cache length)."""
     import torch

@@ -13,6 +13,13 @@ So: the CPU decode step is two matmuls with an fp32 softmax, and a prompt prefix
 (`shared_prefix`) is computed once and attended to as a single copy, with the rows' queries folded into one
 matmul per KV head.
 
+A third cost showed on a 2-core AMD EPYC with AVX2 only, where sampling runs in fp32: MKL's product of a few
+rows with a transposed weight (`x @ W.T`, what `F.linear` asks for) ran slower than the same product taken weight
+first (`(W @ x.T).T`): 1.45x at 16 rows and 2.1-2.3x at 2-4 rows for the MLP's 1536 x 576 weights, 1.3-3.4x for the
+49k-row output layer, 1.30x over a whole token of 16 rows. One row (MKL's vector path) and hundreds of rows were
+as fast or faster as `F.linear` has them. While decoding, `weight_first_linears` takes every fp32 linear of 2 to
+`WEIGHT_FIRST_MAX_ROWS` rows weight first (benchmarks/decode_linears.py).
+
 The same two matmuls serve the student's training pass on the CPU while its scores stay small
 (`TRAINING_SCORES_BUDGET`): for a few hundred tokens SDPA's CPU flash kernel costs more than the FLOPs, and a
 step runs it 240 times forward and backward; the matmuls made the student's pass 1.08x faster at the 128-token
@@ -26,6 +33,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -146,3 +155,46 @@ def shared_prefix(model, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]):
         for module in modules.values():
             if hasattr(module, _PREFIX):
                 delattr(module, _PREFIX)
+
+
+# False: decoding's linears run as `F.linear` does (x @ W.T), on every CPU and precision.
+WEIGHT_FIRST_LINEARS = True
+# Most rows a linear may have to go weight first: a decode step has one per sampled row; prefills and training passes
+# have hundreds, where weight first measured 0.8-0.9x (340 rows). One row stays with `F.linear` too (0.8-1.0x).
+WEIGHT_FIRST_MAX_ROWS = 64
+
+
+def weight_first_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed as (weight @ x.T).T: the same dot products, the weight as the
+    product's first factor."""
+    x_MK = x.reshape(-1, x.shape[-1])
+    y_MN = torch.mm(weight, x_MK.t()).t().contiguous()
+    if bias is not None:
+        y_MN = y_MN + bias
+    return y_MN.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _WeightFirstLinears(TorchFunctionMode):
+    """Routes fp32 CPU `F.linear` calls of 2 to `WEIGHT_FIRST_MAX_ROWS` rows to `weight_first_linear`; everything
+    else runs unchanged. `torch.compile` traces through the mode, so a compiled decode step holds the weight-first
+    products (and recompiles if later called without the mode)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and weight.dim() == 2 \
+                    and x.dim() >= 2 and 2 <= x.numel() // max(1, x.shape[-1]) <= WEIGHT_FIRST_MAX_ROWS \
+                    and not torch.is_autocast_enabled("cpu"):
+                return weight_first_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def weight_first_linears(model) -> contextlib.AbstractContextManager:
+    """While active, `model`'s fp32 linears of few rows run weight first (see the module's docstring): for a model
+    whose parameters start in fp32 on a CPU, while `WEIGHT_FIRST_LINEARS` is on; a no-op otherwise."""
+    param = next(model.parameters(), None)
+    if WEIGHT_FIRST_LINEARS and param is not None and param.device.type == "cpu" and param.dtype == torch.float32:
+        return _WeightFirstLinears()
+    return contextlib.nullcontext()

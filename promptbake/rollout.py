@@ -274,7 +274,7 @@ def sample(
     """
     from transformers import DynamicCache
 
-    from promptbake.fastdecode import can_share_prefix, shared_prefix
+    from promptbake.fastdecode import can_share_prefix, shared_prefix, weight_first_linears
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -289,7 +289,7 @@ def sample(
     rows_A = torch.arange(B, device=device)          # the batch rows still decoding, by their index in `prompts`
     done_A = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
-    with autocast(device, bf16):
+    with autocast(device, bf16), weight_first_linears(model):
         cache = DynamicCache(config=model.config)
         with shared_prefix(model, prefix_kv(model, prompts[0][:shared])) if shared else contextlib.nullcontext():
             logits_AV = _prefill(model, cache, suffixes, pad_id, shared)
@@ -409,8 +409,18 @@ def sample_static(
     `max_new_tokens`, and the attention mask keeps that width throughout, so a compiled step sees the same shapes
     at every token and for every batch of the same size and bucket. Same draws as `sample` (one uniform number
     per row and token); finished rows stay in the batch (dropping them would change the shapes) and decode
-    padding until every row has ended.
+    padding until every row has ended. In fp32 on a CPU the linears of each token run weight first
+    (`fastdecode.weight_first_linears`), as in `sample`.
     """
+    from promptbake.fastdecode import weight_first_linears
+
+    with weight_first_linears(model):
+        return _sample_static(model, step, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                              eos_ids=eos_ids, pad_id=pad_id, greedy=greedy, bucket=bucket)
+
+
+def _sample_static(model, step, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                   eos_ids: list[int], pad_id: int, greedy: bool, bucket: int) -> Rollout:
     from transformers import StaticCache
 
     device = next(model.parameters()).device

@@ -197,12 +197,14 @@ def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, mode
 def run_compile_key(model, bf16: bool, cap: int | str | None = None) -> str | None:
     """The compile cache's key for training `model` (None for a model without a config); where the decode step compiles
     through the policy (fp32, `rollout.compiles_policy_decoding`) it holds the response `cap` too
-    (promptbake.compile_cache says why)."""
+    (promptbake.compile_cache says why), and whether that step's linears run weight first (another graph)."""
+    from promptbake import fastdecode
     from promptbake.rollout import compiles_policy_decoding
 
     model_config = getattr(model, "config", None)
-    cap = cap if isinstance(cap, int) and compiles_policy_decoding(bf16) else None
-    return compile_key(model_config, bf16, cap) if model_config is not None else None
+    decode = isinstance(cap, int) and compiles_policy_decoding(bf16)
+    key_cap = (f"{cap}+weight-first" if fastdecode.WEIGHT_FIRST_LINEARS else cap) if decode else None
+    return compile_key(model_config, bf16, key_cap) if model_config is not None else None
 
 
 # The student's rows of an update share their first tokens (SmolLM2's chat template adds the same 24-token system

@@ -253,6 +253,63 @@ def test_fp32_compiled_decode_step_runs_the_policy_with_its_live_adapter(peft_ti
         assert not on  # the switch off: the eager sampler through the PEFT model, as before
 
 
+def test_weight_first_linears_give_f_linears_numbers_on_few_fp32_rows_only(peft_tiny, monkeypatch):
+    """While sampling in fp32 on a CPU, linears of 2 to 64 rows run as (W @ x.T).T (`fastdecode.weight_first_linears`,
+    faster with MKL on an AVX2 EPYC): the numbers of `F.linear` to fp32 rounding, in a whole decode step through the
+    LoRA'd policy too. One row, hundreds of rows, fp64 and autocast go to `F.linear` unchanged; both samplers decode
+    through the route while it is on, and neither does once it is off."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    import promptbake.fastdecode as fastdecode
+
+    routed: list[int] = []  # rows of every linear taken weight first
+    real = fastdecode.weight_first_linear
+
+    def counted(x, weight, bias):
+        routed.append(x.numel() // x.shape[-1])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(fastdecode, "weight_first_linear", counted)
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 32, generator=g), torch.randn(96, generator=g)
+    with fastdecode.weight_first_linears(peft_tiny):
+        for shape in [(3, 32), (4, 1, 32), (1, 32), (65, 32)]:
+            x = torch.randn(*shape, generator=g)
+            out = F.linear(x, w, b)
+            assert out.shape == (*shape[:-1], 96) and out.is_contiguous()
+            torch.testing.assert_close(out, x @ w.T + b, rtol=1e-5, atol=1e-5)
+        F.linear(torch.randn(3, 32, dtype=torch.float64, generator=g), w.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.linear(torch.randn(3, 32, generator=g), w)
+    assert routed == [3, 4]
+
+    prompts = [[1, 5, 6, 7, 8], [1, 9]]
+    layers = peft_tiny.config.num_hidden_layers
+    with torch.no_grad():
+        plain = decode_step(peft_tiny, *_decode_step_args(peft_tiny, prompts))
+        args = _decode_step_args(peft_tiny, prompts)
+        routed.clear()
+        with fastdecode.weight_first_linears(peft_tiny):
+            first = decode_step(peft_tiny, *args)
+    # 7 projections and 3 LoRA'd ones (A and B) per layer, and the output layer, each of the two rows
+    assert routed == [2] * (layers * (7 + 3 * 2) + 1)
+    assert plain.abs().max() > 0.1
+    torch.testing.assert_close(first, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+
+    kwargs = dict(max_new_tokens=4, temperature=1.0, eos_ids=[-1], pad_id=0, greedy=True)
+    for sampler in (lambda: sample(peft_tiny, prompts, **kwargs), lambda: sample_static(peft_tiny, decode_step, prompts, **kwargs)):
+        routed.clear()
+        sampler()
+        assert routed.count(2) >= 3 * (layers * 13 + 1)  # every token after the first, decoded weight first
+    monkeypatch.setattr(fastdecode, "WEIGHT_FIRST_LINEARS", False)
+    assert isinstance(fastdecode.weight_first_linears(peft_tiny), contextlib.nullcontext)
+    routed.clear()
+    sample(peft_tiny, prompts, **kwargs)
+    assert routed == []
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed layout", "left-padded layout"])
 @pytest.mark.parametrize("prompts", [[[1, 5, 6, 7, 11], [1, 8], [1, 9, 10]], [[1, 5, 6], [1, 8, 9]]],
                          ids=["prompts of different lengths", "equal lengths"])

@@ -750,6 +750,11 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     assert use_torch_compile(at_96, bf16=False, device=cpu, model=model)
     assert not use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # a new cap recompiles the decode step
     assert use_torch_compile(at_64, bf16=True, device=cpu, model=model)  # bf16: cheap to recompile, any cap counts
+    import promptbake.fastdecode
+
+    monkeypatch.setattr(promptbake.fastdecode, "WEIGHT_FIRST_LINEARS", False)  # the decode step's linears: another graph
+    assert not use_torch_compile(at_96, bf16=False, device=cpu, model=model)
+    monkeypatch.setattr(promptbake.fastdecode, "WEIGHT_FIRST_LINEARS", True)
     monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", False)  # switched off: fp32 decoding stays eager
     assert run_compile_key(model, bf16=False, cap=96) == run_compile_key(model, bf16=False, cap=64)
     assert not use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # only the cap-keyed record so far
