@@ -17,8 +17,10 @@ A third cost showed on a 2-core AMD EPYC with AVX2 only, where sampling runs in 
 rows with a transposed weight (`x @ W.T`, what `F.linear` asks for) ran slower than the same product taken weight
 first (`(W @ x.T).T`): 1.45x at 16 rows and 2.1-2.3x at 2-4 rows for the MLP's 1536 x 576 weights, 1.3-3.4x for the
 49k-row output layer, 1.30x over a whole token of 16 rows. One row (MKL's vector path) and hundreds of rows were
-as fast or faster as `F.linear` has them. While decoding, `weight_first_linears` takes every fp32 linear of 2 to
-`WEIGHT_FIRST_MAX_ROWS` rows weight first (benchmarks/decode_linears.py).
+as fast or faster as `F.linear` has them. While the static-cache sampler decodes (`rollout.sample_static`, whose
+step training compiles), `weight_first_linears` takes every fp32 linear of 2 to `WEIGHT_FIRST_MAX_ROWS` rows weight
+first (benchmarks/decode_linears.py). The eager sampler goes without: there the mode's Python call on every
+operation cost more than the products saved.
 
 The same two matmuls serve the student's training pass on the CPU while its scores stay small
 (`TRAINING_SCORES_BUDGET`): for a few hundred tokens SDPA's CPU flash kernel costs more than the FLOPs, and a
