@@ -10,7 +10,8 @@ rows per step) and its model's shapes, at rates measured here and now:
   all at the best matmul rate measured on the step's own shapes, in the bake's own precision (bf16 where
   the CPU has bf16 instructions, fp32 where it does not: bf16 without them is emulated and far slower);
 - memory: decoding reads every weight once per decode step (the rows of a batch share that read; 2 bytes
-  each from the bf16 sampler copy, 4 from the fp32 policy), at the read bandwidth measured by summing a tensor far larger than the caches.
+  each from the bf16 sampler copy, 4 from the fp32 policy), at the read bandwidth measured by summing a
+  tensor far larger than the caches.
 
 A decode step is counted for every position up to the longest response of its step (the cap when a row hit
 it). The floor is a lower bound of an ideal engine on this machine, not a prediction: the ratio says how far

@@ -8,8 +8,8 @@ Three parts, one process:
    softmax, casts, other ATen ops, and what is left outside ATen: Python, generate's bookkeeping), and
    the matrix multiplies' FLOPs, so the rate they ran at is known.
    The profiler itself slows the step (every operation is recorded); the shares are what to read.
-3. The rate matrix multiplies of the student's own shapes reach alone on this CPU, in the bake's precision (no model around
-   them), and of a large square one: the ceiling for the step's largest share.
+3. The rate matrix multiplies of the student's own shapes reach alone on this CPU in the bake's precision
+   (no model around them), and of a large square one: the ceiling for the step's largest share.
 
     python benchmarks/profile_step.py [--steps 4] [--torch-compile] [--out benchmarks/results/profile_step.json]
 

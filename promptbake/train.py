@@ -202,8 +202,9 @@ def run_compile_key(model, bf16: bool, cap: int | str | None = None) -> str | No
     from promptbake.rollout import compiles_policy_decoding
 
     model_config = getattr(model, "config", None)
-    decode = isinstance(cap, int) and compiles_policy_decoding(bf16)
-    key_cap = (f"{cap}+weight-first" if fastdecode.WEIGHT_FIRST_LINEARS else cap) if decode else None
+    key_cap = None
+    if isinstance(cap, int) and compiles_policy_decoding(bf16):
+        key_cap = f"{cap}+weight-first" if fastdecode.WEIGHT_FIRST_LINEARS else cap
     return compile_key(model_config, bf16, key_cap) if model_config is not None else None
 
 
