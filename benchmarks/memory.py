@@ -76,10 +76,12 @@ def parse_overrides(spec: str) -> dict:
         key, value = item.split("=")
         overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
         if isinstance(overrides[key], str):
-            try:
-                overrides[key] = int(value)
-            except ValueError:
-                pass
+            for number in (int, float):
+                try:
+                    overrides[key] = number(value)
+                    break
+                except ValueError:
+                    pass
     return overrides
 
 

@@ -74,6 +74,12 @@ VARIANTS = {
     "compiled layers + eager fp32 decoding": {"torch_compile": True, "compile_policy_decoding": False},
     # Not a setting: fp32 decoding's linears as `F.linear` takes them (x @ W.T), as before they ran weight first.
     "fp32 compiled + x-first linears": {"precision": "fp32", "torch_compile": True, "weight_first_linears": False},
+    # The compiled layers' activation budget (`activation_memory_budget`; 1, torch's default partition, is the default),
+    # and gradient checkpointing under compiled layers, for the memory each saves.
+    "compiled layers + activation budget 0.3": {"torch_compile": True, "activation_memory_budget": 0.3},
+    "compiled layers + activation budget 0.1": {"torch_compile": True, "activation_memory_budget": 0.1},
+    "compiled layers + activation budget 0": {"torch_compile": True, "activation_memory_budget": 0.0},
+    "compiled layers + gradient checkpointing": {"torch_compile": True, "gradient_checkpointing": True},
     "compiled layers + micro-batch 2": {"torch_compile": True, "micro_batch_size": 2, "micro_batch_tokens": 10**9},
     "compiled layers + micro-batch 4": {"torch_compile": True, "micro_batch_size": 4, "micro_batch_tokens": 10**9},
     "compiled layers + micro-batch 8": {"torch_compile": True, "micro_batch_size": 8, "micro_batch_tokens": 10**9},

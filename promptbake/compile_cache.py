@@ -41,14 +41,16 @@ def inductor_cache_dir() -> Path | None:
     return Path(default_cache_dir()).absolute()
 
 
-def compile_key(model_config, bf16: bool, cap: int | str | None = None) -> str:
+def compile_key(model_config, bf16: bool, cap: int | str | None = None, activation_budget: float = 1.0) -> str:
     """What decides the compiled graphs of a run: torch, the CPU's kernels, the architecture and the precision, and
-    where given the response cap (the decode step's static cache length)."""
+    where given the response cap (the decode step's static cache length) and the partitioner's activation budget
+    (1 is torch's default)."""
     import torch
 
     arch = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
     arch = {k: v for k, v in arch.items() if not k.startswith("_") and k not in RUNTIME_FIELDS}
     what = [torch.__version__, torch.backends.cpu.get_cpu_capability(), arch, bool(bf16)] + ([cap] if cap else [])
+    what += [f"activation budget {activation_budget}"] if activation_budget != 1.0 else []
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

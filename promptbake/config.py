@@ -291,6 +291,12 @@ class BakeConfig(BaseModel):
         False, description="Keep only each decoder layer's input during the student's forward and recompute the rest "
                            "in the backward pass: the student's activations (most of a step's peak memory) shrink to "
                            "a layer's worth, for one more forward pass per micro-batch.")
+    activation_memory_budget: float = Field(
+        1.0, ge=0, le=1, description="With torch_compile: how much of the compiled decoder layers' activations the "
+        "student's forward keeps for the backward pass, from 0 (each layer's input only, like gradient_checkpointing) "
+        "to 1 (torch's default partition); torch's partitioner keeps what costs the most FLOPs to recompute and "
+        "recomputes the rest in the backward. Lower trades speed for memory: at the 128-token cap in fp32 on a 2-core "
+        "CPU, 0.1 lowered peak RSS by 0.35 GiB for a 1.10x slower step, 0 by 0.54 GiB for 1.15x.")
     release_memory: bool = Field(
         True, description="Return freed heap pages to the OS after sampling and after each training micro-batch "
                           "(glibc): keeps peak RSS from creeping up over a compile, for about 7 % of a step.")
@@ -320,6 +326,9 @@ class BakeConfig(BaseModel):
         if self.updates_per_batch > self.batch_size * self.rollouts:
             raise ValueError(f"updates_per_batch={self.updates_per_batch} is more than the {self.batch_size * self.rollouts} "
                              "rollouts of a step (batch_size x rollouts)")
+        if self.activation_memory_budget < 1 and self.torch_compile is False:
+            raise ValueError("activation_memory_budget applies to compiled layers: set torch_compile true (or unset), or "
+                             "use gradient_checkpointing")
         if self.rollout_url and self.rollout == "vllm":
             raise ValueError("rollout vllm samples in this process; rollout_url on a server: give one")
         applies = self.method == "opcd" and self.kl == "full"

@@ -23,7 +23,8 @@ from promptbake.queries import Query, load_queries, split_queries
 from promptbake.spec import PromptSpec, load_spec
 
 BUILD_KEY_VERSION = "1"
-NOT_IN_KEY = {"checkpoint_every", "threads", "release_memory", "torch_compile", "gradient_checkpointing"}  # change how a bake runs, not what it produces
+NOT_IN_KEY = {"checkpoint_every", "threads", "release_memory", "torch_compile", "gradient_checkpointing",
+              "activation_memory_budget"}  # change how a bake runs, not what it produces
 # Settings that only say how far a compile goes: at a constant learning rate, the first N steps of a longer compile
 # are a shorter compile's N steps exactly, so a compile may continue from the checkpoint of one that differs only here.
 HOW_FAR = {"steps"}

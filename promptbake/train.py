@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch._functorch.config  # the partitioner's activation budget (config.activation_memory_budget)
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
@@ -190,14 +191,15 @@ def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, mode
         return False
     if config.steps >= AUTO_COMPILE_MIN_STEPS:
         return True
-    key = run_compile_key(model, bf16, config.max_new_tokens)
+    key = run_compile_key(model, bf16, config.max_new_tokens, config.activation_memory_budget)
     return key is not None and cache_is_warm(key)
 
 
-def run_compile_key(model, bf16: bool, cap: int | str | None = None) -> str | None:
+def run_compile_key(model, bf16: bool, cap: int | str | None = None, activation_budget: float = 1.0) -> str | None:
     """The compile cache's key for training `model` (None for a model without a config); where the decode step compiles
     through the policy (fp32, `rollout.compiles_policy_decoding`) it holds the response `cap` too
-    (promptbake.compile_cache says why), and whether that step's linears run weight first (another graph)."""
+    (promptbake.compile_cache says why), and whether that step's linears run weight first (another graph). The
+    layers' `activation_budget` changes their backward graphs, so one other than torch's default is in it too."""
     from promptbake import fastdecode
     from promptbake.rollout import compiles_policy_decoding
 
@@ -205,7 +207,9 @@ def run_compile_key(model, bf16: bool, cap: int | str | None = None) -> str | No
     key_cap = None
     if isinstance(cap, int) and compiles_policy_decoding(bf16):
         key_cap = f"{cap}+weight-first" if fastdecode.WEIGHT_FIRST_LINEARS else cap
-    return compile_key(model_config, bf16, key_cap) if model_config is not None else None
+    if model_config is None:
+        return None
+    return compile_key(model_config, bf16, key_cap, activation_budget=activation_budget)
 
 
 # The student's rows of an update share their first tokens (SmolLM2's chat template adds the same 24-token system
@@ -479,9 +483,11 @@ def train_student(
     compiled = contextlib.ExitStack()
     compiling = use_torch_compile(config, bf16, accelerator.device, policy)
     on_cpu = accelerator.device.type == "cpu"
-    compiled_key = run_compile_key(policy, bf16, config.max_new_tokens) if compiling and on_cpu else None
+    compiled_key = (run_compile_key(policy, bf16, config.max_new_tokens, config.activation_memory_budget)
+                    if compiling and on_cpu else None)
     if compiling:
         compiled.enter_context(torch._dynamo.config.patch(specialize_float=SPECIALIZE_FLOATS))
+        compiled.enter_context(torch._functorch.config.patch(activation_memory_budget=config.activation_memory_budget))
     compiled.enter_context(compiled_blocks(policy, compiling))
     decode_compiled = compiled.enter_context(compiled_decoding(engine, compiling))
     compiled.enter_context(compiled_loss(compiling and loss_compiles(config.method, config.kl)))

@@ -309,6 +309,52 @@ def test_compiled_blocks_are_the_decoder_layers_and_eager_again_afterwards(tiny)
     assert all(b._compiled_call_impl is None for b in blocks)
 
 
+def test_an_activation_budget_keeps_less_for_the_backward_and_the_same_gradients(tiny_model_dir):
+    """Compiled layers at a low `activation_memory_budget` hold fewer bytes for their backward pass than at torch's
+    default partition (they recompute the rest there), and the LoRA gradients come out the same: recomputing runs the
+    same operations again. Weights the backward reads are not activations and are not counted."""
+    import torch._functorch.config
+
+    from promptbake.config import BakeConfig
+    from promptbake.models import load_model
+    from promptbake.runtime import make_student
+    from promptbake.train import SPECIALIZE_FLOATS, compiled_blocks
+
+    low = 0.1
+    torch.manual_seed(0)
+    policy = make_student(load_model(tiny_model_dir), BakeConfig())
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:  # zero at init: give the branches something to differentiate
+            torch.nn.init.normal_(p, std=0.02)
+    policy.train()
+    weights = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    ids_BT = torch.randint(0, policy.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    saved_bytes, grads = {}, {}
+    for budget in (1.0, low):
+        torch._dynamo.reset()
+        policy.zero_grad()
+        held: dict[int, int] = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                held[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch._dynamo.config.patch(specialize_float=SPECIALIZE_FLOATS), \
+                torch._functorch.config.patch(activation_memory_budget=budget), compiled_blocks(policy, True):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                hidden_BTD = policy(input_ids=ids_BT, use_cache=False, output_hidden_states=True).hidden_states[-1]
+            (hidden_BTD.float() ** 2).mean().backward()
+        saved_bytes[budget] = sum(held.values())
+        grads[budget] = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    assert saved_bytes[low] < 0.8 * saved_bytes[1.0]
+    assert grads[1.0].keys() == grads[low].keys() and grads[1.0]
+    for name, g in grads[1.0].items():
+        assert g.abs().max() > 0
+        torch.testing.assert_close(grads[low][name], g, rtol=1e-4, atol=1e-6)
+
+
 def test_learning_rate_schedules():
     from promptbake.config import BakeConfig
     from promptbake.train import lr_factor
@@ -739,6 +785,10 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     assert not use_torch_compile(short, bf16=True, device=cpu, model=model)  # recorded, but the cache folder is empty
     (tmp_path / "inductor" / "fxgraph").mkdir(parents=True)
     assert use_torch_compile(short, bf16=True, device=cpu, model=model)
+    lean = short.model_copy(update={"activation_memory_budget": 0.1})  # other backward graphs for the layers
+    assert not use_torch_compile(lean, bf16=True, device=cpu, model=model)
+    remember_compiled(run_compile_key(model, bf16=True, activation_budget=0.1))
+    assert use_torch_compile(lean, bf16=True, device=cpu, model=model)
     assert not use_torch_compile(short, bf16=True, device=cpu)  # no model to key on
     assert not use_torch_compile(BakeConfig(steps=WARM_COMPILE_MIN_STEPS - 1), bf16=True, device=cpu, model=model)
     assert not use_torch_compile(short, bf16=False, device=cpu, model=model)
