@@ -296,8 +296,8 @@ class BakeConfig(BaseModel):
         "student's forward keeps for the backward pass, from 0 (each layer's input only, like gradient_checkpointing) "
         "to 1 (torch's default partition); torch's partitioner keeps what costs the most FLOPs to recompute and "
         "recomputes the rest in the backward. Lower trades speed for memory: at the 128-token cap in fp32 on a 2-core "
-        "CPU, 0.1 lowered peak RSS by 0.28-0.35 GiB in two runs (tokens/s 0.93x and 1.10x, within their noise; the "
-        "layers' pass alone 1.2-1.3x slower), 0 by 0.54 GiB.")
+        "CPU, 0.1 lowered peak RSS by 0.28-0.52 GiB in three runs (tokens/s 0.93x and 1.10x in the two timed ones, "
+        "within their noise; the layers' pass alone 1.2-1.3x slower), 0 by 0.54 GiB.")
     release_memory: bool = Field(
         True, description="Return freed heap pages to the OS after sampling and after each training micro-batch "
                           "(glibc): keeps peak RSS from creeping up over a compile, for about 7 % of a step.")
