@@ -191,25 +191,25 @@ def use_torch_compile(config: BakeConfig, bf16: bool, device: torch.device, mode
         return False
     if config.steps >= AUTO_COMPILE_MIN_STEPS:
         return True
-    key = run_compile_key(model, bf16, config.max_new_tokens, config.activation_memory_budget)
+    key = run_compile_key(model, bf16, config)
     return key is not None and cache_is_warm(key)
 
 
-def run_compile_key(model, bf16: bool, cap: int | str | None = None, activation_budget: float = 1.0) -> str | None:
-    """The compile cache's key for training `model` (None for a model without a config); where the decode step compiles
-    through the policy (fp32, `rollout.compiles_policy_decoding`) it holds the response `cap` too
+def run_compile_key(model, bf16: bool, config: BakeConfig) -> str | None:
+    """The compile cache's key for training `model` under `config` (None for a model without a config); where the
+    decode step compiles through the policy (fp32, `rollout.compiles_policy_decoding`) it holds the response cap too
     (promptbake.compile_cache says why), and whether that step's linears run weight first (another graph). The
-    layers' `activation_budget` changes their backward graphs, so one other than torch's default is in it too."""
+    layers' activation budget changes their backward graphs, so one other than torch's default is in it too."""
     from promptbake import fastdecode
     from promptbake.rollout import compiles_policy_decoding
 
     model_config = getattr(model, "config", None)
-    key_cap = None
+    cap, key_cap = config.max_new_tokens, None
     if isinstance(cap, int) and compiles_policy_decoding(bf16):
         key_cap = f"{cap}+weight-first" if fastdecode.WEIGHT_FIRST_LINEARS else cap
     if model_config is None:
         return None
-    return compile_key(model_config, bf16, key_cap, activation_budget=activation_budget)
+    return compile_key(model_config, bf16, key_cap, activation_budget=config.activation_memory_budget)
 
 
 # The student's rows of an update share their first tokens (SmolLM2's chat template adds the same 24-token system
@@ -483,8 +483,7 @@ def train_student(
     compiled = contextlib.ExitStack()
     compiling = use_torch_compile(config, bf16, accelerator.device, policy)
     on_cpu = accelerator.device.type == "cpu"
-    compiled_key = (run_compile_key(policy, bf16, config.max_new_tokens, config.activation_memory_budget)
-                    if compiling and on_cpu else None)
+    compiled_key = run_compile_key(policy, bf16, config) if compiling and on_cpu else None
     if compiling:
         compiled.enter_context(torch._dynamo.config.patch(specialize_float=SPECIALIZE_FLOATS))
         compiled.enter_context(torch._functorch.config.patch(activation_memory_budget=config.activation_memory_budget))

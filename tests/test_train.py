@@ -781,13 +781,13 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     short = BakeConfig(steps=WARM_COMPILE_MIN_STEPS)
     assert WARM_COMPILE_MIN_STEPS < AUTO_COMPILE_MIN_STEPS
     assert not use_torch_compile(short, bf16=True, device=cpu, model=model)  # nothing recorded yet
-    remember_compiled(run_compile_key(model, bf16=True))
+    remember_compiled(run_compile_key(model, True, short))
     assert not use_torch_compile(short, bf16=True, device=cpu, model=model)  # recorded, but the cache folder is empty
     (tmp_path / "inductor" / "fxgraph").mkdir(parents=True)
     assert use_torch_compile(short, bf16=True, device=cpu, model=model)
     lean = short.model_copy(update={"activation_memory_budget": 0.1})  # other backward graphs for the layers
     assert not use_torch_compile(lean, bf16=True, device=cpu, model=model)
-    remember_compiled(run_compile_key(model, bf16=True, activation_budget=0.1))
+    remember_compiled(run_compile_key(model, True, lean))
     assert use_torch_compile(lean, bf16=True, device=cpu, model=model)
     assert not use_torch_compile(short, bf16=True, device=cpu)  # no model to key on
     assert not use_torch_compile(BakeConfig(steps=WARM_COMPILE_MIN_STEPS - 1), bf16=True, device=cpu, model=model)
@@ -796,7 +796,7 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     import promptbake.rollout
 
     monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", True)
-    remember_compiled(run_compile_key(model, bf16=False, cap=96))  # fp32 decode step in the policy: the cap is in the key
+    remember_compiled(run_compile_key(model, False, at_96))  # fp32 decode step in the policy: the cap is in the key
     assert use_torch_compile(at_96, bf16=False, device=cpu, model=model)
     assert not use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # a new cap recompiles the decode step
     assert use_torch_compile(at_64, bf16=True, device=cpu, model=model)  # bf16: cheap to recompile, any cap counts
@@ -806,9 +806,9 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     assert not use_torch_compile(at_96, bf16=False, device=cpu, model=model)
     monkeypatch.setattr(promptbake.fastdecode, "WEIGHT_FIRST_LINEARS", True)
     monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", False)  # switched off: fp32 decoding stays eager
-    assert run_compile_key(model, bf16=False, cap=96) == run_compile_key(model, bf16=False, cap=64)
+    assert run_compile_key(model, False, at_96) == run_compile_key(model, False, at_64)
     assert not use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # only the cap-keyed record so far
-    remember_compiled(run_compile_key(model, bf16=False, cap=96))
+    remember_compiled(run_compile_key(model, False, at_96))
     assert use_torch_compile(at_64, bf16=False, device=cpu, model=model)  # no decode step compiled: any cap counts
     assert not use_torch_compile(short.model_copy(update={"torch_compile": False}), bf16=True, device=cpu, model=model)
     model.config.use_cache = not model.config.use_cache  # what a run flips is not the architecture
@@ -824,5 +824,5 @@ def test_torch_compile_unset_turns_on_for_a_short_run_once_the_cache_holds_the_m
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.setitem(sys.modules, "torch._inductor.runtime.cache_dir_utils", None)
     assert inductor_cache_dir() is None  # a torch that keeps its default cache folder elsewhere: nothing is warm
-    remember_compiled(run_compile_key(model, bf16=True))
+    remember_compiled(run_compile_key(model, True, short))
     assert not use_torch_compile(short, bf16=True, device=cpu, model=model)
