@@ -40,11 +40,16 @@ demo-quick: setup
 	$(BIN)/promptbake compile prompts/support.md --preset quick -o build/support-quick --force
 	$(BIN)/promptbake chat build/support-quick -m $(DEMO_QUESTION) --max-new-tokens 96
 
+# Two pytest workers, each file on one worker (its fixtures, such as a vLLM server, shared there), each worker
+# and what it starts on its share of the cores (tests/conftest.py). TEST_WORKERS=1 runs them one after another.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # TRL is a benchmark-only dependency, installed once like the vLLM extra.
 $(BENCH_STAMP): $(STAMP)
