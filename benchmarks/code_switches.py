@@ -21,6 +21,7 @@ CODE_SWITCHES = {
     "compile_policy_decoding": ("promptbake.rollout", "COMPILE_POLICY_DECODING"),
     "query_epochs": ("promptbake.train", "QUERY_EPOCHS"),
     "weight_first_linears": ("promptbake.fastdecode", "WEIGHT_FIRST_LINEARS"),
+    "skip_repeated_guards": ("promptbake.rollout", "SKIP_REPEATED_GUARDS"),
 }
 
 

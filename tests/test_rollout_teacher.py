@@ -253,6 +253,42 @@ def test_fp32_compiled_decode_step_runs_the_policy_with_its_live_adapter(peft_ti
         assert not on  # the switch off: the eager sampler through the PEFT model, as before
 
 
+def test_compiled_sampler_checks_guards_on_each_calls_first_token_only_and_still_recompiles(peft_tiny, monkeypatch):
+    """The compiled static-cache sampler runs torch's full guard check on each call's first decode token and only the
+    differentiating guards on the later ones (`SKIP_REPEATED_GUARDS`). Calls with another batch size or prompt width
+    in between still get a graph of their own: greedy tokens equal the eager sampler's for every batch, in any order.
+    An eager step never skips (the model's own compiled layers may need their guards)."""
+    import promptbake.rollout
+
+    monkeypatch.setattr(promptbake.rollout, "COMPILE_POLICY_DECODING", True)
+    stances: list[bool] = []
+    real_stance = torch.compiler.set_stance
+
+    def recording_stance(*args, **kwargs):
+        stances.append(bool(kwargs.get("skip_guard_eval_unsafe", False)))
+        return real_stance(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", recording_stance)
+    model, T = peft_tiny, 5
+    kwargs = dict(max_new_tokens=T, eos_ids=[-1], pad_id=0, greedy=True, temperature=1.0)
+    batches = [[[1, 5, 6, 7, 8], [1, 9]], [[1, 4], [1, 7, 7], [1, 2, 3, 4, 5, 6]], [[1, 3, 3], [1, 8]],
+               [[1] + list(range(2, 70))]]  # two rows, three, two again, and a prompt past the 64-wide bucket
+    with torch.no_grad():
+        eager = [sample(model, prompts, **kwargs).response_ids_BT for prompts in batches]
+        engine = HFRolloutEngine(model, bf16=False)
+        stances.clear()
+        with compiled_decoding(engine, True) as on:
+            assert on
+            compiled = [engine.sample(prompts, **kwargs).response_ids_BT for prompts in batches]
+        skipped = sum(stances)
+        stances.clear()
+        sample_static(model, decode_step, batches[0], **kwargs)  # an eager step
+    for want, got in zip(eager, compiled):
+        assert torch.equal(got, want)
+    assert skipped == len(batches) * (T - 2)  # T tokens take T - 1 decode calls; all but each call's first skip
+    assert not any(stances)
+
+
 def test_weight_first_linears_give_f_linears_numbers_on_few_fp32_rows_only(peft_tiny, monkeypatch):
     """While sampling in fp32 on a CPU, linears of 2 to 64 rows run as (W @ x.T).T (`fastdecode.weight_first_linears`,
     faster with MKL on an AVX2 EPYC): the numbers of `F.linear` to fp32 rounding, in a whole decode step through the
