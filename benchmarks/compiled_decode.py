@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def main(argv=None) -> None:
@@ -46,28 +47,14 @@ def main(argv=None) -> None:
     from transformers import GenerationConfig, StaticCache
     from transformers.generation import CompileConfig
 
-    from promptbake.config import BakeConfig
-    from promptbake.models import resolve_model
-    from promptbake.queries import load_queries
     from promptbake.rollout import left_pad, position_ids
-    from promptbake.runtime import load_runtime
-    from promptbake.spec import load_spec
+    from sampler_setup import drawn_adapter_sampler
 
-    runtime = load_runtime(resolve_model(None), train=BakeConfig(), precision=args.precision)
+    runtime, engine, every = drawn_adapter_sampler(args.precision, args.prompt)
     tok, student = runtime.tokenizer, runtime.model
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter: B is zero at the start, which would make LoRA a no-op
-        for name, param in student.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    engine = runtime.engine()
-    engine.sync()
-    spec = load_spec(REPO / "prompts" / f"{args.prompt}.md")
-    renderer = runtime.renderer(spec.system_prompt)
-    every = [renderer.student_ids(q.messages) for q in load_queries(spec.queries_path)]
     batches = [every[i * args.rows:(i + 1) * args.rows] for i in range(args.calls)]
     if len(batches[-1]) < args.rows:
-        raise SystemExit(f"{spec.queries_path}: {len(every)} queries, fewer than --calls x --rows")
+        raise SystemExit(f"prompts/{args.prompt}.md: {len(every)} queries, fewer than --calls x --rows")
     T, pad = args.new_tokens, tok.pad_token_id
     model = engine.model or student  # what the sampler decodes with: its merged bf16 copy, or the PEFT model
     base_impl = student.get_base_model().config._attn_implementation

@@ -41,29 +41,16 @@ def main(argv=None) -> None:
     import torch
     from code_switches import CODE_SWITCHES
 
-    from promptbake.config import BakeConfig
-    from promptbake.models import resolve_model
-    from promptbake.queries import load_queries
+    from sampler_setup import drawn_adapter_sampler
+
     from promptbake.rollout import compiled_decoding
-    from promptbake.runtime import load_runtime
-    from promptbake.spec import load_spec
 
     if args.switch not in CODE_SWITCHES:
         raise SystemExit(f"--switch: {args.switch!r} is not a code switch (benchmarks/code_switches.py)")
     module_name, constant = CODE_SWITCHES[args.switch]
     module = importlib.import_module(module_name)
-    runtime = load_runtime(resolve_model(None), train=BakeConfig(), precision=args.precision)
-    tok, student = runtime.tokenizer, runtime.model
-    torch.manual_seed(0)
-    with torch.no_grad():  # B starts at zero, which would make the adapter a no-op
-        for name, param in student.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    engine = runtime.engine()
-    engine.sync()
-    spec = load_spec(REPO / "prompts" / f"{args.prompt}.md")
-    renderer = runtime.renderer(spec.system_prompt)
-    batch = [renderer.student_ids(q.messages) for q in load_queries(spec.queries_path)][:args.rows]
+    runtime, engine, every = drawn_adapter_sampler(args.precision, args.prompt)
+    tok, batch = runtime.tokenizer, every[:args.rows]
     values = {"off": False, "on": True}
     times: dict[str, list[float]] = {k: [] for k in values}
     tokens: dict[str, torch.Tensor] = {}
