@@ -15,7 +15,6 @@ time fit here (`skip_repeated_guards`); one read while tracing would need a grap
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import sys
@@ -39,16 +38,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import torch
-    from code_switches import CODE_SWITCHES
+    from code_switches import apply_code_switches
 
     from sampler_setup import drawn_adapter_sampler
 
     from promptbake.rollout import compiled_decoding
 
-    if args.switch not in CODE_SWITCHES:
+    if apply_code_switches({args.switch: True}):  # a key it does not know comes back
         raise SystemExit(f"--switch: {args.switch!r} is not a code switch (benchmarks/code_switches.py)")
-    module_name, constant = CODE_SWITCHES[args.switch]
-    module = importlib.import_module(module_name)
     runtime, engine, every = drawn_adapter_sampler(args.precision, args.prompt)
     tok, batch = runtime.tokenizer, every[:args.rows]
     values = {"off": False, "on": True}
@@ -57,7 +54,7 @@ def main(argv=None) -> None:
     with compiled_decoding(engine, True) as compiled:
         for rnd in range(args.rounds + 1):
             for label, value in values.items():
-                setattr(module, constant, value)
+                apply_code_switches({args.switch: value})
                 start = time.perf_counter()
                 out = engine.sample(batch, max_new_tokens=args.new_tokens, temperature=1.0, eos_ids=[-1],
                                     pad_id=tok.pad_token_id, greedy=True)
@@ -80,7 +77,7 @@ def main(argv=None) -> None:
           f"(on faster in {sum(r > 1 for r in pairs)} of {len(pairs)}); greedy tokens the same: {same}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python"] + sys.argv),
         "switch": args.switch, "rows": args.rows, "new_tokens": args.new_tokens, "compiled_step": compiled,
         "precision": args.precision, "torch_threads": torch.get_num_threads(), "seconds": times,
         "median_s": median, "ratio_off_over_on": median["off"] / median["on"], "per_round_ratios": pairs,
