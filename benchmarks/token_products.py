@@ -52,6 +52,7 @@ def frozen_weights(model) -> tuple[list, list]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a model folder or hub id (default: the default model)")
     p.add_argument("--rows", default="16", help="comma-separated rows per product (the batch being decoded)")
     p.add_argument("--threads", default="", help="comma-separated torch thread counts (default: torch's own)")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
 
     rows_list = [int(x) for x in args.rows.split(",")]
     threads_list = [int(x) for x in args.threads.split(",") if x] or [torch.get_num_threads()]
-    model = load_model(resolve_model(None))
+    model = load_model(resolve_model(args.model))
     plain, fused = frozen_weights(model)
     weight_mb = sum(w.numel() * w.element_size() for w in plain) / 2**20
     torch.manual_seed(0)
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
           + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "command": " ".join(["python"] + sys.argv), "weights": len(plain), "weight_mb": weight_mb,
+        "command": " ".join(["python"] + sys.argv), "model": str(resolve_model(args.model)), "weights": len(plain), "weight_mb": weight_mb,
         "repeats": args.repeats, "rounds": args.rounds, "cells": table, "agreement_with_linear": agreement}, indent=1) + "\n")
     print(f"wrote {args.json}")
 
