@@ -13,8 +13,8 @@ products are timed side by side, alternating round after round in one process:
 - `fused`: weight first with q, k, v concatenated into one weight and gate, up into another (fewer, larger products).
 
 `benchmarks/packed_linear.py` asks the same of bf16 weights on a CPU with bf16 instructions; this one is fp32, what
-the sampler runs on a CPU without them. Rows and threads vary too (`--rows 16,32 --threads 2,1`). Each cell is the median of `--repeats` tokens; each
-layout's outputs are checked against `F.linear` first.
+the sampler runs on a CPU without them. Rows and threads vary too (`--rows 16,32 --threads 2,1`). Each cell is the
+median of `--repeats` tokens; each layout's outputs are checked against `F.linear` first.
 
     python benchmarks/token_products.py [--rows 16,32,64] [--threads 2,1] [--layouts weight-first,linear,...]
         [--rounds 2] [--json results/token_products.json]
@@ -72,7 +72,8 @@ def main(argv=None) -> None:
 
     rows_list = [int(x) for x in args.rows.split(",")]
     threads_list = [int(x) for x in args.threads.split(",") if x] or [torch.get_num_threads()]
-    model = load_model(resolve_model(args.model))
+    model_dir = resolve_model(args.model)
+    model = load_model(model_dir)
     plain, fused = frozen_weights(model)
     weight_mb = sum(w.numel() * w.element_size() for w in plain) / 2**20
     torch.manual_seed(0)
@@ -110,26 +111,30 @@ def main(argv=None) -> None:
         # fused: q, k, v's outputs stacked are the concatenated weight's output, so the same flattened order
         agreement = {layout: (output_major(layout, products(layout, rows)) - reference).abs().max().item()
                      for layout in layouts}
-        cells: dict[str, list[float]] = {}
-        for rnd in range(args.rounds):
-            for threads in threads_list:
-                torch.set_num_threads(threads)
-                for rows in rows_list:
-                    for layout in (layouts if rnd % 2 == 0 else layouts[::-1]):
-                        token_seconds(layout, rows)  # one token to settle the threads and MKL's buffers
-                        median = statistics.median(token_seconds(layout, rows) for _ in range(args.repeats))
-                        cells.setdefault(f"{layout}|{rows}|{threads}", []).append(median)
-                        print(f"round {rnd + 1}: {layout:12} rows {rows:3} threads {threads}: {median * 1000:7.1f} ms", flush=True)
+        cells: dict[tuple[str, int, int], list[float]] = {}
+        torch_threads = torch.get_num_threads()
+        try:
+            for rnd in range(args.rounds):
+                for threads in threads_list:
+                    torch.set_num_threads(threads)
+                    for rows in rows_list:
+                        for layout in (layouts if rnd % 2 == 0 else layouts[::-1]):
+                            token_seconds(layout, rows)  # one token to settle the threads and MKL's buffers
+                            median = statistics.median(token_seconds(layout, rows) for _ in range(args.repeats))
+                            cells.setdefault((layout, rows, threads), []).append(median)
+                            print(f"round {rnd + 1}: {layout:12} rows {rows:3} threads {threads}: {median * 1000:7.1f} ms",
+                                  flush=True)
+        finally:
+            torch.set_num_threads(torch_threads)  # the thread count is the process's: leave it as found
 
     print(f"\none token's base products, {len(plain)} weights ({weight_mb:.0f} MB fp32) read from memory; "
           f"ms per token, each round's median of {args.repeats}\n")
     print("| layout | rows | threads | ms per token (rounds) | GB/s of weights | speed against weight-first |\n|---|---|---|---|---|---|")
     table = []
-    for key, values in cells.items():
-        layout, rows, threads = key.split("|")
+    for (layout, rows, threads), values in cells.items():
         best = min(values)
-        base = min(cells.get(f"weight-first|{rows}|{threads}", [float("nan")]))
-        row = {"layout": layout, "rows": int(rows), "threads": int(threads), "ms": [v * 1000 for v in values],
+        base = min(cells.get(("weight-first", rows, threads), [float("nan")]))
+        row = {"layout": layout, "rows": rows, "threads": threads, "ms": [v * 1000 for v in values],
                "weight_gb_per_s": weight_mb * 2**20 / best / 1e9, "weight_first_over_this": base / best}
         table.append(row)
         print(f"| {layout} | {rows} | {threads} | {', '.join(f'{v * 1000:.1f}' for v in values)} | "
@@ -138,7 +143,7 @@ def main(argv=None) -> None:
           + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "command": " ".join(["python"] + sys.argv), "model": str(resolve_model(args.model)), "weights": len(plain), "weight_mb": weight_mb,
+        "command": " ".join(["python"] + sys.argv), "model": str(model_dir), "weights": len(plain), "weight_mb": weight_mb,
         "repeats": args.repeats, "rounds": args.rounds, "cells": table, "agreement_with_linear": agreement}, indent=1) + "\n")
     print(f"wrote {args.json}")
 

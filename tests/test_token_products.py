@@ -11,6 +11,7 @@ from benchmarks.token_products import LAYOUTS, frozen_weights, main
 
 def test_every_layout_matches_linear_and_each_rows_threads_cell_is_timed(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "products.json"
+    threads = torch.get_num_threads()
     main(["--model", str(tiny_model_dir), "--rows", "3,5", "--threads", "1", "--rounds", "2", "--repeats", "1",
           "--json", str(out)])
     saved = json.loads(out.read_text())
@@ -23,6 +24,7 @@ def test_every_layout_matches_linear_and_each_rows_threads_cell_is_timed(tiny_mo
     assert all(len(c["ms"]) == 2 and min(c["ms"]) > 0 for c in cells.values())
     assert cells["weight-first", 3, 1]["weight_first_over_this"] == 1.0
     assert "| onednn-packed | 5 | 1 |" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # the process's thread count is back as it was
 
 
 def test_concatenated_weights_hold_the_same_rows_in_the_same_order(tiny):
